@@ -1,0 +1,164 @@
+"""Bytes per token and CPU throughput of the KVTuner quantizing HiCache host pool.
+
+Run in the SGLang venv with kvtuner_quant installed:
+    $(scripts/sglang-venv.sh 0.5.23)/bin/python benches/host_pool_bytes_and_speed.py [--threads N]
+
+Geometry: one TP shard of a Llama-3-8B-like model (32 layers, 8 KV heads,
+head_dim 128, fp16, page 64). The device pool is SGLang's real MHATokenToKVPool
+built on CPU; the host pool is the real class. Throughput is the pool's
+backup_from_device_all_layer (gather + quantize into host rows, all layers) and
+load_to_device_per_layer (dequantize + scatter, every layer), reported as GB/s of
+fp16 KV and as a ratio to a plain fp16 copy of the same tokens done the same way
+(torch gather from the device rows + index_copy into a preallocated page-first fp16
+host buffer, and back) in the same run. Working set >= 256 MiB of fp16 KV; median
+of --runs runs; every config's round trip is checked (SNR) before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "patches"))
+
+LAYERS, HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
+
+
+def kvtuner_style_preset(layers: int) -> dict:
+    """A KVTuner-shaped preset (keys get more bits than values; the first and last
+    layers, the most sensitive ones, get more bits). Synthetic, not calibrated."""
+    out = {}
+    for l in range(layers):
+        if l < 2 or l >= layers - 2:
+            out[l] = (8, 4)
+        elif l % 4 == 0:
+            out[l] = (4, 4)
+        else:
+            out[l] = (4, 2)
+    return out
+
+
+def median_time(fn, runs):
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per transfer (2048 = 256 MiB fp16)")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="kvtuner_quant threads (0 = its default)")
+    a = ap.parse_args()
+
+    import kvtuner_quant as kq
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from kvtuner_hicache.config import KVTunerHiCacheConfig
+    from kvtuner_hicache.host_pool import KVTunerMHATokenToKVPoolHost
+
+    if a.threads:
+        kq.set_num_threads(a.threads)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    n = a.tokens // PAGE * PAGE
+    dev = MHATokenToKVPool(
+        size=n + PAGE, page_size=PAGE, dtype=torch.float16, head_num=HEADS, head_dim=HEAD_DIM,
+        layer_num=LAYERS, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=LAYERS,
+    )
+    g = torch.Generator().manual_seed(0)
+    for b in (*dev.k_buffer, *dev.v_buffer):
+        b.copy_((torch.randn(b.shape, generator=g) * 2).half())
+    info = dev.get_device_pool_infos()[0].buffer_info
+    didx = torch.arange(PAGE, PAGE + n)
+    fp16_bytes = n * 2 * LAYERS * HEADS * HEAD_DIM * 2
+
+    # Baseline: the same tokens as a plain fp16 copy into a page-first host buffer.
+    host_k = torch.empty((n + PAGE, LAYERS, HEADS, HEAD_DIM), dtype=torch.float16)
+    host_v = torch.empty_like(host_k)
+    hidx_plain = torch.arange(n)
+
+    def plain_backup():
+        for l in range(LAYERS):
+            host_k[:, l].index_copy_(0, hidx_plain, dev.k_buffer[l].index_select(0, didx))
+            host_v[:, l].index_copy_(0, hidx_plain, dev.v_buffer[l].index_select(0, didx))
+
+    def plain_load():
+        for l in range(LAYERS):
+            dev.k_buffer[l].index_copy_(0, didx, host_k[:, l].index_select(0, hidx_plain))
+            dev.v_buffer[l].index_copy_(0, didx, host_v[:, l].index_select(0, hidx_plain))
+
+    t_plain_b = median_time(plain_backup, a.runs)
+    t_plain_l = median_time(plain_load, a.runs)
+    stock_bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
+    print(f"geometry: {LAYERS} layers x {HEADS} KV heads x head_dim {HEAD_DIM}, fp16, page {PAGE}; "
+          f"{n} tokens = {fp16_bytes / 2**20:.0f} MiB fp16 per transfer; torch threads "
+          f"{torch.get_num_threads()}, kvtuner_quant threads "
+          f"{kq.get_num_threads() if hasattr(kq, 'get_num_threads') else '?'}")
+    print(f"plain fp16 copy: backup {fp16_bytes / t_plain_b / 1e9:.2f} GB/s, load {fp16_bytes / t_plain_l / 1e9:.2f} GB/s")
+    print()
+    print(f"{'config':<22}{'B/token':>9}{'vs fp16':>9}{'tok/GB':>10}{'SNR K/V dB':>14}"
+          f"{'backup GB/s':>13}{'x plain':>9}{'load GB/s':>11}{'x plain':>9}")
+    print(f"{'fp16 stock pool':<22}{stock_bpt:>9}{1.0:>9.2f}{int(1e9 // stock_bpt):>10}{'-':>14}"
+          f"{fp16_bytes / t_plain_b / 1e9:>13.2f}{1.0:>9.2f}{fp16_bytes / t_plain_l / 1e9:>11.2f}{1.0:>9.2f}")
+
+    preset = kvtuner_style_preset(LAYERS)
+    configs = [
+        ("K8V8 g64", dict(nbits_key=8, nbits_value=8)),
+        ("K4V4 g64", dict(nbits_key=4, nbits_value=4)),
+        ("K2V2 g64", dict(nbits_key=2, nbits_value=2)),
+        ("KVTuner-style preset", dict(layer_bits=tuple(sorted(preset.items())))),
+    ]
+    for name, over in configs:
+        cfg = KVTunerHiCacheConfig(enabled=True, asym=True, axis_key=1, axis_value=0,
+                                   group_size=64, residual_length=0, **over)
+        host = KVTunerMHATokenToKVPoolHost(
+            info, 0.0, (n + 2 * PAGE) * 1.0 * stock_bpt / 1e9, PAGE, "page_first",
+            pin_memory=False, device="cpu", device_capacity_tokens=dev.size,
+            start_layer=0, end_layer=LAYERS, kvtuner_config=cfg,
+        )
+        hidx = host.alloc(n)
+        ref_k = dev.k_buffer[0][didx].float().clone()
+        ref_v = dev.v_buffer[LAYERS - 1][didx].float().clone()
+
+        def backup():
+            host.backup_from_device_all_layer(dev, hidx, didx, "kernel")
+
+        def load():
+            for l in range(LAYERS):
+                host.load_to_device_per_layer(dev, hidx, didx, l, "kernel")
+
+        backup()
+        load()
+        snr = []
+        for ref, got in ((ref_k, dev.k_buffer[0][didx].float()), (ref_v, dev.v_buffer[LAYERS - 1][didx].float())):
+            snr.append(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()).item())
+        assert min(snr) > 3, f"{name}: round trip broken (SNR {snr})"
+        t_b = median_time(backup, a.runs)
+        t_l = median_time(load, a.runs)
+        bpt = host.size_per_token
+        print(f"{name:<22}{bpt:>9}{stock_bpt / bpt:>9.2f}{int(1e9 // bpt):>10}{snr[0]:>7.1f}/{snr[1]:<6.1f}"
+              f"{fp16_bytes / t_b / 1e9:>13.2f}{t_plain_b / t_b:>9.2f}{fp16_bytes / t_l / 1e9:>11.2f}{t_plain_l / t_l:>9.2f}")
+        del host
+        # Restore the device data the loads overwrote with dequantized values.
+        g = torch.Generator().manual_seed(0)
+        for b in (*dev.k_buffer, *dev.v_buffer):
+            b.copy_((torch.randn(b.shape, generator=g) * 2).half())
+    print()
+    print("B/token includes every header and padding; 'x plain' > 1 means faster than the plain fp16 copy.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Quantization config of the KVTuner HiCache host pool.
+
+Two sources, one result:
+
+* the ``kvtuner`` server-args group (``--enable-kvtuner-hicache``,
+  ``--kvtuner-hicache-nbits-key`` ...). Every field is read with ``getattr`` and
+  the group's default, so this module works on a tree where the group was not
+  patched in (the feature is then simply off);
+* ``--kvtuner-hicache-layer-config PATH``: a KVTuner calibration preset, a YAML map
+  ``layer_idx: {nbits_key: N, nbits_value: M}`` giving one (K bits, V bits) pair per
+  model layer. It overrides the uniform bits for those layers.
+
+Preset policy: a layer the model lacks is a startup error naming the layers (the
+preset is most likely for another model); a model layer the preset does not list
+uses the uniform ``--kvtuner-hicache-nbits-key/-value`` bits (as the flag's help
+says), and the startup log names those layers. The per-head nested variant of KVTuner presets
+(``layer -> head -> {...}``) is rejected: the host pool stores whole heads together.
+Draft (MTP) layers packed into the same host pool use the uniform bits.
+
+Checks that need only the arguments live in :func:`check_server_args` (call it at
+argument validation); checks that need the model geometry (head_dim, page size,
+layer count, KV dtype) live in :func:`resolve_layer_plan`, which the host pool calls
+when it is built. Both raise ``ValueError`` with the flag name and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_BITS = (2, 4, 8)
+ALLOWED_AXES = (0, 1)
+
+# Defaults of the `kvtuner` args group; used when a field is absent (unpatched tree).
+DEFAULTS: Dict[str, Any] = {
+    "enable_kvtuner_hicache": False,
+    "kvtuner_hicache_nbits_key": 4,
+    "kvtuner_hicache_nbits_value": 4,
+    "kvtuner_hicache_asym": False,
+    "kvtuner_hicache_axis_key": 1,
+    "kvtuner_hicache_axis_value": 0,
+    "kvtuner_hicache_q_group_size": 64,
+    "kvtuner_hicache_residual_length": 128,
+    "kvtuner_hicache_layer_config": None,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVTunerHiCacheConfig:
+    """The flags as given (not yet bound to a model)."""
+
+    enabled: bool = False
+    nbits_key: int = 4
+    nbits_value: int = 4
+    asym: bool = False
+    axis_key: int = 1
+    axis_value: int = 0
+    group_size: int = 64
+    residual_length: int = 128
+    layer_config: Optional[str] = None
+    # Parsed preset: global layer id -> (K bits, V bits); None without a preset.
+    layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
+
+    def layer_bits_map(self) -> Optional[Dict[int, Tuple[int, int]]]:
+        return None if self.layer_bits is None else dict(self.layer_bits)
+
+
+def _get(args: Any, name: str) -> Any:
+    value = getattr(args, name, None) if args is not None else None
+    return DEFAULTS[name] if value is None else value
+
+
+def config_from_args(args: Any, *, load_preset: bool = True) -> KVTunerHiCacheConfig:
+    """Build the config from any object carrying the flat server-arg names
+    (``ServerArgs``, the resolved ``memory`` bag, an argparse namespace)."""
+    path = _get(args, "kvtuner_hicache_layer_config")
+    layer_bits = None
+    if path and load_preset:
+        layer_bits = tuple(sorted(load_layer_preset(path).items()))
+    return KVTunerHiCacheConfig(
+        enabled=bool(_get(args, "enable_kvtuner_hicache")),
+        nbits_key=_as_int(args, "kvtuner_hicache_nbits_key"),
+        nbits_value=_as_int(args, "kvtuner_hicache_nbits_value"),
+        asym=bool(_get(args, "kvtuner_hicache_asym")),
+        axis_key=_as_int(args, "kvtuner_hicache_axis_key"),
+        axis_value=_as_int(args, "kvtuner_hicache_axis_value"),
+        group_size=_as_int(args, "kvtuner_hicache_q_group_size"),
+        residual_length=_as_int(args, "kvtuner_hicache_residual_length"),
+        layer_config=str(path) if path else None,
+        layer_bits=layer_bits,
+    )
+
+
+def _as_int(args: Any, name: str) -> int:
+    value = _get(args, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value), 10)
+        except ValueError:
+            raise ValueError(f"{_flag(name)} must be an integer, got {value!r}") from None
+    return value
+
+
+def current_server_config() -> KVTunerHiCacheConfig:
+    """The config of the running server, read the way SGLang 0.5.23 reads memory
+    flags (the resolved ``memory`` namespace bag), falling back to the raw
+    ``ServerArgs``. Nothing published (unit tests, tools) -> feature off."""
+    source = _published_memory_args()
+    return config_from_args(source, load_preset=source is not None)
+
+
+def _published_memory_args() -> Any:
+    try:
+        from sglang.srt.runtime_context import get_memory
+    except ImportError:  # not inside SGLang (standalone install without it)
+        return None
+    try:
+        bag = get_memory()
+    except (ValueError, RuntimeError, AttributeError):
+        bag = None
+    if bag is not None and "enable_kvtuner_hicache" in bag:
+        return _BagView(bag)
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        return get_server_args()
+    except (ValueError, RuntimeError, AttributeError, ImportError):
+        return bag
+
+
+class _BagView:
+    """getattr over a resolved config bag that answers None for absent leaves
+    (the bag raises AttributeError, which getattr's default would also catch; this
+    keeps the intent explicit)."""
+
+    def __init__(self, bag: Any):
+        self._bag = bag
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bag, name, None)
+
+
+def is_enabled() -> bool:
+    """Whether the running server asked for the quantizing host pool."""
+    source = _published_memory_args()
+    return bool(getattr(source, "enable_kvtuner_hicache", False) or False)
+
+
+# --------------------------------------------------------------------- preset ---
+
+
+def load_layer_preset(path: str) -> Dict[int, Tuple[int, int]]:
+    """Parse a KVTuner per-layer preset YAML into ``{layer: (k_bits, v_bits)}``."""
+    flag = _flag("kvtuner_hicache_layer_config")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: no such file: {path!r}")
+    try:
+        import yaml
+    except ImportError as e:  # pyyaml ships with SGLang; say so if it is missing
+        raise ValueError(f"{flag}: reading {path!r} needs PyYAML ({e})") from None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{flag}: cannot parse {path!r}: {e}") from None
+    return parse_layer_preset(data, source=path)
+
+
+def parse_layer_preset(data: Any, *, source: str = "<preset>") -> Dict[int, Tuple[int, int]]:
+    flag = _flag("kvtuner_hicache_layer_config")
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(
+            f"{flag}: {source} must be a non-empty map "
+            "'layer_idx: {nbits_key: N, nbits_value: M}', got "
+            f"{type(data).__name__}"
+        )
+    out: Dict[int, Tuple[int, int]] = {}
+    for raw_layer, entry in data.items():
+        layer = _layer_index(raw_layer, flag, source)
+        if layer in out:
+            raise ValueError(f"{flag}: {source} names layer {layer} twice")
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"{flag}: {source} layer {layer}: expected "
+                f"{{nbits_key: N, nbits_value: M}}, got {entry!r}"
+            )
+        if "nbits_key" not in entry or "nbits_value" not in entry:
+            if entry and all(_is_int_like(k) for k in entry):
+                raise ValueError(
+                    f"{flag}: {source} layer {layer} is a per-head preset "
+                    "(layer -> head -> bits); per-head bits are not supported by the "
+                    "host pool (it stores whole heads together). Use one "
+                    "{nbits_key, nbits_value} pair per layer."
+                )
+            raise ValueError(
+                f"{flag}: {source} layer {layer}: needs both nbits_key and "
+                f"nbits_value, got keys {sorted(map(str, entry))}"
+            )
+        extra = set(map(str, entry)) - {"nbits_key", "nbits_value"}
+        if extra:
+            raise ValueError(f"{flag}: {source} layer {layer}: unknown keys {sorted(extra)}")
+        bits = []
+        for name in ("nbits_key", "nbits_value"):
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+                raise ValueError(
+                    f"{flag}: {source} layer {layer}: {name}={value!r} is not one of "
+                    f"{list(ALLOWED_BITS)}"
+                )
+            bits.append(value)
+        out[layer] = (bits[0], bits[1])
+    return out
+
+
+def _is_int_like(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def _layer_index(raw: Any, flag: str, source: str) -> int:
+    if not _is_int_like(raw) or int(raw) < 0:
+        raise ValueError(f"{flag}: {source}: layer key {raw!r} is not a layer index (int >= 0)")
+    return int(raw)
+
+
+# -------------------------------------------------------------- arg checks ---
+
+
+def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
+    """Startup checks that need only the arguments. Returns the config when the
+    feature is on, None when off; raises ValueError naming the flag otherwise."""
+    cfg = config_from_args(args, load_preset=False)
+    if not cfg.enabled:
+        return None
+    if not getattr(args, "enable_hierarchical_cache", False):
+        raise ValueError(
+            f"{_flag('enable_kvtuner_hicache')} quantizes the hierarchical cache's host "
+            "pool and needs --enable-hierarchical-cache"
+        )
+    check_uniform_config(cfg)
+    page_size = getattr(args, "page_size", None)
+    if page_size:
+        _check_page_groups(cfg, int(page_size))
+    if cfg.layer_config:
+        cfg = dataclasses.replace(
+            cfg, layer_bits=tuple(sorted(load_layer_preset(cfg.layer_config).items()))
+        )
+    return cfg
+
+
+def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
+    for name, value in (
+        ("kvtuner_hicache_nbits_key", cfg.nbits_key),
+        ("kvtuner_hicache_nbits_value", cfg.nbits_value),
+    ):
+        if value not in ALLOWED_BITS:
+            raise ValueError(f"{_flag(name)}={value} is not one of {list(ALLOWED_BITS)}")
+    for name, value in (
+        ("kvtuner_hicache_axis_key", cfg.axis_key),
+        ("kvtuner_hicache_axis_value", cfg.axis_value),
+    ):
+        if value not in ALLOWED_AXES:
+            raise ValueError(
+                f"{_flag(name)}={value} is not one of {list(ALLOWED_AXES)} "
+                "(0 = per-token groups along head_dim, 1 = per-channel groups of tokens)"
+            )
+    if cfg.group_size <= 0:
+        raise ValueError(f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} must be > 0")
+    if cfg.residual_length < 0:
+        raise ValueError(
+            f"{_flag('kvtuner_hicache_residual_length')}={cfg.residual_length} must be >= 0"
+        )
+
+
+def _check_page_groups(cfg: KVTunerHiCacheConfig, page_size: int) -> None:
+    # Per-channel groups run along tokens and must never cross a page: a page is
+    # the unit every backup, load and storage transfer moves.
+    if (cfg.axis_key == 1 or cfg.axis_value == 1) and cfg.group_size > page_size:
+        which = [n for n, a in (("key", cfg.axis_key), ("value", cfg.axis_value)) if a == 1]
+        raise ValueError(
+            f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} is longer than a "
+            f"page (--page-size {page_size}); per-channel ({'/'.join(which)}) groups "
+            "never cross a page. Use a group size <= the page size or axis 0."
+        )
+
+
+# ------------------------------------------------------------ model binding ---
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """The config bound to one host pool: (K bits, V bits) for each pool layer."""
+
+    cfg: KVTunerHiCacheConfig
+    layer_bits: Tuple[Tuple[int, int], ...]  # index = pool-local layer
+    head_num: int
+    head_dim: int
+    page_size: int
+    dtype_name: str  # "float16" / "bfloat16" / "float32"
+
+    def tag(self) -> str:
+        """Short stable name of everything that decides the stored page bytes:
+        dtype, geometry, per-layer bits, symmetry, axes, group size and the page
+        format version. The residual window is absent on purpose: storage only
+        ever receives quantized pages."""
+        from .page_format import PAGE_FORMAT_VERSION
+
+        c = self.cfg
+        desc = repr(
+            (
+                PAGE_FORMAT_VERSION,
+                self.dtype_name,
+                self.page_size,
+                self.head_num,
+                self.head_dim,
+                self.layer_bits,
+                c.asym,
+                c.axis_key,
+                c.axis_value,
+                c.group_size,
+            )
+        )
+        digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
+        kinds = sorted(set(self.layer_bits))
+        bits = f"k{kinds[0][0]}v{kinds[0][1]}" if len(kinds) == 1 else "mixed"
+        short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype_name]
+        return f"kvt-{short}-{bits}-g{c.group_size}-{digest}"
+
+
+def resolve_layer_plan(
+    cfg: KVTunerHiCacheConfig,
+    *,
+    start_layer: int,
+    target_layer_num: int,
+    draft_layer_num: int,
+    head_num: int,
+    head_dim: int,
+    page_size: int,
+    dtype_name: str,
+    model_layer_num: Optional[int],
+) -> LayerPlan:
+    """Bind the flags to a host pool. ``model_layer_num`` is the model's layer count
+    when this rank knows it (no pipeline parallelism, or the last stage); with None
+    only this stage's layers are checked against the preset."""
+    check_uniform_config(cfg)
+    _check_page_groups(cfg, page_size)
+    if dtype_name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(
+            f"{_flag('enable_kvtuner_hicache')}: the KV cache dtype is {dtype_name}; the "
+            "quantizing host pool needs fp16, bf16 or fp32 device KV (do not combine it "
+            "with an fp8/fp4 --kv-cache-dtype)"
+        )
+    for axis, name in ((cfg.axis_key, "key"), (cfg.axis_value, "value")):
+        if axis == 0 and head_dim % cfg.group_size:
+            raise ValueError(
+                f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} does not divide "
+                f"the model's head_dim {head_dim}, which per-token {name} groups "
+                f"({_flag('kvtuner_hicache_axis_' + name)} 0) require"
+            )
+    uniform = (cfg.nbits_key, cfg.nbits_value)
+    layers = range(start_layer, start_layer + target_layer_num)
+    preset = cfg.layer_bits_map()
+    if preset is None:
+        bits = [uniform] * target_layer_num
+    else:
+        where = f"{_flag('kvtuner_hicache_layer_config')} {cfg.layer_config}"
+        missing = [l for l in layers if l not in preset]
+        if missing:
+            logger.info(
+                "%s lists no bits for layers %s; they use the uniform K%dV%d",
+                where, _ranges(missing), uniform[0], uniform[1],
+            )
+        if model_layer_num is not None:
+            extra = sorted(l for l in preset if l >= model_layer_num)
+            if extra:
+                raise ValueError(
+                    f"{where}: names layers {_ranges(extra)} but the model has "
+                    f"{model_layer_num} layers (0..{model_layer_num - 1}); is the preset "
+                    "for another model?"
+                )
+        bits = [preset.get(l, uniform) for l in layers]
+    bits += [uniform] * draft_layer_num
+    return LayerPlan(
+        cfg=cfg,
+        layer_bits=tuple(bits),
+        head_num=head_num,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype_name=dtype_name,
+    )
+
+
+def _ranges(values: Iterable[int]) -> str:
+    vals = sorted(values)
+    out = []
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def uniform_plan_for(
+    cfg: KVTunerHiCacheConfig, layer_bits: Sequence[Tuple[int, int]], **geometry: Any
+) -> LayerPlan:
+    """A LayerPlan from explicit per-layer bits (benchmarks, tests)."""
+    return LayerPlan(cfg=cfg, layer_bits=tuple(layer_bits), **geometry)

@@ -1,0 +1,641 @@
+"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.23).
+
+``KVTunerMHATokenToKVPoolHost`` subclasses the release's ``MHATokenToKVPoolHost``
+and replaces its fp16/bf16 host buffer with one ``uint8`` row per host page. A row
+holds, for every layer, a K blob and a V blob quantized by ``kvtuner_quant`` with
+that layer's bits (byte layout: :mod:`.page_format`). ``get_size_per_token()``
+reports row bytes / page size, so the host budget (``--hicache-size``) buys
+3-5x more tokens than the stock pool.
+
+Transfers
+    ``backup_from_device_all_layer`` gathers each layer's device rows (a torch index
+    on the device buffers, one device->host copy per layer) and quantizes whole pages
+    straight into the host rows (``kvtuner_quant.quantize_pages``, multi-threaded,
+    GIL released). ``load_to_device_per_layer`` dequantizes that layer's pages and
+    copies them to the device rows. Both run the same code for ``io_backend``
+    ``"kernel"`` and ``"direct"`` (the release's CUDA copy kernels cannot quantize);
+    ``"kernel_ascend"`` is refused. The ``_physical`` wrappers and ``is_draft`` of the
+    base class are honoured (draft layers packed after the target layers, like the
+    stock pool).
+
+Layouts
+    Host rows are page-major whatever ``--hicache-mem-layout`` says, so
+    ``page_first`` (the 0.5.23 default) and ``page_first_direct`` both work and behave
+    identically. ``layer_first``, ``page_head`` and ``page_unified`` are refused at
+    startup: their meaning (per-layer or per-head spans for the copy kernels and for
+    split-head storage) does not exist for a quantized row.
+
+Storage (L3)
+    ``get_data_page`` / ``set_from_flat_data_page`` / ``get_dummy_flat_data_page`` /
+    ``get_page_buffer_meta`` expose the quantized row bytes, so every backend stores
+    quantized pages. ``get_page_buffer_meta`` returns two spans per page (the row's
+    first and second half, contiguous), the K/V pair shape MHA zero-copy backends
+    expect; ``kvtuner_page_spans`` gives one span per page. A page written under
+    another config is never read back, at three levels:
+
+    1. namespace: ``storage_format_tag`` (read by the 0.5.23 cache controller into the
+       storage model name, so e.g. ``HiCacheFile`` keys differ) and
+       ``kvtuner_namespace_tag()`` for backends that build their own namespace;
+    2. page header: every row starts with a header carrying a digest of the config;
+       ``set_from_flat_data_page`` raises ``ValueError`` on a mismatch (the controller
+       turns that into a miss) and ``kvtuner_check_pages`` lets zero-copy backends
+       test pages they wrote into host rows themselves;
+    3. blob headers: ``dequantize_pages`` re-checks bits/axis/group/dtype/shape of
+       every blob on load and raises rather than decode foreign bytes.
+
+Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
+    A prefix cache has no single "most recent token": it backs up spans of many
+    requests. Here the window is defined per backup call: the last
+    ``ceil(R / page_size)`` pages of every ``backup_from_device_all_layer`` call (the
+    newest tokens of the span it writes) are additionally kept bit-exact in a
+    full-precision overlay. Every page is always stored quantized too, so storage
+    backends and evictions never depend on the overlay. The overlay is a ring of
+    ``n`` exact page slots carved out of the same host budget: it takes at most
+    ``OVERLAY_BUDGET_FRACTION`` of the pool's bytes (the quantized area shrinks by
+    the same amount, so the pool never exceeds the budget). When the ring is full,
+    the oldest window is evicted (its pages fall back to their quantized copy).
+    A load uses the exact copy of a page while the overlay still holds it; freeing
+    a host page, rewriting it (backup) or filling it from storage drops its overlay
+    entry. With a fixed token capacity (``host_token_capacity``) there is no byte
+    budget to carve from, so the overlay is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
+from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
+from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
+from .page_format import PAGE_HEADER_NBYTES, PageLayout
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
+SUPPORTED_IO_BACKENDS = ("kernel", "direct")
+# Share of the host pool's bytes the exact overlay may take (see module docstring).
+OVERLAY_BUDGET_FRACTION = 1 / 8
+# Recycled scratch pages for the generic (non zero-copy) storage read path: at most
+# one storage batch (STORAGE_BATCH_SIZE pages) and at most this many bytes.
+_DUMMY_CACHE_MAX_PAGES = 128
+_DUMMY_CACHE_MAX_BYTES = 256 << 20
+
+
+def _import_quant():
+    try:
+        import kvtuner_quant
+    except ImportError as e:
+        raise ImportError(
+            "--enable-kvtuner-hicache needs the kvtuner_quant extension "
+            f"(pip install ./quant from the kvtuner-patch checkout): {e}"
+        ) from None
+    return kvtuner_quant
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _model_layer_num(end_layer: int) -> Optional[int]:
+    """The model's layer count when this rank can know it: without pipeline
+    parallelism, or on the last stage (whose end_layer is the model's last)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()
+        pp_size, pp_rank = int(parallel.pp_size), int(parallel.pp_rank)
+    except Exception:  # parallel state not initialized: a single-process build
+        return end_layer
+    return end_layer if pp_rank == pp_size - 1 else None
+
+
+class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
+    """Host pool storing pages quantized (see module docstring)."""
+
+    def __init__(
+        self,
+        buffer_info,
+        host_to_device_ratio: float,
+        host_size: int,
+        page_size: int,
+        layout: str,
+        pin_memory: bool = True,
+        device: str = "cpu",
+        allocator_type: str = "default",
+        *,
+        device_capacity_tokens: int,
+        start_layer: int,
+        end_layer: int,
+        draft_buffer_infos: Sequence = (),
+        write_back_staging=None,
+        pool_label: str = "kv",
+        head_group_num: int = 1,
+        host_token_capacity: Optional[int] = None,
+        kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
+        model_layer_num: Optional[int] = None,
+    ):
+        if layout not in SUPPORTED_LAYOUTS:
+            raise ValueError(
+                f"--enable-kvtuner-hicache stores page-major quantized rows; "
+                f"--hicache-mem-layout {layout!r} is not supported (use one of "
+                f"{', '.join(SUPPORTED_LAYOUTS)})"
+            )
+        check_buffer_info(buffer_info)
+        self._kq = _import_quant()
+        cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
+        start = int(start_layer or 0)
+        plan = resolve_layer_plan(
+            cfg,
+            start_layer=start,
+            target_layer_num=len(buffer_info.buffers.k),
+            draft_layer_num=len(draft_buffer_infos),
+            head_num=buffer_info.head_num,
+            head_dim=buffer_info.head_dim,
+            page_size=page_size,
+            dtype_name=_dtype_name(buffer_info.dtype),
+            model_layer_num=(
+                model_layer_num
+                if model_layer_num is not None
+                else _model_layer_num(int(end_layer))
+            ),
+        )
+        # Everything get_size_per_token() and init_kv_buffer() need exists before
+        # the base __init__ calls them.
+        self.kvtuner_plan = plan
+        self.kvtuner_layout = PageLayout(plan, self._kq.packed_nbytes)
+        self.storage_format_tag = self.kvtuner_layout.tag
+        self._kvt_cfg = cfg
+        self._kvt_fixed_capacity = host_token_capacity is not None
+        self._kvt_header = torch.frombuffer(
+            bytearray(self.kvtuner_layout.header), dtype=torch.uint8
+        )
+        self._ovl: Optional[torch.Tensor] = None
+        self._ovl_slots = 0
+        self._ovl_lock = threading.Lock()
+        self._backup_lock = threading.Lock()
+        self._dummy_lock = threading.Lock()
+        self._dummy_free: List[torch.Tensor] = []
+        self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
+            weakref.WeakValueDictionary()
+        )
+        super().__init__(
+            buffer_info,
+            host_to_device_ratio,
+            host_size,
+            page_size,
+            layout,
+            pin_memory,
+            device,
+            allocator_type,
+            device_capacity_tokens=device_capacity_tokens,
+            start_layer=start_layer,
+            end_layer=end_layer,
+            draft_buffer_infos=draft_buffer_infos,
+            write_back_staging=write_back_staging,
+            pool_label=pool_label,
+            head_group_num=head_group_num,
+            host_token_capacity=host_token_capacity,
+        )
+        logger.info(
+            "KVTuner HiCache host pool: %s, %d B/token (stock %d B/token), %d pages, "
+            "residual overlay %d pages",
+            self.storage_format_tag,
+            self.size_per_token,
+            self.stock_size_per_token(),
+            self.page_num,
+            self._ovl_slots,
+        )
+
+    # ------------------------------------------------------------ geometry ---
+
+    def get_size_per_token(self):
+        return self.kvtuner_layout.bytes_per_token
+
+    def stock_size_per_token(self) -> int:
+        """Bytes per token the stock pool would use for the same layers."""
+        return super().get_size_per_token()
+
+    @property
+    def kvtuner_page_nbytes(self) -> int:
+        return self.kvtuner_layout.row_nbytes
+
+    def kvtuner_namespace_tag(self) -> str:
+        """Short stable name of dtype + quantization config (per-layer bits included)
+        for storage namespaces."""
+        return self.kvtuner_layout.tag
+
+    def _exact_page_nbytes(self) -> int:
+        return (
+            2 * self.layer_num * self.page_size * self.head_num * self.head_dim * self.dtype.itemsize
+        )
+
+    def _window_pages(self) -> int:
+        r = self._kvt_cfg.residual_length
+        return 0 if r <= 0 else -(-r // self.page_size)
+
+    def _allocate_host_buffer(self) -> None:
+        window = self._window_pages()
+        row = self.kvtuner_layout.row_nbytes
+        exact = self._exact_page_nbytes()
+        if window and self._kvt_fixed_capacity:
+            logger.warning(
+                "KVTuner HiCache: the host pool has a fixed token capacity, so the "
+                "residual overlay is off (no byte budget to carve it from)."
+            )
+        elif window:
+            budget = self.page_num * row
+            slots = int(budget * OVERLAY_BUDGET_FRACTION) // exact
+            if slots < window:
+                raise ValueError(
+                    f"--kvtuner-hicache-residual-length {self._kvt_cfg.residual_length} "
+                    f"needs {window} exact pages ({window * exact / 1e6:.1f} MB) but the "
+                    f"overlay may use only {OVERLAY_BUDGET_FRACTION:.3f} of the "
+                    f"{budget / 1e9:.3f} GB host pool; raise --hicache-size/--hicache-ratio "
+                    "or lower (0 disables) the residual length"
+                )
+            take = -(-(slots * exact) // row)
+            self.page_num -= take
+            self.size = self.page_num * self.page_size
+            self._ovl_slots = slots
+        super()._allocate_host_buffer()
+        if self._ovl_slots:
+            ovl_bytes = self._ovl_slots * exact
+            available = host_memory_budget_bytes(ovl_bytes)
+            if ovl_bytes > available:
+                raise ValueError(
+                    f"Not enough host memory for the KVTuner residual overlay: "
+                    f"{ovl_bytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
+                )
+            alloc = ALLOC_MEMORY_FUNCS[self._transfer_device.type]
+            self._ovl = alloc(
+                (self._ovl_slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim),
+                dtype=self.dtype,
+                device=self.device,
+                pin_memory=self.pin_memory,
+                allocator=self.allocator,
+            )
+            self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
+            self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
+            self._ovl_next = 0
+
+    def init_kv_buffer(self):
+        # Kept for code that reads them; they describe the device rows.
+        self.token_stride_size = self.head_num * self.head_dim * self.dtype.itemsize
+        self.layout_dim = self.token_stride_size * self.layer_num
+        row = self.kvtuner_layout.row_nbytes
+        alloc = ALLOC_MEMORY_FUNCS[self._transfer_device.type]
+        return alloc(
+            (self.page_num, row),
+            dtype=torch.uint8,
+            device=self.device,
+            pin_memory=self.pin_memory,
+            allocator=self.allocator,
+            registration_granularity_bytes=row,
+        )
+
+    def _initialize_transfer_views(self, buffer_info, write_back_staging) -> None:
+        # The release's copy kernels and their pointer tables address fp16 host
+        # rows; none of them applies to quantized rows.
+        self.element_dim = self.head_num * self.head_dim
+        self._init_device_row_stride((*self.device_k_buffers, *self.device_v_buffers))
+        self.can_use_jit = False
+        self.can_use_write_back_jit = False
+        self.k_data_refs = []
+        self.v_data_refs = []
+        self.k_data_ptrs = None
+        self.v_data_ptrs = None
+        self.host_kv_data_refs = []
+        self.staging_page_capacity = 0
+        self.staging_token_capacity = 0
+        self.staging_k_buffer = None
+        self.staging_v_buffer = None
+
+    @property
+    def k_buffer(self):
+        raise AttributeError(
+            "KVTuner host pool has no fp16 K buffer: pages are quantized rows in kv_buffer"
+        )
+
+    @property
+    def v_buffer(self):
+        raise AttributeError(
+            "KVTuner host pool has no fp16 V buffer: pages are quantized rows in kv_buffer"
+        )
+
+    def get_hybrid_pool_buffer(self):
+        return [self.kv_buffer]
+
+    # ------------------------------------------------------------ overlay ---
+
+    def _overlay_reserve(self, pages: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
+        """Drop the overlay entries of pages about to be rewritten and reserve ring
+        slots for the window. Returns (slots, first window position) or None."""
+        if self._ovl is None:
+            return None
+        with self._ovl_lock:
+            old = self._slot_of_page[pages]
+            self._page_of_slot[old[old >= 0]] = -1
+            self._slot_of_page[pages] = -1
+            w = min(self._window_pages(), len(pages), self._ovl_slots)
+            if w == 0:
+                return None
+            slots = (self._ovl_next + torch.arange(w)) % self._ovl_slots
+            self._ovl_next = int((self._ovl_next + w) % self._ovl_slots)
+            evicted = self._page_of_slot[slots]
+            self._slot_of_page[evicted[evicted >= 0]] = -1
+            self._page_of_slot[slots] = -1
+        return slots, len(pages) - w
+
+    def _overlay_publish(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
+        with self._ovl_lock:
+            self._page_of_slot[slots] = pages
+            self._slot_of_page[pages] = slots
+
+    def _overlay_drop(self, pages: torch.Tensor) -> None:
+        if self._ovl is None or pages.numel() == 0:
+            return
+        with self._ovl_lock:
+            old = self._slot_of_page[pages]
+            self._page_of_slot[old[old >= 0]] = -1
+            self._slot_of_page[pages] = -1
+
+    def kvtuner_overlay_pages(self) -> List[int]:
+        """Host pages currently served exactly from the overlay (tests, metrics)."""
+        if self._ovl is None:
+            return []
+        with self._ovl_lock:
+            return sorted(int(p) for p in self._page_of_slot[self._page_of_slot >= 0])
+
+    def free(self, indices: torch.Tensor) -> int:
+        freed = super().free(indices)
+        if self._ovl is not None and indices.numel():
+            self._overlay_drop(torch.unique(indices.cpu() // self.page_size))
+        return freed
+
+    def clear(self):
+        super().clear()
+        if getattr(self, "_ovl", None) is not None:
+            with self._ovl_lock:
+                self._slot_of_page.fill_(-1)
+                self._page_of_slot.fill_(-1)
+                self._ovl_next = 0
+
+    # ----------------------------------------------------------- transfers ---
+
+    def _host_pages(self, host_indices: torch.Tensor) -> torch.Tensor:
+        """Page-aligned host token indices -> CPU int64 page ids."""
+        idx = host_indices.cpu() if host_indices.device.type != "cpu" else host_indices
+        if idx.numel() % self.page_size:
+            raise ValueError(
+                f"KVTuner host pool moves whole pages: got {idx.numel()} host indices "
+                f"for page_size {self.page_size}"
+            )
+        starts = idx[:: self.page_size].to(torch.int64)
+        if bool((starts % self.page_size != 0).any()):
+            raise ValueError("KVTuner host pool: host indices are not page-aligned")
+        return starts // self.page_size
+
+    def _device_rows(self, device_indices: torch.Tensor) -> torch.Tensor:
+        if device_indices.device != self._transfer_device:
+            device_indices = device_indices.to(self._transfer_device)
+        return device_indices.to(torch.int64)
+
+    @staticmethod
+    def _check_io_backend(io_backend: str) -> None:
+        if io_backend not in SUPPORTED_IO_BACKENDS:
+            raise ValueError(
+                f"KVTuner host pool: unsupported --hicache-io-backend {io_backend!r} "
+                f"(supported: {', '.join(SUPPORTED_IO_BACKENDS)})"
+            )
+
+    def _quant_kwargs(self, layer: int, is_value: bool) -> dict:
+        cfg = self._kvt_cfg
+        k_bits, v_bits = self.kvtuner_plan.layer_bits[layer]
+        return dict(
+            bits=v_bits if is_value else k_bits,
+            asym=cfg.asym,
+            axis=cfg.axis_value if is_value else cfg.axis_key,
+            group_size=cfg.group_size,
+            residual_length=0,
+        )
+
+    def _blob_columns(self, layer: int, is_value: bool) -> torch.Tensor:
+        off, nbytes = self.kvtuner_layout.blob(layer, is_value)
+        return self.kv_buffer[:, off : off + nbytes]
+
+    def backup_from_device_all_layer(
+        self, device_pool, host_indices, device_indices, io_backend
+    ) -> None:
+        self._check_io_backend(io_backend)
+        pages = self._host_pages(host_indices)
+        n = len(pages)
+        if n == 0:
+            return
+        rows = self._device_rows(device_indices)
+        page_ids = pages.numpy()
+        ps = self.page_size
+        with self._backup_lock:
+            window = self._overlay_reserve(pages)
+            for layer in range(self.layer_num):
+                for is_value, buffers in (
+                    (False, self.device_k_buffers),
+                    (True, self.device_v_buffers),
+                ):
+                    x = buffers[layer].index_select(0, rows)
+                    if x.device.type != "cpu":
+                        x = x.to("cpu")
+                    self._kq.quantize_pages(
+                        x,
+                        self._blob_columns(layer, is_value),
+                        page_ids,
+                        page_tokens=ps,
+                        **self._quant_kwargs(layer, is_value),
+                    )
+                    if window is not None:
+                        slots, first = window
+                        self._ovl[slots, int(is_value), layer] = x[first * ps :].view(
+                            -1, ps, self.head_num, self.head_dim
+                        )
+            self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
+            if window is not None:
+                self._overlay_publish(pages[window[1] :], window[0])
+
+    def load_to_device_per_layer(
+        self,
+        device_pool,
+        host_indices,
+        device_indices,
+        layer_id,
+        io_backend,
+        *,
+        is_draft: bool = False,
+    ) -> None:
+        if not is_draft and not 0 <= layer_id < self.target_layer_num:
+            return
+        self._check_io_backend(io_backend)
+        pages = self._host_pages(host_indices)
+        n = len(pages)
+        if n == 0:
+            return
+        ps = self.page_size
+        rows = self._device_rows(device_indices).view(n, ps)
+        dev = (self.device_k_buffers[layer_id], self.device_v_buffers[layer_id])
+        quantized = torch.arange(n)
+        if self._ovl is not None:
+            with self._ovl_lock:
+                slots = self._slot_of_page[pages]
+                exact = (slots >= 0).nonzero().squeeze(1)
+                if exact.numel():
+                    dst_rows = rows[exact.to(rows.device)].reshape(-1)
+                    for is_value in (0, 1):
+                        src = self._ovl[slots[exact], is_value, layer_id]
+                        dev[is_value][dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
+                            dev[is_value].device, non_blocking=False
+                        )
+                    quantized = (slots < 0).nonzero().squeeze(1)
+        if quantized.numel() == 0:
+            return
+        q_pages = pages[quantized].numpy()
+        dst_rows = rows[quantized.to(rows.device)].reshape(-1)
+        out = torch.empty((len(q_pages) * ps, self.head_num, self.head_dim), dtype=self.dtype)
+        for is_value in (0, 1):
+            self._kq.dequantize_pages(
+                self._blob_columns(layer_id, bool(is_value)),
+                q_pages,
+                out,
+                **self._quant_kwargs(layer_id, bool(is_value)),
+            )
+            dev[is_value][dst_rows] = out.to(dev[is_value].device)
+
+    # ------------------------------------------------------------- storage ---
+
+    def get_data_page(self, index, flat: bool = True) -> torch.Tensor:
+        page = int(index) // self.page_size
+        return self.kv_buffer[page] if flat else self.kv_buffer[page : page + 1]
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        # Not one shared buffer: the controller asks for one per key of a batch and
+        # holds them all at once, so a single cached page would alias every read.
+        # Pages handed back through set_from_flat_data_page are recycled instead.
+        with self._dummy_lock:
+            page = self._dummy_free.pop() if self._dummy_free else None
+        if page is None:
+            page = torch.empty(self.kvtuner_layout.row_nbytes, dtype=torch.uint8)
+        self._dummy_issued[id(page)] = page
+        return page
+
+    def _recycle_dummy(self, data_page: torch.Tensor) -> None:
+        if self._dummy_issued.get(id(data_page)) is not data_page:
+            return
+        del self._dummy_issued[id(data_page)]
+        cap = min(
+            _DUMMY_CACHE_MAX_PAGES,
+            max(1, _DUMMY_CACHE_MAX_BYTES // self.kvtuner_layout.row_nbytes),
+        )
+        with self._dummy_lock:
+            if len(self._dummy_free) < cap:
+                self._dummy_free.append(data_page)
+
+    def _page_bytes(self, data_page: torch.Tensor) -> torch.Tensor:
+        t = data_page
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().reshape(-1)
+        if t.dtype != torch.uint8:
+            t = t.view(torch.uint8)
+        return t
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        page = int(index) // self.page_size
+        src = self._page_bytes(data_page)
+        row = self.kvtuner_layout.row_nbytes
+        if src.numel() != row:
+            raise ValueError(
+                f"KVTuner host pool: storage page for host page {page} holds "
+                f"{src.numel()} bytes, expected {row} ({self.storage_format_tag})"
+            )
+        problem = self.kvtuner_layout.header_mismatch(
+            bytes(src[:PAGE_HEADER_NBYTES].numpy())
+        )
+        if problem is not None:
+            raise ValueError(
+                f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
+            )
+        self.kv_buffer[page].copy_(src)
+        self._overlay_drop(torch.tensor([page], dtype=torch.int64))
+        self._recycle_dummy(data_page)
+
+    def kvtuner_check_pages(self, host_indices: torch.Tensor) -> List[bool]:
+        """Per page of ``host_indices``: does the host row carry this pool's page
+        header? Zero-copy backends call it after writing rows themselves and treat
+        False as a miss. (No overlay bookkeeping is needed: a row can only be
+        filled from storage after ``free``, which dropped its overlay entry.)"""
+        pages = self._host_pages(host_indices)
+        if len(pages) == 0:
+            return []
+        heads = self.kv_buffer[pages, :PAGE_HEADER_NBYTES]
+        ok = (heads == self._kvt_header).all(dim=1)
+        return [bool(v) for v in ok]
+
+    def get_page_buffer_meta(self, indices):
+        """Zero-copy spans: two per page (the row's halves, contiguous), matching the
+        K/V pair MHA backends zip with their keys."""
+        assert len(indices) % self.page_size == 0
+        row = self.kvtuner_layout.row_nbytes
+        half = row // 2
+        base = self.kv_buffer.data_ptr()
+        ptrs: List[int] = []
+        sizes: List[int] = []
+        for page in self._host_pages(indices).tolist():
+            start = base + page * row
+            ptrs += [start, start + half]
+            sizes += [half, row - half]
+        return ptrs, sizes
+
+    def kvtuner_page_spans(self, indices) -> Tuple[List[int], List[int]]:
+        """One (pointer, row bytes) span per page, for backends storing one object
+        per page."""
+        row = self.kvtuner_layout.row_nbytes
+        base = self.kv_buffer.data_ptr()
+        pages = self._host_pages(indices).tolist()
+        return [base + p * row for p in pages], [row] * len(pages)
+
+    def get_split_heads_page_buffer_meta(self, indices, split_factor: int):
+        raise NotImplementedError(
+            "KVTuner host pool pages are quantized whole rows; split-head storage "
+            "(page_head layout) is not supported"
+        )
+
+    def is_stride_page_aligned(self, page_size_bytes: int = 4096) -> bool:
+        return (
+            self.kv_buffer.data_ptr() % page_size_bytes == 0
+            and self.kvtuner_layout.row_nbytes % page_size_bytes == 0
+        )
+
+
+def check_buffer_info(buffer_info) -> None:
+    """Refuse device pools the quantizing pool cannot mirror, with the reason."""
+    if buffer_info.scales is not None:
+        raise ValueError(
+            "--enable-kvtuner-hicache: the device KV cache carries scales "
+            f"({buffer_info.scales.layout.value}); the quantizing host pool needs a "
+            "plain fp16/bf16/fp32 KV cache"
+        )
+    if buffer_info.head_dim != buffer_info.v_head_dim:
+        raise ValueError(
+            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
+            f"model has K {buffer_info.head_dim} and V {buffer_info.v_head_dim}"
+        )
+    if buffer_info.transfer_buffers is not None:
+        raise ValueError(
+            "--enable-kvtuner-hicache does not support relocatable device pools "
+            "(transfer_buffers)"
+        )

@@ -1,0 +1,1004 @@
+"""HiCache L3 storage backend on a JuiceFS mount (any POSIX directory works, with a warning).
+
+Loaded two ways (SGLang 0.5.23):
+- patched: ``--hicache-storage-backend juicefs`` (registered as a built-in by the kvtuner patch);
+- unpatched: ``--hicache-storage-backend dynamic`` with ``module_path`` / ``class_name`` /
+  ``interface_v1`` in ``--hicache-storage-backend-extra-config``.
+
+Options come from ``storage_config.extra_config`` (see ``JuiceFSOptions``).
+
+On disk, under ``<mount_point>/<root_dir>/``::
+
+    <namespace>/namespace.json          what the namespace name encodes, unabbreviated
+    <namespace>/<xx>/<key>.kvp          one page; xx = first byte of blake2b(key), 256 shards
+    <namespace>/<xx>/.tmp.<key>.<id>    a write in progress (or left by a killed writer)
+
+``<namespace>`` spells model, parallel ranks (TP left out for MLA, whose KV every TP rank
+shares), page size, host layout, KV format (the kvtuner quantization tag or the pool dtype) and
+page bytes, and ends in a hash of all of them so two configurations never share a directory.
+
+A page file is a 32-byte header followed by the page bytes::
+
+    magic "KVTJFS" | version u8 | checksum algorithm u8 | payload length u64 | checksum u64 | key tag u64
+
+The key tag binds the file to (namespace, payload order, key): a file copied or renamed into the
+wrong place reads as a miss. Every failure on the data path (ENOENT, EIO, ENOTCONN, short or long
+file, header, tag or checksum mismatch, volume unmounted) is a miss or a refused write, logged,
+never an exception into SGLang.
+
+Zero-copy vs verification: reads land directly in the host-pool pages (``preadv`` into views of
+``get_page_buffer_meta`` regions) and the checksum is verified over those bytes afterwards. A page
+that fails verification is reported ``False``; SGLang only uses the leading run of ``True`` pages
+of a prefetch and frees the rest, so unverified bytes in a page reported ``False`` are never used.
+
+Publishing is write-once: the page is written to a temporary file in the same shard directory and
+moved into place with ``renameat2(RENAME_NOREPLACE)`` (falling back to ``link`` + ``unlink``, then
+``os.replace`` where the file system supports neither). A final name therefore only ever holds one
+complete page; when two processes publish the same key the first wins, the second discards its copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
+from sglang.srt.observability.metrics_collector import StorageMetrics
+
+try:  # xxh3 is ~10x faster than zlib's crc32; sglang's dependencies (datasets) bring it.
+    import xxhash
+except ImportError:  # pragma: no cover - depends on the environment
+    xxhash = None
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "juicefs"
+
+_MAGIC = b"KVTJFS"
+_VERSION = 1
+_ALGO_CRC32 = 1
+_ALGO_XXH3 = 2
+_HEADER = struct.Struct("<6sBBQQQ")  # magic, version, algo, payload len, checksum, key tag
+HEADER_SIZE = _HEADER.size  # 32
+PAGE_SUFFIX = ".kvp"
+TMP_PREFIX = ".tmp."
+NAMESPACE_MARKER = "namespace.json"
+
+# Payload byte orders: "V" = the pool's get_page_buffer_meta regions in order (v1 path);
+# "F" = get_data_page(flat=True) (legacy path). Equal for page-contiguous layouts (checked at
+# registration); part of the key tag so a page written in one order never loads in the other.
+_ORDER_META = "V"
+_ORDER_FLAT = "F"
+
+_IOV_MAX = 1024
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
+_SAFE_PART = re.compile(r"[^A-Za-z0-9._+=-]")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
+               "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # old glibc: fall back to link + unlink
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _parse_size(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"juicefs backend: {name} must be a byte count, got {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(
+                f"juicefs backend: {name} must be bytes or a size like '64GiB', got {value!r}"
+            )
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"juicefs backend: {name} must be positive, got {value!r}")
+    return n
+
+
+def _parse_bool(name: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"juicefs backend: {name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class JuiceFSOptions:
+    """Options read from ``--hicache-storage-backend-extra-config``."""
+
+    mount_point: str
+    # Directory under the mount point holding all namespaces.
+    root_dir: str = "sglang-hicache"
+    # Worker threads for batch I/O (FUSE requests overlap; the GIL is released in syscalls).
+    threads: int = 8
+    # Bytes this backend may publish into its namespace; a full namespace refuses new pages
+    # (set returns False, SGLang stops that backup) while existing pages keep serving reads.
+    capacity_bytes: Optional[int] = None
+    # Refuse a mount point that is not a JuiceFS mount instead of warning.
+    require_juicefs: bool = False
+    # fsync each page before publishing (JuiceFS already uploads on close; off by default).
+    fsync: bool = False
+    # Seconds a confirmed page is remembered as present without asking the file system.
+    exists_cache_ttl: float = 60.0
+    # Temporary files older than this (seconds) are swept from the namespace at registration.
+    stale_tmp_age: float = 3600.0
+
+    @classmethod
+    def from_extra_config(cls, extra: Optional[dict]) -> "JuiceFSOptions":
+        extra = dict(extra or {})
+        mount = extra.get("mount_point")
+        if not mount or not isinstance(mount, str):
+            raise ValueError(
+                "juicefs backend: 'mount_point' is required in "
+                "--hicache-storage-backend-extra-config, e.g. '{\"mount_point\": \"/mnt/jfs\"}'"
+            )
+        if not os.path.exists(mount):
+            raise ValueError(f"juicefs backend: mount_point {mount!r} does not exist")
+        if not os.path.isdir(mount):
+            raise ValueError(f"juicefs backend: mount_point {mount!r} is not a directory")
+        root_dir = extra.get("root_dir", cls.root_dir)
+        if (
+            not isinstance(root_dir, str)
+            or not root_dir
+            or os.path.isabs(root_dir)
+            or ".." in root_dir.split("/")
+        ):
+            raise ValueError(
+                f"juicefs backend: root_dir must be a relative path inside the mount, got {root_dir!r}"
+            )
+        threads = extra.get("threads", cls.threads)
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
+            raise ValueError(f"juicefs backend: threads must be an integer in 1..256, got {threads!r}")
+        floats = {}
+        for name in ("exists_cache_ttl", "stale_tmp_age"):
+            value = extra.get(name, getattr(cls, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"juicefs backend: {name} must be a number >= 0, got {value!r}")
+            floats[name] = float(value)
+        return cls(
+            mount_point=os.path.realpath(mount),
+            root_dir=root_dir.strip("/"),
+            threads=threads,
+            capacity_bytes=_parse_size("capacity_bytes", extra.get("capacity_bytes")),
+            require_juicefs=_parse_bool("require_juicefs", extra.get("require_juicefs"), False),
+            fsync=_parse_bool("fsync", extra.get("fsync"), False),
+            **floats,
+        )
+
+
+def mount_fstype(path: str) -> Tuple[str, str]:
+    """(mount root, file system type) of the mount holding ``path``, from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    best = ("/", "unknown")
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                # Mount points escape spaces as \040.
+                point = fields[4].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best[0]):
+                    best = (point, right.split()[0])
+    except OSError:
+        pass
+    return best
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _blake(data: str, size: int) -> bytes:
+    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=size).digest()
+
+
+def _part(text: str, limit: int) -> str:
+    """A readable file-name fragment; long ones are cut and keep a hash of the whole."""
+    safe = _SAFE_PART.sub("-", text).strip(".") or "none"
+    if len(safe) > limit:
+        safe = f"{safe[: limit - 9]}~{_blake(text, 4).hex()}"
+    return safe
+
+
+def _digest(algo: int, views: Sequence[memoryview]) -> int:
+    if algo == _ALGO_XXH3:
+        h = xxhash.xxh3_64()
+        for v in views:
+            h.update(v)
+        return h.intdigest()
+    crc = 0
+    for v in views:
+        crc = zlib.crc32(v, crc)
+    return crc
+
+
+def _advance(bufs: List[memoryview], n: int) -> None:
+    while n and bufs:
+        size = bufs[0].nbytes
+        if n >= size:
+            n -= size
+            bufs.pop(0)
+        else:
+            bufs[0] = bufs[0][n:]
+            n = 0
+
+
+def _preadv_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+    """Fill ``bufs`` from ``offset``; returns bytes read (less than asked only at end of file)."""
+    todo, total = list(bufs), 0
+    while todo:
+        n = os.preadv(fd, todo[:_IOV_MAX], offset + total)
+        if n == 0:
+            break
+        total += n
+        _advance(todo, n)
+    return total
+
+
+def _pwritev_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+    todo, total = list(bufs), 0
+    while todo:
+        n = os.pwritev(fd, todo[:_IOV_MAX], offset + total)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        total += n
+        _advance(todo, n)
+    return total
+
+
+def _raw_view(ptr: int, size: int) -> memoryview:
+    """Writable byte view over host memory the pool owns (zero-copy)."""
+    return memoryview((ctypes.c_ubyte * size).from_address(ptr)).cast("B")
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _merge_runs(runs: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    merged: List[List[int]] = []
+    for start, size in runs:
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1][1] += size
+        else:
+            merged.append([start, size])
+    return [(a, b) for a, b in merged]
+
+
+def _tensor_runs(t: torch.Tensor, limit: int = 1 << 16) -> Optional[List[Tuple[int, int]]]:
+    """Byte runs (address, size) of ``t`` in row-major order, i.e. the bytes flatten() yields."""
+    shape, stride, item = list(t.shape), list(t.stride()), t.element_size()
+    block, d = 1, len(shape)
+    while d and (shape[d - 1] == 1 or stride[d - 1] == block):
+        block *= shape[d - 1]
+        d -= 1
+    count = 1
+    for s in shape[:d]:
+        count *= s
+    if count > limit:
+        return None
+    base = t.data_ptr()
+    runs = [
+        (base + sum(i * s for i, s in zip(idx, stride[:d])) * item, block * item)
+        for idx in itertools.product(*(range(s) for s in shape[:d]))
+    ]
+    return _merge_runs(runs)
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class JuiceFSStorage(HiCacheStorage):
+    """Write-once page files on a JuiceFS (FUSE) mount, batch I/O on a thread pool."""
+
+    def __init__(self, storage_config: HiCacheStorageConfig, mem_pool_host: Any = None, **_: Any):
+        # Built-in chain: cls(storage_config, mem_pool_host); SGLang's ``dynamic`` path:
+        # cls(storage_config, {}) with the host pool arriving via register_mem_pool_host.
+        if storage_config is None:
+            raise ValueError("juicefs backend: storage_config is required")
+        if getattr(storage_config, "should_split_heads", False):
+            raise ValueError(
+                "juicefs backend: heterogeneous TP (tp_lcm_size head splitting) is not supported"
+            )
+        self.storage_config = storage_config
+        self.options = JuiceFSOptions.from_extra_config(storage_config.extra_config)
+        self.mount_point = self.options.mount_point
+        mount_root, self.fstype = mount_fstype(self.mount_point)
+        if self.fstype != "fuse.juicefs":
+            message = (
+                f"juicefs backend: mount_point {self.mount_point!r} is on {self.fstype} "
+                f"(mounted at {mount_root}), not a JuiceFS mount"
+            )
+            if self.options.require_juicefs:
+                raise ValueError(message)
+            logger.warning("%s; using it as a plain directory", message)
+        self._dev = os.stat(self.mount_point).st_dev
+        self.root = os.path.join(self.mount_point, self.options.root_dir)
+        os.makedirs(self.root, exist_ok=True)
+
+        self.is_mla = bool(storage_config.is_mla_model)
+        # MLA ranks share one copy: only the designated writer rank publishes it.
+        self.is_writer = bool(getattr(storage_config, "is_storage_writer",
+                                      not self.is_mla or storage_config.tp_rank == 0))
+        self.algo = _ALGO_XXH3 if xxhash is not None else _ALGO_CRC32
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
+        )
+        self._lock = threading.Lock()
+        self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
+        self._shards_made: set = set()
+        self._publish = "renameat2" if _renameat2 is not None else "link"
+        self._volume_lost_logged = False
+        self._unregistered_logged = False
+        self._last_reprobe = 0.0
+        self._closed = False
+        self.used_bytes = 0
+        self._capacity_logged = False
+        self.counters = {k: 0 for k in (
+            "get_hits", "get_misses", "corrupt", "io_errors", "set_pages",
+            "set_existing", "set_refused", "set_errors")}
+        self._metrics = StorageMetrics()
+        self.mem_pool_host = None
+        self.namespace: Optional[str] = None
+        self.ns_dir: Optional[str] = None
+        if mem_pool_host is not None and not isinstance(mem_pool_host, dict):
+            self.register_mem_pool_host(mem_pool_host)
+
+    # ---------------------------------------------------------------- registration
+
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        if mem_pool_host is self.mem_pool_host:
+            return
+        super().register_mem_pool_host(mem_pool_host)
+        pool = mem_pool_host
+        self.page_size = int(pool.page_size)
+        self._meta_regions = None  # regions per page when get_page_buffer_meta works
+        self._flat_template = None
+        try:
+            template = pool.get_dummy_flat_data_page()
+            self._flat_template = (template.dtype, template.numel())
+            flat_bytes = template.numel() * template.element_size()
+        except Exception:  # pools without a flat page form only support v1
+            flat_bytes = None
+        page_bytes = None
+        try:
+            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
+            if ptrs and len(ptrs) == len(sizes):
+                self._meta_regions = len(ptrs)
+                page_bytes = int(sum(sizes))
+        except Exception as e:  # e.g. pools that only expose flat pages
+            logger.info("juicefs backend: %s has no usable get_page_buffer_meta (%s); "
+                        "v1 I/O goes through flat pages", type(pool).__name__, e)
+        if page_bytes is None and flat_bytes is None:
+            raise ValueError(
+                f"juicefs backend: host pool {type(pool).__name__} exposes neither "
+                "get_page_buffer_meta nor flat data pages"
+            )
+        self.page_bytes = page_bytes if page_bytes is not None else flat_bytes
+        self.flat_bytes = flat_bytes
+        self.v1_order = _ORDER_META if self._meta_regions else _ORDER_FLAT
+        self.flat_order = _ORDER_FLAT
+        if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
+            self.flat_order = _ORDER_META
+
+        fields = self._namespace_fields(pool)
+        self.namespace_fields = fields
+        self.namespace = self._namespace_name(fields)
+        self.ns_dir = os.path.join(self.root, self.namespace)
+        os.makedirs(self.ns_dir, exist_ok=True)
+        self._shards_made.clear()
+        self._known.clear()
+        marker = json.dumps(fields, sort_keys=True, indent=1).encode()
+        self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
+        logger.info("juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
+                    self.ns_dir, self.page_bytes, self.v1_order, self.is_writer)
+        if self.is_writer:
+            threading.Thread(target=self._scan_namespace, name="juicefs-hicache-scan",
+                             daemon=True).start()
+
+    def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        raise NotImplementedError(
+            "juicefs backend stores KV pages only; hybrid pools (v2 interface, "
+            f"pool {host_pool_name!r}) are not supported"
+        )
+
+    def _flat_matches_meta(self, pool) -> bool:
+        """True when get_data_page(flat=True) yields the meta regions' bytes in the same order."""
+        try:
+            view = pool.get_data_page(0, flat=False)
+            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
+            runs = _tensor_runs(view)
+            return runs is not None and runs == _merge_runs(list(zip(ptrs, sizes)))
+        except Exception:
+            return False
+
+    def _namespace_fields(self, pool) -> dict:
+        cfg = self.storage_config
+        tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
+        kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
+        fields = {
+            "format": _VERSION,
+            "model": cfg.model_name or "",
+            # MLA KV is replicated over TP ranks: one copy serves all of them.
+            "tp": None if self.is_mla else [cfg.tp_rank, cfg.tp_size],
+            "pp": [cfg.pp_rank, cfg.pp_size],
+            "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
+            "dp": getattr(cfg, "dp_rank", 0),
+            "dcp": [getattr(cfg, "dcp_rank", 0), getattr(cfg, "dcp_size", 1),
+                    getattr(cfg, "logical_page_size", None)],
+            "page_size": self.page_size,
+            "layout": str(pool.layout),
+            "kv_format": kv_format,
+            "page_bytes": self.page_bytes,
+        }
+        return fields
+
+    @staticmethod
+    def _namespace_name(f: dict) -> str:
+        ranks = "mla" if f["tp"] is None else f"tp{f['tp'][0]}of{f['tp'][1]}"
+        ranks += f"-pp{f['pp'][0]}of{f['pp'][1]}-cp{f['cp'][0]}of{f['cp'][1]}-dp{f['dp']}"
+        if f["dcp"][1] > 1:
+            ranks += f"-dcp{f['dcp'][0]}of{f['dcp'][1]}-lp{f['dcp'][2]}"
+        parts = [
+            _part(f["model"] or "unnamed", 80),
+            ranks,
+            f"ps{f['page_size']}-{_part(f['layout'], 24)}",
+            _part(f["kv_format"], 48),
+            f"{f['page_bytes']}B",
+            # The readable parts are lossy (sanitized, cut); the hash keeps namespaces apart.
+            "h" + _blake(json.dumps(f, sort_keys=True), 6).hex(),
+        ]
+        return "__".join(parts)
+
+    # ---------------------------------------------------------------- paths and health
+
+    def _fname(self, key: str) -> str:
+        return (key if _SAFE_KEY.match(key) else "h-" + _blake(key, 20).hex()) + PAGE_SUFFIX
+
+    def _shard(self, key: str) -> str:
+        return "%02x" % _blake(key, 1)[0]
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.ns_dir, self._shard(key), self._fname(key))
+
+    def _key_tag(self, key: str, order: str) -> int:
+        return int.from_bytes(_blake(f"{self.namespace}\0{order}\0{key}", 8), "little")
+
+    def _volume_ok(self) -> bool:
+        """The mount still holds the volume we started on (an unmounted volume reads as misses)."""
+        if self._closed or self.ns_dir is None:
+            return False
+        try:
+            dev = os.stat(self.mount_point).st_dev
+        except OSError as e:  # ENOTCONN after the FUSE daemon died, ENOENT, ...
+            return self._volume_lost(f"stat failed: {e}")
+        if dev == self._dev:
+            return True
+        # Remounted? Adopt the new mount only when it is the same kind of file system and
+        # already holds our namespace; probe at most every few seconds.
+        now = time.monotonic()
+        if now - self._last_reprobe < 5.0:
+            return False
+        self._last_reprobe = now
+        if mount_fstype(self.mount_point)[1] == self.fstype and os.path.isfile(
+            os.path.join(self.ns_dir, NAMESPACE_MARKER)
+        ):
+            logger.warning("juicefs backend: %s was remounted; resuming", self.mount_point)
+            self._dev, self._volume_lost_logged = dev, False
+            self._known.clear()
+            return True
+        return self._volume_lost("a different file system is mounted there now")
+
+    def _volume_lost(self, why: str) -> bool:
+        if not self._volume_lost_logged:
+            self._volume_lost_logged = True
+            logger.error("juicefs backend: volume at %s unavailable (%s); all lookups miss",
+                         self.mount_point, why)
+        return False
+
+    def _ready(self) -> bool:
+        if self.mem_pool_host is None:
+            if not self._unregistered_logged:
+                self._unregistered_logged = True
+                logger.warning("juicefs backend: used before register_mem_pool_host; missing")
+            return False
+        return self._volume_ok()
+
+    def _known_present(self, key: str) -> bool:
+        seen = self._known.get(key)
+        return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
+
+    def _remember(self, key: str) -> None:
+        if self.options.exists_cache_ttl > 0:
+            if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
+                self._known.clear()
+            self._known[key] = time.monotonic()
+
+    # ---------------------------------------------------------------- page I/O
+
+    def _read_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Read one page into ``views`` and verify it; False (a miss) on any problem."""
+        expected = sum(v.nbytes for v in views)
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._known.pop(key, None)
+            self.counters["get_misses"] += 1
+            return False
+        except OSError as e:
+            return self._read_failed(key, f"open: {e}")
+        try:
+            header, tail = bytearray(HEADER_SIZE), bytearray(1)
+            # The extra byte detects files longer than a page.
+            got = _preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
+        except OSError as e:
+            return self._read_failed(key, f"read: {e}")
+        finally:
+            os.close(fd)
+        if got != HEADER_SIZE + expected:
+            return self._read_failed(key, f"size {got} bytes, expected {HEADER_SIZE + expected}",
+                                     corrupt=True)
+        magic, version, algo, length, checksum, tag = _HEADER.unpack(header)
+        if magic != _MAGIC or version != _VERSION or length != expected:
+            return self._read_failed(key, "bad header", corrupt=True)
+        if tag != self._key_tag(key, order):
+            return self._read_failed(key, "key tag mismatch (other namespace or byte order)",
+                                     corrupt=True)
+        if algo == _ALGO_XXH3 and xxhash is None or algo not in (_ALGO_CRC32, _ALGO_XXH3):
+            return self._read_failed(key, f"checksum algorithm {algo} unavailable")
+        if _digest(algo, views) != checksum:
+            return self._read_failed(key, "checksum mismatch", corrupt=True)
+        self._remember(key)
+        self.counters["get_hits"] += 1
+        return True
+
+    def _read_failed(self, key: str, why: str, corrupt: bool = False) -> bool:
+        self._known.pop(key, None)
+        self.counters["corrupt" if corrupt else "io_errors"] += 1
+        self.counters["get_misses"] += 1
+        logger.warning("juicefs backend: page %s is a miss: %s", key, why)
+        if corrupt and self.is_writer:
+            # Pages are write-once, so a bad file stays bad: drop it so a later backup can
+            # publish the key again (at worst this drops a good page a racing writer just
+            # published, which is a miss, never bad data).
+            try:
+                os.unlink(self._path(key))
+            except OSError:
+                pass
+        return False
+
+    def _write_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Publish one page write-once; True when the key holds a valid page afterwards."""
+        if self._known_present(key):
+            self.counters["set_existing"] += 1
+            return True
+        path = self._path(key)
+        try:
+            if os.path.exists(path):
+                self._remember(key)
+                self.counters["set_existing"] += 1
+                return True
+        except OSError:
+            pass
+        size = sum(v.nbytes for v in views)
+        if not self._reserve(HEADER_SIZE + size):
+            return False
+        header = _HEADER.pack(_MAGIC, _VERSION, self.algo, size, _digest(self.algo, views),
+                              self._key_tag(key, order))
+        try:
+            outcome = self._publish_views(path, [memoryview(header), *views])
+        except OSError as e:
+            outcome = None
+            logger.warning("juicefs backend: writing page %s failed: %s", key, e)
+        if outcome is None:
+            self._release(HEADER_SIZE + size)
+            self.counters["set_errors"] += 1
+            return False
+        if outcome == "exists":
+            self._release(HEADER_SIZE + size)
+            self.counters["set_existing"] += 1
+        else:
+            self.counters["set_pages"] += 1
+        self._remember(key)
+        return True
+
+    def _publish_views(self, path: str, views: Sequence[memoryview]) -> str:
+        """Write ``views`` to a temporary file next to ``path`` and move it into place
+        without replacing an existing file. Returns "new", "exists", or raises OSError."""
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}."
+                                      f"{os.getpid()}.{uuid.uuid4().hex[:12]}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # first page in this shard (or namespace) on this volume
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
+        try:
+            try:
+                total = sum(v.nbytes for v in views)
+                if _pwritev_all(fd, views, 0) != total:
+                    raise OSError(errno.EIO, "short write")
+                if self.options.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)  # JuiceFS reports upload/flush errors here
+            return self._move_into_place(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _move_into_place(self, tmp: str, path: str) -> str:
+        if self._publish == "renameat2":
+            if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path),
+                          _RENAME_NOREPLACE) == 0:
+                return "new"
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                os.unlink(tmp)
+                return "exists"
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise OSError(err, os.strerror(err), path)
+            logger.info("juicefs backend: RENAME_NOREPLACE unsupported here; using link+unlink")
+            self._publish = "link"
+        if self._publish == "link":
+            try:
+                os.link(tmp, path)
+                os.unlink(tmp)
+                return "new"
+            except FileExistsError:
+                os.unlink(tmp)
+                return "exists"
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                logger.warning("juicefs backend: hard links unsupported here; publishing with "
+                               "os.replace (a concurrent writer may replace an equal page)")
+                self._publish = "replace"
+        os.replace(tmp, path)
+        return "new"
+
+    def _publish_bytes(self, path: str, data: bytes) -> None:
+        try:
+            if not os.path.exists(path):
+                self._publish_views(path, [memoryview(data)])
+        except OSError as e:
+            logger.warning("juicefs backend: could not write %s: %s", path, e)
+
+    # ---------------------------------------------------------------- capacity
+
+    def _reserve(self, nbytes: int) -> bool:
+        cap = self.options.capacity_bytes
+        with self._lock:
+            if cap is not None and self.used_bytes + nbytes > cap:
+                self.counters["set_refused"] += 1
+                if not self._capacity_logged:
+                    self._capacity_logged = True
+                    logger.warning("juicefs backend: namespace %s is full (capacity %d bytes); "
+                                   "refusing new pages", self.namespace, cap)
+                return False
+            self.used_bytes += nbytes
+            return True
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used_bytes -= nbytes
+
+    def _scan_namespace(self) -> None:
+        """Count published bytes (for capacity) and sweep temporaries left by killed writers."""
+        ns_dir, total, now = self.ns_dir, 0, time.time()
+        try:
+            shards = os.listdir(ns_dir)
+        except OSError:
+            return
+        for shard in shards:
+            directory = os.path.join(ns_dir, shard)
+            try:
+                with os.scandir(directory) as it:
+                    for entry in it:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                            if entry.name.startswith(TMP_PREFIX):
+                                if now - st.st_mtime > self.options.stale_tmp_age:
+                                    os.unlink(entry.path)
+                            elif entry.name.endswith(PAGE_SUFFIX):
+                                total += st.st_size
+                        except OSError:
+                            continue
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            except OSError:
+                return
+        with self._lock:
+            if self.ns_dir == ns_dir:
+                self.used_bytes += total
+
+    # ---------------------------------------------------------------- v1 (zero-copy)
+
+    def _page_views(self, host_indices: torch.Tensor, n: int) -> List[List[memoryview]]:
+        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
+        per = len(ptrs) // n if n else 0
+        if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
+            raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
+        views = [_raw_view(p, s) for p, s in zip(ptrs, sizes)]
+        pages = [views[i * per:(i + 1) * per] for i in range(n)]
+        if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
+            raise ValueError("page regions do not add up to the registered page size")
+        return pages
+
+    def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
+        if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
+            logger.error("juicefs backend: %s got %s host indices for %d pages of %d tokens",
+                         op, None if host_indices is None else host_indices.numel(),
+                         len(keys), self.page_size)
+            return False
+        return True
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        if not keys:
+            return []
+        if not self._ready() or not self._check_batch("batch_get_v1", keys, host_indices):
+            return [False] * len(keys)
+        start = time.perf_counter()
+        try:
+            if self._meta_regions:
+                pages = self._page_views(host_indices.cpu(), len(keys))
+                results = list(self._executor.map(
+                    lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)))
+            else:
+                results = list(self._executor.map(
+                    lambda i: self._get_flat_into_pool(keys[i], int(host_indices[i * self.page_size])),
+                    range(len(keys))))
+        except Exception as e:  # never raise into the prefetch thread
+            logger.error("juicefs backend: batch_get_v1 failed: %s", e)
+            return [False] * len(keys)
+        self._record("prefetch", sum(results), start)
+        return results
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        if not keys:
+            return []
+        if not self.is_writer:  # MLA: another rank writes the shared copy
+            return [True] * len(keys)
+        if not self._ready() or not self._check_batch("batch_set_v1", keys, host_indices):
+            return [False] * len(keys)
+        start = time.perf_counter()
+        try:
+            if self._meta_regions:
+                pages = self._page_views(host_indices.cpu(), len(keys))
+                results = list(self._executor.map(
+                    lambda kv: self._write_page(kv[0], kv[1], self.v1_order), zip(keys, pages)))
+            else:
+                results = list(self._executor.map(
+                    lambda i: self._set_flat(keys[i], self.mem_pool_host.get_data_page(
+                        int(host_indices[i * self.page_size]), flat=True), self.v1_order),
+                    range(len(keys))))
+        except Exception as e:
+            logger.error("juicefs backend: batch_set_v1 failed: %s", e)
+            return [False] * len(keys)
+        self._record("backup", sum(results), start)
+        return results
+
+    def _get_flat_into_pool(self, key: str, index: int) -> bool:
+        dtype, numel = self._flat_template
+        scratch = torch.empty(numel, dtype=dtype)
+        if not self._read_page(key, [_tensor_bytes(scratch)], self.v1_order):
+            return False
+        self.mem_pool_host.set_from_flat_data_page(index, scratch)
+        return True
+
+    # ---------------------------------------------------------------- legacy interface
+
+    def _set_flat(self, key: str, value: torch.Tensor, order: str) -> bool:
+        try:
+            data = value.detach().reshape(-1).contiguous().cpu()
+        except Exception as e:
+            logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
+            return False
+        if data.numel() * data.element_size() != self.flat_bytes:
+            logger.error("juicefs backend: page %s has %d bytes, expected %s", key,
+                         data.numel() * data.element_size(), self.flat_bytes)
+            return False
+        return self._write_page(key, [_tensor_bytes(data)], order)
+
+    def get(self, key: str, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+        if not self._ready() or self.flat_bytes is None:
+            return None
+        try:
+            if target_location is None:
+                dtype, numel = self._flat_template
+                target_location = torch.empty(numel, dtype=dtype)
+            out = target_location
+            direct = out.device.type == "cpu" and out.is_contiguous()
+            buf = out if direct else torch.empty(out.numel(), dtype=out.dtype)
+            if buf.numel() * buf.element_size() != self.flat_bytes:
+                logger.error("juicefs backend: get(%s) target holds %d bytes, expected %d", key,
+                             buf.numel() * buf.element_size(), self.flat_bytes)
+                return None
+            if not self._read_page(key, [_tensor_bytes(buf.reshape(-1))], self.flat_order):
+                return None
+            if not direct:
+                out.copy_(buf.view(out.shape))
+            return out
+        except Exception as e:
+            logger.error("juicefs backend: get(%s) failed: %s", key, e)
+            return None
+
+    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+        targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+        if not keys or not self._ready():
+            return [None] * len(keys)
+        start = time.perf_counter()
+        results = list(self._executor.map(lambda kt: self.get(kt[0], kt[1]), zip(keys, targets)))
+        self._record("prefetch", sum(r is not None for r in results), start)
+        return results
+
+    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> bool:
+        if not self.is_writer:
+            return True
+        if value is None or not self._ready() or self.flat_bytes is None:
+            return False
+        return self._set_flat(key, value, self.flat_order)
+
+    def batch_set(self, keys: List[str], values: Optional[Any] = None,
+                  target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> bool:
+        if not keys:
+            return True
+        if values is None or len(values) != len(keys):
+            return False
+        if not self.is_writer:
+            return True
+        if not self._ready():
+            return False
+        start = time.perf_counter()
+        results = list(self._executor.map(lambda kv: self.set(kv[0], kv[1]), zip(keys, values)))
+        self._record("backup", sum(results), start)
+        return all(results)
+
+    # ---------------------------------------------------------------- lookups
+
+    def _exists_one(self, key: str) -> bool:
+        if self._known_present(key):
+            return True
+        try:
+            st = os.stat(self._path(key))
+        except OSError:
+            self._known.pop(key, None)
+            return False
+        # A file of the wrong size can never verify: report it absent right away.
+        if st.st_size not in (HEADER_SIZE + self.page_bytes, HEADER_SIZE + (self.flat_bytes or 0)):
+            return False
+        self._remember(key)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._ready() and self._exists_one(key)
+
+    def batch_exists(self, keys: List[str],
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+        """Number of consecutive present pages from the start of ``keys``."""
+        if not keys or not self._ready():
+            return 0
+        try:
+            found = self._executor.map(self._exists_one, keys)
+            return next((i for i, ok in enumerate(found) if not ok), len(keys))
+        except Exception as e:
+            logger.error("juicefs backend: batch_exists failed: %s", e)
+            return 0
+
+    # ---------------------------------------------------------------- maintenance
+
+    def clear(self) -> bool:
+        """Delete every page (and temporary) of this backend's namespace; other namespaces stay."""
+        if self.ns_dir is None or not self._volume_ok():
+            return False
+        ok = True
+        try:
+            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir)
+                      if len(s) == 2]
+        except OSError as e:
+            logger.error("juicefs backend: clear failed: %s", e)
+            return False
+
+        def wipe(directory: str) -> bool:
+            good = True
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                return False
+            for name in names:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    good = False
+            return good
+
+        ok = all(self._executor.map(wipe, shards))
+        with self._lock:
+            self.used_bytes = 0
+            self._capacity_logged = False
+        self._known.clear()
+        logger.info("juicefs backend: cleared namespace %s", self.ns_dir)
+        return ok
+
+    def _record(self, kind: str, n: int, start: float) -> None:
+        # Only when SGLang collects them: nobody would drain the lists otherwise.
+        if not self.storage_config.enable_storage_metrics or n == 0:
+            return
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        with self._lock:
+            getattr(self._metrics, f"{kind}_pgs").append(n)
+            # GB/s, the unit of SGLang's bandwidth histograms.
+            getattr(self._metrics, f"{kind}_bandwidth").append(n * self.page_bytes / elapsed / 1e9)
+
+    def get_stats(self) -> StorageMetrics:
+        with self._lock:
+            metrics, self._metrics = self._metrics, StorageMetrics()
+        return metrics
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+
+
+__all__ = ["JuiceFSStorage", "JuiceFSOptions", "BACKEND_NAME", "HEADER_SIZE"]

@@ -1,0 +1,120 @@
+"""Byte layout of one quantized host page row (the unit backups, loads and storage
+backends move).
+
+A row holds one page of ``page_size`` tokens for every layer of the pool::
+
+    [page header, 64 B][layer 0 K blob][layer 0 V blob][layer 1 K blob] ... [zero pad]
+
+* Each blob is a complete ``kvtuner_quant`` blob (its own 64-byte header naming
+  bits, symmetry, axis, group size, dtype and shape, then codes and metadata) for
+  ``[page_size, head_num, head_dim]`` of that layer, with that layer's bits. Blobs
+  start on 64-byte boundaries.
+* The page header names the page format version and the config digest (the first
+  16 bytes of SHA-256 of :meth:`LayerPlan.tag`), so a page written under another
+  quantization config, model geometry or dtype is refused before any byte of it is
+  decoded (``set_from_flat_data_page`` and :meth:`PageLayout.check_header`). The
+  blob headers are checked again by ``dequantize_pages`` on every load.
+* The row length is padded to a multiple of 64 and of ``page_size`` so that
+  ``get_size_per_token()`` (row bytes / page size) is an exact integer.
+
+Page header fields (little-endian): magic ``b"KVTPAGE1"`` (8), format version u16,
+header size u16 (64), layer count u32, page size u32, row bytes u64, config digest
+(16 bytes), zero padding to 64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import List, Tuple
+
+PAGE_MAGIC = b"KVTPAGE1"
+PAGE_FORMAT_VERSION = 1
+PAGE_HEADER_NBYTES = 64
+BLOB_ALIGN = 64
+_HEADER_STRUCT = struct.Struct("<8sHHIIQ16s")
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class PageLayout:
+    """Offsets of every blob inside a row, computed once per pool from the plan."""
+
+    def __init__(self, plan, packed_nbytes) -> None:
+        """``packed_nbytes(tokens, heads, head_dim, *, dtype, bits, asym, axis,
+        group_size)`` is kvtuner_quant's size function (injected so this module has no
+        import-time dependency on the extension)."""
+        self.plan = plan
+        cfg = plan.cfg
+        self.k_offsets: List[int] = []
+        self.v_offsets: List[int] = []
+        self.k_nbytes: List[int] = []
+        self.v_nbytes: List[int] = []
+        off = PAGE_HEADER_NBYTES
+        for k_bits, v_bits in plan.layer_bits:
+            for bits, axis, offs, sizes in (
+                (k_bits, cfg.axis_key, self.k_offsets, self.k_nbytes),
+                (v_bits, cfg.axis_value, self.v_offsets, self.v_nbytes),
+            ):
+                n = int(
+                    packed_nbytes(
+                        plan.page_size,
+                        plan.head_num,
+                        plan.head_dim,
+                        dtype=plan.dtype_name,
+                        bits=bits,
+                        asym=cfg.asym,
+                        axis=axis,
+                        group_size=cfg.group_size,
+                        residual_length=0,
+                    )
+                )
+                offs.append(off)
+                sizes.append(n)
+                off = _round_up(off + n, BLOB_ALIGN)
+        self.payload_nbytes = off
+        self.row_nbytes = _round_up(off, math.lcm(BLOB_ALIGN, plan.page_size))
+        self.tag = plan.tag()
+        self.digest = hashlib.sha256(self.tag.encode()).digest()[:16]
+        self.header = _HEADER_STRUCT.pack(
+            PAGE_MAGIC,
+            PAGE_FORMAT_VERSION,
+            PAGE_HEADER_NBYTES,
+            len(plan.layer_bits),
+            plan.page_size,
+            self.row_nbytes,
+            self.digest,
+        ).ljust(PAGE_HEADER_NBYTES, b"\0")
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.row_nbytes // self.plan.page_size
+
+    def blob(self, layer: int, is_value: bool) -> Tuple[int, int]:
+        """(offset, nbytes) of one layer's K or V blob inside the row."""
+        if is_value:
+            return self.v_offsets[layer], self.v_nbytes[layer]
+        return self.k_offsets[layer], self.k_nbytes[layer]
+
+    def header_mismatch(self, got: bytes) -> str | None:
+        """None when ``got`` (a row's first 64 bytes) is this layout's header, else
+        a message naming the first differing field."""
+        if got == self.header:
+            return None
+        if len(got) < PAGE_HEADER_NBYTES:
+            return f"page holds {len(got)} bytes, less than the {PAGE_HEADER_NBYTES}-byte header"
+        fields = ("magic", "version", "header size", "layers", "page size", "row bytes", "config digest")
+        want = _HEADER_STRUCT.unpack_from(self.header)
+        have = _HEADER_STRUCT.unpack_from(bytes(got[:PAGE_HEADER_NBYTES]))
+        for name, w, h in zip(fields, want, have):
+            if w != h:
+                if name == "config digest":
+                    return (
+                        "written under another quantization config (config digest "
+                        f"{h.hex()} != {w.hex()} of {self.tag})"
+                    )
+                return f"{name}: expected {w!r}, got {h!r}"
+        return "padding after the header is not zero"

@@ -1,0 +1,59 @@
+//! The rayon pool every public entry point runs in, with a knob for its size.
+
+use crate::format::{QuantError, Result};
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::{Arc, Mutex};
+
+static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
+
+/// Environment variable read on first use: the default thread count.
+pub const THREADS_ENV: &str = "KVTUNER_QUANT_THREADS";
+
+fn default_threads() -> usize {
+    // An unparsable or zero value falls back to the core count rather than failing every call.
+    std::env::var(THREADS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn build(n: usize) -> Result<Arc<ThreadPool>> {
+    ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("kvtuner-quant-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| QuantError::value(format!("could not start {n} threads: {e}")))
+}
+
+fn pool() -> Arc<ThreadPool> {
+    let mut g = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = g.as_ref() {
+        return p.clone();
+    }
+    let p = build(default_threads())
+        .or_else(|_| build(1))
+        .expect("a one-thread rayon pool can always be built");
+    *g = Some(p.clone());
+    p
+}
+
+/// Sets the number of worker threads (>= 1) used by later calls.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if n == 0 || n > 4096 {
+        return Err(QuantError::value(format!("n must be in 1..=4096 threads, got {n}")));
+    }
+    let p = build(n)?;
+    *POOL.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    Ok(())
+}
+
+pub fn get_num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Runs `f` inside the pool so its `par_iter`s use the configured thread count.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}

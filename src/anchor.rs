@@ -1,0 +1,637 @@
+//! Anchors: turning a [`Patch`] into edits on a concrete tree, and telling whether it is
+//! already there.
+//!
+//! Every anchor must match exactly once. Zero or several matches is [`Drift`]: the error
+//! names the patch, the file (or folder searched), what was looked for and how many matches
+//! were found, so a user of a newer SGLang learns at once what moved. Indentation of an
+//! inserted block is taken from the anchor it goes next to.
+
+use crate::edit::Edit;
+use crate::group::{BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
+use crate::marker;
+use crate::sources::Sources;
+use crate::syntax::{self, PyFile};
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+use std::fmt;
+use tree_sitter::Node;
+
+/// An anchor that did not match exactly once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    /// `group/patch`.
+    pub patch: String,
+    /// File (or folder searched) where the anchor was looked for.
+    pub file: String,
+    pub looked_for: String,
+    pub matches: usize,
+    /// Where the matches were, when there were several.
+    pub locations: Vec<String>,
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: looked for {}: found {} match{} (expected exactly 1)",
+            self.patch,
+            self.file,
+            self.looked_for,
+            self.matches,
+            if self.matches == 1 { "" } else { "es" }
+        )?;
+        if !self.locations.is_empty() {
+            write!(f, " at {}", self.locations.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Drift {}
+
+fn drift(
+    patch: &str,
+    file: &str,
+    looked_for: String,
+    matches: usize,
+    locations: Vec<String>,
+) -> anyhow::Error {
+    anyhow::Error::new(Drift {
+        patch: patch.to_string(),
+        file: file.to_string(),
+        looked_for,
+        matches,
+        locations,
+    })
+}
+
+/// What one patch changes.
+#[derive(Debug, Clone)]
+pub enum Planned {
+    Edits { rel: String, edits: Vec<Edit> },
+    Create { rel: String, text: String },
+}
+
+/// Whether one patch is in the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum PatchState {
+    Applied,
+    NotApplied,
+    Drifted(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolving anchors
+// ---------------------------------------------------------------------------------------------
+
+/// The file holding the one `class NAME` below `c.under` (loaded into `src`).
+fn resolve_class(src: &mut Sources, tag: &str, c: ClassRef) -> Result<String> {
+    let needle = format!("class {}", c.name);
+    let candidates = src.files_containing(c.under, &needle)?;
+    let mut locations = Vec::new();
+    for rel in &candidates {
+        let file = src.load(rel)?.expect("listed files exist");
+        for node in syntax::classes(file, c.name) {
+            locations.push(format!("{rel}:{}", node.start_position().row + 1));
+        }
+    }
+    if locations.len() != 1 {
+        let n = locations.len();
+        return Err(drift(
+            tag,
+            &format!("{}/", c.under),
+            format!("class `{}`", c.name),
+            n,
+            locations,
+        ));
+    }
+    let rel = locations[0]
+        .rsplit_once(':')
+        .expect("rel:line")
+        .0
+        .to_string();
+    Ok(rel)
+}
+
+fn the_class<'t>(file: &'t PyFile, name: &str) -> Node<'t> {
+    syntax::classes(file, name)[0]
+}
+
+fn exactly_one<'t>(
+    tag: &str,
+    file: &PyFile,
+    what: impl FnOnce() -> String,
+    nodes: Vec<Node<'t>>,
+) -> Result<Node<'t>> {
+    if nodes.len() == 1 {
+        return Ok(nodes[0]);
+    }
+    let locations = if nodes.len() > 1 {
+        nodes
+            .iter()
+            .map(|n| format!("line {}", n.start_position().row + 1))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Err(drift(tag, &file.rel, what(), nodes.len(), locations))
+}
+
+fn load_required<'s>(src: &'s mut Sources, tag: &str, rel: &str, what: &str) -> Result<&'s PyFile> {
+    match src.load(rel)? {
+        Some(f) => Ok(f),
+        None => Err(drift(
+            tag,
+            rel,
+            format!("file holding {what}"),
+            0,
+            Vec::new(),
+        )),
+    }
+}
+
+/// The statement (child of a module or block) that contains `node`.
+fn enclosing_statement(node: Node) -> Node {
+    let mut n = node;
+    while let Some(p) = n.parent() {
+        if matches!(p.kind(), "module" | "block") {
+            return n;
+        }
+        n = p;
+    }
+    n
+}
+
+fn class_anchor(
+    file: &PyFile,
+    tag: &str,
+    class: Node,
+    c: ClassRef,
+    at: BodyAt,
+) -> Result<(usize, String)> {
+    let stmts = syntax::body_statements(class);
+    let Some(first) = stmts.first() else {
+        bail!("{}: class `{}` has an empty body", file.rel, c.name);
+    };
+    let indent = syntax::indent_at(&file.src, first.start_byte()).to_string();
+    let after = match at {
+        BodyAt::End => *stmts.last().expect("non-empty"),
+        BodyAt::AfterField(name) => exactly_one(
+            tag,
+            file,
+            || format!("field `{name}` in class `{}`", c.name),
+            syntax::fields(file, class, name),
+        )?,
+        BodyAt::AfterMethod(name) => exactly_one(
+            tag,
+            file,
+            || format!("method `{name}` in class `{}`", c.name),
+            syntax::methods(file, class, name),
+        )?,
+    };
+    Ok((syntax::line_end(&file.src, after.end_byte()), indent))
+}
+
+fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usize)> {
+    match f {
+        FnRef::Module { file, name } => {
+            let pf = load_required(src, tag, file, &format!("function `{name}`"))?;
+            let node = exactly_one(
+                tag,
+                pf,
+                || format!("function `{name}`"),
+                syntax::functions(pf, name),
+            )?;
+            Ok((file.to_string(), node.start_byte()))
+        }
+        FnRef::Method { class, name } => {
+            let rel = resolve_class(src, tag, class)?;
+            let pf = src.get(&rel).expect("loaded");
+            let cls = the_class(pf, class.name);
+            let node = exactly_one(
+                tag,
+                pf,
+                || format!("method `{name}` in class `{}`", class.name),
+                syntax::methods(pf, cls, name),
+            )?;
+            Ok((rel, node.start_byte()))
+        }
+    }
+}
+
+/// Find the function again from its start byte (nodes cannot outlive the borrow of `src`).
+fn node_at<'t>(file: &'t PyFile, start: usize, kinds: &[&str]) -> Node<'t> {
+    let mut n = file
+        .root()
+        .descendant_for_byte_range(start, start)
+        .expect("in range");
+    while !kinds.contains(&n.kind()) {
+        n = n.parent().expect("found by this kind before");
+    }
+    n
+}
+
+fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)> {
+    match l {
+        ListRef::FieldKeyword {
+            class,
+            field,
+            keyword,
+        } => {
+            let rel = resolve_class(src, tag, class)?;
+            let pf = src.get(&rel).expect("loaded");
+            let cls = the_class(pf, class.name);
+            let decl = exactly_one(
+                tag,
+                pf,
+                || format!("field `{field}` in class `{}`", class.name),
+                syntax::fields(pf, cls, field),
+            )?;
+            let list = exactly_one(
+                tag,
+                pf,
+                || format!("`{keyword}=[...]` list in field `{field}`"),
+                syntax::keyword_values(pf, decl, keyword)
+                    .into_iter()
+                    .filter(|v| v.kind() == "list")
+                    .collect(),
+            )?;
+            Ok((rel, list.start_byte()))
+        }
+        ListRef::CallKeyword {
+            file,
+            callee,
+            first_arg,
+            keyword,
+        } => {
+            let pf = load_required(src, tag, file, &format!("`{callee}(\"{first_arg}\", ...)`"))?;
+            let call = exactly_one(
+                tag,
+                pf,
+                || format!("call `{callee}(\"{first_arg}\", ...)`"),
+                syntax::calls(pf, pf.root(), callee, Some(first_arg)),
+            )?;
+            let list = exactly_one(
+                tag,
+                pf,
+                || format!("`{keyword}=[...]` list in `{callee}(\"{first_arg}\", ...)`"),
+                syntax::keyword_values(pf, call, keyword)
+                    .into_iter()
+                    .filter(|v| v.kind() == "list")
+                    .collect(),
+            )?;
+            Ok((file.to_string(), list.start_byte()))
+        }
+    }
+}
+
+fn chain_node<'t>(
+    tag: &str,
+    pf: &'t PyFile,
+    func_start: usize,
+    chain_has: &str,
+) -> Result<Node<'t>> {
+    let func = node_at(
+        pf,
+        func_start,
+        &["function_definition", "decorated_definition"],
+    );
+    exactly_one(
+        tag,
+        pf,
+        || format!("if/elif chain mentioning `{chain_has}`"),
+        syntax::if_chains(pf, func, chain_has),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snippets
+// ---------------------------------------------------------------------------------------------
+
+/// Unindented lines of a snippet (each ending in `\n`) and the names its statements bind.
+fn snippet_lines(s: Snippet) -> Result<(String, Vec<String>)> {
+    match s {
+        Snippet::Text(t) => Ok((dedent(t.trim_matches('\n')), Vec::new())),
+        Snippet::ClassBodyOf {
+            source,
+            source_path,
+            class,
+        } => {
+            let pf = PyFile::parse(source_path, source.to_string())?;
+            if let Some(e) = pf.syntax_error() {
+                bail!("embedded patch {source_path} does not parse: {e}");
+            }
+            let cls = syntax::classes(&pf, class);
+            let [cls] = cls[..] else {
+                bail!("embedded patch {source_path}: expected one class `{class}`")
+            };
+            let mut stmts = syntax::body_statements(cls);
+            let is_docstring = |n: &Node| {
+                n.kind() == "expression_statement"
+                    && n.named_child(0).is_some_and(|c| c.kind() == "string")
+            };
+            let start = match stmts.first() {
+                Some(first) if is_docstring(first) => {
+                    let end = syntax::line_end(&pf.src, first.end_byte());
+                    stmts.remove(0);
+                    end
+                }
+                Some(first) => syntax::line_start(&pf.src, first.start_byte()),
+                None => bail!("embedded patch {source_path}: class `{class}` is empty"),
+            };
+            let last = stmts.last().ok_or_else(|| {
+                anyhow!("embedded patch {source_path}: `{class}` has only a docstring")
+            })?;
+            let end = syntax::line_end(&pf.src, last.end_byte());
+            let names = stmts
+                .iter()
+                .filter_map(|n| syntax::statement_binds(&pf, *n))
+                .collect();
+            Ok((dedent(pf.src[start..end].trim_start_matches('\n')), names))
+        }
+    }
+}
+
+/// Remove the common leading whitespace; blank lines become empty; ends with `\n`.
+fn dedent(text: &str) -> String {
+    let common = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for l in text.lines() {
+        if !l.trim().is_empty() {
+            out.push_str(&l[common..]);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Prefix every non-blank line with `indent`.
+fn indent_lines(text: &str, indent: &str) -> String {
+    text.split_inclusive('\n')
+        .map(|l| {
+            if l.trim().is_empty() {
+                l.to_string()
+            } else {
+                format!("{indent}{l}")
+            }
+        })
+        .collect()
+}
+
+/// Text inserted at `pos`; adds the missing newline when inserting at the end of a file
+/// that does not end with one.
+fn insertion(src: &str, pos: usize, text: String) -> Edit {
+    if pos == src.len() && !src.is_empty() && !src.ends_with('\n') {
+        Edit::insert(pos, format!("\n{text}"))
+    } else {
+        Edit::insert(pos, text)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planning
+// ---------------------------------------------------------------------------------------------
+
+/// The edits (or new file) that apply `patch` to the tree as it is now.
+pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> {
+    let tag = group.tag(patch);
+    let tag = tag.as_str();
+    match patch.kind {
+        PatchKind::InjectFile { dest, source } => Ok(Planned::Create {
+            rel: dest.to_string(),
+            text: format!("{}{source}", marker::file_header(tag, source)),
+        }),
+        PatchKind::ClassBody {
+            class,
+            at,
+            block,
+            needs,
+        } => {
+            let rel = resolve_class(src, tag, class)?;
+            let pf = src.get(&rel).expect("loaded");
+            for name in needs {
+                if !syntax::module_binds(pf, name) {
+                    return Err(drift(
+                        tag,
+                        &rel,
+                        format!("module-level import or definition of `{name}`"),
+                        0,
+                        vec![],
+                    ));
+                }
+            }
+            let cls = the_class(pf, class.name);
+            let (pos, indent) = class_anchor(pf, tag, cls, class, at)?;
+            let (lines, _) = snippet_lines(block)?;
+            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
+            Ok(Planned::Edits {
+                rel,
+                edits: vec![insertion(&pf.src, pos, text)],
+            })
+        }
+        PatchKind::AfterCall {
+            file,
+            callee,
+            first_arg,
+            block,
+        } => {
+            let what = format!(
+                "call `{callee}({})`",
+                first_arg
+                    .map(|a| format!("\"{a}\", ..."))
+                    .unwrap_or("...".into())
+            );
+            let pf = load_required(src, tag, file, &what)?;
+            let call = exactly_one(
+                tag,
+                pf,
+                || what.clone(),
+                syntax::calls(pf, pf.root(), callee, first_arg),
+            )?;
+            let stmt = enclosing_statement(call);
+            let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
+            let (lines, _) = snippet_lines(block)?;
+            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
+            let pos = syntax::line_end(&pf.src, stmt.end_byte());
+            Ok(Planned::Edits {
+                rel: file.to_string(),
+                edits: vec![insertion(&pf.src, pos, text)],
+            })
+        }
+        PatchKind::ListItem { list, item } => {
+            let (rel, start) = list_node(src, tag, list)?;
+            let pf = src.get(&rel).expect("loaded");
+            let list = node_at(pf, start, &["list"]);
+            if list.start_position().row == list.end_position().row {
+                bail!(
+                    "{tag}: {rel}:{}: list is on one line; only multi-line lists are supported",
+                    list.start_position().row + 1
+                );
+            }
+            let mut cursor = list.walk();
+            let items: Vec<Node> = list
+                .named_children(&mut cursor)
+                .filter(|n| n.kind() != "comment")
+                .collect();
+            let Some(last) = items.last() else {
+                bail!("{tag}: {rel}: list is empty; nothing to take indentation from")
+            };
+            let indent = syntax::indent_at(&pf.src, last.start_byte()).to_string();
+            let mut edits = Vec::new();
+            // A trailing comma is needed before our item unless the list already has one.
+            let after_last = pf.src[last.end_byte()..list.end_byte()].trim_start();
+            if !after_last.starts_with(',') {
+                edits.push(Edit::insert(last.end_byte(), ","));
+            }
+            let close = list.end_byte() - 1;
+            if !pf.src[syntax::line_start(&pf.src, close)..close]
+                .trim()
+                .is_empty()
+            {
+                bail!("{tag}: {rel}: the closing `]` of the list shares a line with an item; not supported");
+            }
+            let text = marker::wrap(&indent, tag, &format!("{indent}{item},\n"));
+            edits.push(Edit::insert(syntax::line_start(&pf.src, close), text));
+            Ok(Planned::Edits { rel, edits })
+        }
+        PatchKind::ElifBranch {
+            function,
+            chain_has,
+            condition,
+            body,
+        } => {
+            let (rel, func_start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let chain = chain_node(tag, pf, func_start, chain_has)?;
+            let indent = syntax::indent_at(&pf.src, chain.start_byte()).to_string();
+            let inner = chain
+                .child_by_field_name("consequence")
+                .and_then(|b| b.named_child(0))
+                .map(|s| syntax::indent_at(&pf.src, s.start_byte()).to_string())
+                .unwrap_or_else(|| format!("{indent}    "));
+            let (lines, _) = snippet_lines(body)?;
+            let clause = format!(
+                "{indent}elif {condition}:\n{}",
+                indent_lines(&lines, &inner)
+            );
+            let text = marker::wrap(&indent, tag, &clause);
+            let mut cursor = chain.walk();
+            let else_clause = chain
+                .children_by_field_name("alternative", &mut cursor)
+                .find(|c| c.kind() == "else_clause");
+            let pos = match else_clause {
+                Some(e) => syntax::line_start(&pf.src, e.start_byte()),
+                None => syntax::line_end(&pf.src, chain.end_byte()),
+            };
+            Ok(Planned::Edits {
+                rel,
+                edits: vec![insertion(&pf.src, pos, text)],
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Detection
+// ---------------------------------------------------------------------------------------------
+
+/// Combine the code signal (how much of the injected code is there) with the marker signal.
+fn combine(tag: &str, rel: &str, present: usize, total: usize, file_text: &str) -> PatchState {
+    let blocks = match marker::find_blocks(file_text) {
+        Ok(b) => b.into_iter().filter(|b| b.tag == tag).collect::<Vec<_>>(),
+        Err(e) => return PatchState::Drifted(format!("{rel}: broken markers: {e}")),
+    };
+    let edited: Vec<String> = blocks
+        .iter()
+        .filter(|b| !b.intact())
+        .map(|b| format!("{rel}:{}", b.line))
+        .collect();
+    match (present, blocks.is_empty()) {
+        (0, true) => PatchState::NotApplied,
+        (p, false) if p == total && edited.is_empty() => PatchState::Applied,
+        (p, false) if p == total => PatchState::Drifted(format!(
+            "{tag}: injected block edited by hand (content hash differs from its marker) at {}",
+            edited.join(", ")
+        )),
+        (p, true) if p == total => PatchState::Drifted(format!(
+            "{tag}: {rel}: the code is present but without kvtuner-patch markers (added by hand, or upstream now has it)"
+        )),
+        (0, false) => PatchState::Drifted(format!("{tag}: {rel}: markers present but the injected code is missing")),
+        (p, _) => PatchState::Drifted(format!("{tag}: {rel}: only {p} of {total} injected definitions present")),
+    }
+}
+
+/// Whether `patch` is applied, with the package-relative file it lives in.
+pub fn detect(src: &mut Sources, group: &Group, patch: &Patch) -> Result<(PatchState, String)> {
+    let tag = group.tag(patch);
+    let tag = tag.as_str();
+    match patch.kind {
+        PatchKind::InjectFile { dest, .. } => {
+            let state = match src.text(dest)? {
+                None => PatchState::NotApplied,
+                Some(text) => match marker::check_file_header(tag, text) {
+                    Some(true) => PatchState::Applied,
+                    Some(false) => PatchState::Drifted(format!("{tag}: {dest}: injected file edited by hand (hash differs from its header)")),
+                    None => PatchState::Drifted(format!("{tag}: {dest}: exists but was not written by kvtuner-patch")),
+                },
+            };
+            Ok((state, dest.to_string()))
+        }
+        PatchKind::ClassBody { class, block, .. } => {
+            let rel = resolve_class(src, tag, class)?;
+            let pf = src.get(&rel).expect("loaded");
+            let cls = the_class(pf, class.name);
+            let have: Vec<String> = syntax::body_statements(cls)
+                .iter()
+                .filter_map(|s| syntax::statement_binds(pf, *s))
+                .collect();
+            let (_, names) = snippet_lines(block)?;
+            let present = names.iter().filter(|n| have.contains(n)).count();
+            Ok((combine(tag, &rel, present, names.len(), &pf.src), rel))
+        }
+        PatchKind::AfterCall { file, block, .. } => {
+            let (lines, _) = snippet_lines(block)?;
+            let text = src
+                .text(file)?
+                .ok_or_else(|| drift(tag, file, "file".into(), 0, vec![]))?;
+            let have: std::collections::HashSet<&str> = text.lines().map(str::trim).collect();
+            let want: Vec<&str> = lines
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let present = if want.iter().all(|l| have.contains(l)) {
+                1
+            } else {
+                0
+            };
+            Ok((combine(tag, file, present, 1, text), file.to_string()))
+        }
+        PatchKind::ListItem { list, item } => {
+            let (rel, start) = list_node(src, tag, list)?;
+            let pf = src.get(&rel).expect("loaded");
+            let list = node_at(pf, start, &["list"]);
+            let mut cursor = list.walk();
+            let present = list.named_children(&mut cursor).any(|n| pf.text(n) == item) as usize;
+            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
+        }
+        PatchKind::ElifBranch {
+            function,
+            chain_has,
+            condition,
+            ..
+        } => {
+            let (rel, func_start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let chain = chain_node(tag, pf, func_start, chain_has)?;
+            let present = syntax::chain_conditions(pf, chain).contains(&condition) as usize;
+            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Patch groups as plain data.
+//!
+//! A [`Group`] is a named, independently applicable set of [`Patch`]es (`kvtuner`,
+//! `hostpool`, `juicefs`). Each patch says *where* (an anchor found by structure, see
+//! `anchor.rs`) and *what* (a [`Snippet`], usually the body of a class in a real `.py` file
+//! under `patches/`, embedded with `include_str!`). Groups carry no logic: planning,
+//! detection and drift reporting are generic over [`PatchKind`], so adding a group means
+//! writing data (see `groups/mod.rs`).
+
+/// A class found by name in any `.py` file below `under` (a package-relative folder such as
+/// `sglang/srt`), so it is found again after upstream moves it between modules.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassRef {
+    pub name: &'static str,
+    pub under: &'static str,
+}
+
+/// Where in a class body a block goes.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyAt {
+    /// After the last statement of the body.
+    End,
+    /// After the field declaration `name: T = ...` / `name = ...`.
+    AfterField(&'static str),
+    /// After the method `def name(...)`.
+    AfterMethod(&'static str),
+}
+
+/// A list literal that receives an item.
+#[derive(Debug, Clone, Copy)]
+pub enum ListRef {
+    /// `keyword=[...]` inside the declaration of `field` in `class` (e.g. `Arg(choices=[...])`).
+    FieldKeyword {
+        class: ClassRef,
+        field: &'static str,
+        keyword: &'static str,
+    },
+    /// `keyword=[...]` in a call `callee("first_arg", ...)` in `file` (e.g. `add_argument`).
+    CallKeyword {
+        file: &'static str,
+        callee: &'static str,
+        first_arg: &'static str,
+        keyword: &'static str,
+    },
+}
+
+/// A function holding an if/elif chain.
+#[derive(Debug, Clone, Copy)]
+pub enum FnRef {
+    /// Module-level `def name` in `file`.
+    Module {
+        file: &'static str,
+        name: &'static str,
+    },
+    /// `def name` inside a class found by [`ClassRef`].
+    Method { class: ClassRef, name: &'static str },
+}
+
+/// Python text to inject.
+#[derive(Debug, Clone, Copy)]
+pub enum Snippet {
+    /// The body (docstring excluded) of `class` in `source`, a real `.py` file under `patches/`.
+    /// The file stays valid, importable Python; the engine lifts the statements out of it.
+    ClassBodyOf {
+        source: &'static str,
+        source_path: &'static str,
+        class: &'static str,
+    },
+    /// A few literal lines (for one-liners such as a `register_backend(...)` call).
+    Text(&'static str),
+}
+
+/// What a patch does.
+#[derive(Debug, Clone, Copy)]
+pub enum PatchKind {
+    /// Create a new file at `dest` (package-relative) holding `source` plus a header line.
+    InjectFile {
+        dest: &'static str,
+        source: &'static str,
+    },
+    /// Insert `block` into the body of `class`. `needs` are names the block uses that the
+    /// target module must already bind (checked as part of the anchor: a missing import is drift).
+    ClassBody {
+        class: ClassRef,
+        at: BodyAt,
+        block: Snippet,
+        needs: &'static [&'static str],
+    },
+    /// Insert `block` after the statement holding a call `callee("first_arg", ...)` in `file`.
+    AfterCall {
+        file: &'static str,
+        callee: &'static str,
+        first_arg: Option<&'static str>,
+        block: Snippet,
+    },
+    /// Add `item` (Python source, e.g. `"juicefs"`) to a multi-line list literal.
+    ListItem { list: ListRef, item: &'static str },
+    /// Add `elif condition:` + `body` to the if/elif chain in `function` whose conditions
+    /// mention `chain_has`, just before its `else:` (or after its last branch).
+    ElifBranch {
+        function: FnRef,
+        chain_has: &'static str,
+        condition: &'static str,
+        body: Snippet,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// Short id, unique in the group; `group/patch` is the marker tag.
+    pub id: &'static str,
+    /// One line for humans: what this patch adds.
+    pub what: &'static str,
+    pub kind: PatchKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub id: &'static str,
+    pub summary: &'static str,
+    pub patches: Vec<Patch>,
+}
+
+impl Group {
+    pub fn tag(&self, patch: &Patch) -> String {
+        format!("{}/{}", self.id, patch.id)
+    }
+}

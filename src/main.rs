@@ -1,0 +1,314 @@
+//! Command-line front door: parse arguments, call `ops`, print text or JSON, exit with the
+//! documented code.
+
+use clap::{Args, Parser, Subcommand};
+use kvtuner_patch::ops::{self, GroupState, GroupStatus};
+use kvtuner_patch::python::Python;
+use kvtuner_patch::refusal::{exit_code, Refusal, EXIT_DRIFT, EXIT_OK};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  done / clean (applied, verified, reverted, nothing to do)
+  1  not applied, drift (an anchor not found exactly once, a hand-edited block,
+     a file edited since apply) or differences (`diff` printed something)
+  2  error (bad arguments, unsupported SGLang release, a patched file that would
+     not parse or compile, I/O, Python interpreter missing)
+
+Typical session:
+  kvtuner-patch status --sglang-root ~/src/sglang       # what release, what is applied
+  kvtuner-patch diff   --sglang-root ~/src/sglang       # see the change first
+  kvtuner-patch apply  --sglang-root ~/src/sglang       # all groups, all-or-nothing
+  kvtuner-patch verify --sglang-root ~/src/sglang --python ~/venv/bin/python
+  kvtuner-patch revert --sglang-root ~/src/sglang       # back to the exact original bytes
+
+--sglang-root may be a git checkout (holding python/sglang), its python/ folder,
+or a folder holding an installed or unpacked `sglang/` package (site-packages).
+Nothing is ever half-written: every change is planned in memory, parsed and
+compiled, and only then written (temp file + rename). The manifest used by
+`revert` lives in sglang/.kvtuner-patch/.";
+
+/// Add KVTuner quantized HiCache support to an SGLang tree, check it, and take it out again.
+#[derive(Parser)]
+#[command(name = "kvtuner-patch", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Print a machine-readable JSON report on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Root {
+    /// SGLang tree: git checkout, its python/ folder, or a folder holding `sglang/`.
+    #[arg(long, value_name = "DIR", env = "KVTUNER_SGLANG_ROOT")]
+    sglang_root: PathBuf,
+}
+
+#[derive(Args)]
+struct Only {
+    /// Only this patch group (repeatable). Groups: kvtuner.
+    #[arg(long, value_name = "GROUP")]
+    only: Vec<String>,
+}
+
+#[derive(Args)]
+struct Interp {
+    /// Python interpreter used to compile patched files (default: $KVTUNER_PYTHON, then python3).
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply patch groups (all, or --only GROUP). A second apply changes nothing.
+    Apply {
+        #[command(flatten)]
+        root: Root,
+        #[command(flatten)]
+        only: Only,
+        /// Print the unified diff that apply would make, write nothing (exit 0).
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        python: Interp,
+    },
+    /// Print the unified diff `apply` would make (git `a/` `b/` headers; `git apply` accepts it).
+    /// Exit 1 if there is a difference, 0 if already applied.
+    Diff {
+        #[command(flatten)]
+        root: Root,
+        #[command(flatten)]
+        only: Only,
+        #[command(flatten)]
+        python: Interp,
+    },
+    /// Check every group is applied and intact and every touched file parses and compiles.
+    /// With --python, also that this interpreter can `import kvtuner_quant`.
+    Verify {
+        #[command(flatten)]
+        root: Root,
+        #[command(flatten)]
+        only: Only,
+        /// Interpreter to compile with and to check `import kvtuner_quant` in (e.g. your SGLang venv's python).
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
+    },
+    /// Restore the tree to its exact pre-apply bytes. Refuses, naming the file, if a patched
+    /// file was edited since apply.
+    Revert {
+        #[command(flatten)]
+        root: Root,
+        /// Restore the originals even over files edited since apply.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Per group: applied, not applied or drifted; the SGLang release and era; whether supported.
+    Status {
+        #[command(flatten)]
+        root: Root,
+        #[command(flatten)]
+        only: Only,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = exit_code(&err);
+            if json {
+                let problems = err
+                    .downcast_ref::<Refusal>()
+                    .map(|r| r.problems.clone())
+                    .unwrap_or_default();
+                let message = match err.downcast_ref::<Refusal>() {
+                    Some(r) => r.message.clone(),
+                    None => format!("{err:#}"),
+                };
+                print_json(
+                    &serde_json::json!({"ok": false, "exit_code": code, "error": message, "problems": problems}),
+                );
+            } else {
+                eprintln!("error: {err:#}");
+            }
+            code
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("reports serialise")
+    );
+}
+
+fn print_groups(groups: &[GroupStatus]) {
+    for g in groups {
+        let state = match g.state {
+            GroupState::Applied => "applied",
+            GroupState::NotApplied => "not applied",
+            GroupState::Drifted => "DRIFTED",
+        };
+        println!("  {:<10} {:<12} {}", g.id, state, g.summary);
+        for p in g.problems() {
+            println!("      - {p}");
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.json;
+    match cli.command {
+        Command::Status { root, only } => {
+            let (r, code) = ops::status(&root.sglang_root, &only.only)?;
+            if json {
+                print_json(
+                    &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
+                );
+            } else {
+                println!("SGLang tree: {}", r.tree.parent.display());
+                println!(
+                    "release:     {}{}",
+                    r.tree.version.as_deref().unwrap_or("unknown"),
+                    r.tree
+                        .version_source
+                        .as_deref()
+                        .map(|s| format!(" (from {s})"))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "era:         {}",
+                    r.tree.era.map(|e| e.describe()).unwrap_or("not recognised")
+                );
+                println!(
+                    "supported:   {} - {}",
+                    if r.support.supported { "yes" } else { "NO" },
+                    r.support.reason
+                );
+                println!("groups:");
+                print_groups(&r.groups);
+            }
+            Ok(code)
+        }
+        Command::Apply {
+            root,
+            only,
+            dry_run,
+            python,
+        } => {
+            let r = ops::apply(
+                &root.sglang_root,
+                &only.only,
+                &Python::pick(python.python),
+                !dry_run,
+            )?;
+            if json {
+                print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
+            } else if dry_run && r.applied.is_empty() {
+                eprintln!(
+                    "dry run: nothing to do, already applied [{}]",
+                    r.already_applied.join(", ")
+                );
+            } else if dry_run {
+                print!("{}", r.diff);
+                eprintln!(
+                    "dry run: would apply [{}] to {} file(s); nothing written",
+                    r.applied.join(", "),
+                    r.files.len()
+                );
+            } else if r.applied.is_empty() {
+                println!(
+                    "nothing to do: already applied [{}]",
+                    r.already_applied.join(", ")
+                );
+            } else {
+                println!("applied [{}]: {}", r.applied.join(", "), r.files.join(", "));
+                if !r.already_applied.is_empty() {
+                    println!("already applied: [{}]", r.already_applied.join(", "));
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Diff { root, only, python } => {
+            let r = ops::apply(
+                &root.sglang_root,
+                &only.only,
+                &Python::pick(python.python),
+                false,
+            )?;
+            let code = if r.diff.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_DRIFT
+            };
+            if json {
+                print_json(
+                    &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
+                );
+            } else {
+                print!("{}", r.diff);
+            }
+            Ok(code)
+        }
+        Command::Verify { root, only, python } => {
+            let check_import = python.is_some();
+            let (r, code) = ops::verify(
+                &root.sglang_root,
+                &only.only,
+                &Python::pick(python),
+                check_import,
+            )?;
+            if json {
+                print_json(&serde_json::json!({"ok": r.ok, "exit_code": code, "report": r}));
+            } else {
+                print_groups(&r.groups);
+                for f in &r.files {
+                    let ok = f.parses && f.compiles;
+                    println!("  {} {}", if ok { "ok " } else { "BAD" }, f.file);
+                }
+                if let Some(k) = &r.kvtuner_quant {
+                    println!(
+                        "  {} import kvtuner_quant with {}",
+                        if k.ok { "ok " } else { "BAD" },
+                        k.python
+                    );
+                }
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                for n in &r.notes {
+                    println!("note: {n}");
+                }
+                println!("{}", if r.ok { "verified" } else { "verify FAILED" });
+            }
+            Ok(code)
+        }
+        Command::Revert { root, force } => {
+            let r = ops::revert(&root.sglang_root, force)?;
+            if json {
+                print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
+            } else if r.nothing_to_do {
+                println!("nothing to revert");
+            } else {
+                for f in &r.restored {
+                    println!("restored {f}");
+                }
+                for f in &r.removed {
+                    println!("removed  {f}");
+                }
+                for f in &r.forced {
+                    println!("forced   {f} (had been edited since apply)");
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Parsing Python with tree-sitter, and the structural queries anchors are built from.
+//!
+//! Anchors are found by walking the concrete syntax tree, never by regex on text, so a
+//! formatter moving whitespace or a comment mentioning a name cannot fool them. Each query
+//! returns *all* matches; deciding that exactly one is required (and reporting drift
+//! otherwise) is the caller's job (see `anchor.rs`).
+
+use anyhow::{anyhow, Result};
+use tree_sitter::{Node, Parser, Tree};
+
+/// One Python source file: its path (relative to the folder holding `sglang/`), text and tree.
+pub struct PyFile {
+    pub rel: String,
+    pub src: String,
+    pub tree: Tree,
+}
+
+pub fn parse(src: &str) -> Result<Tree> {
+    let mut parser = Parser::new();
+    parser
+        .set_language(&tree_sitter_python::LANGUAGE.into())
+        .map_err(|e| anyhow!("tree-sitter-python grammar rejected: {e}"))?;
+    parser
+        .parse(src, None)
+        .ok_or_else(|| anyhow!("tree-sitter gave up parsing"))
+}
+
+impl PyFile {
+    pub fn parse(rel: impl Into<String>, src: String) -> Result<Self> {
+        let tree = parse(&src)?;
+        Ok(PyFile {
+            rel: rel.into(),
+            src,
+            tree,
+        })
+    }
+
+    pub fn root(&self) -> Node<'_> {
+        self.tree.root_node()
+    }
+
+    pub fn text(&self, node: Node) -> &str {
+        &self.src[node.byte_range()]
+    }
+
+    /// First ERROR or MISSING node as "line L, column C: what", if the file does not parse.
+    pub fn syntax_error(&self) -> Option<String> {
+        first_error(&self.root())
+    }
+}
+
+fn first_error(node: &Node) -> Option<String> {
+    if !node.has_error() {
+        return None;
+    }
+    if node.is_error() || node.is_missing() {
+        let p = node.start_position();
+        let what = if node.is_missing() {
+            format!("missing {}", node.kind())
+        } else {
+            "syntax error".to_string()
+        };
+        return Some(format!(
+            "line {}, column {}: {what}",
+            p.row + 1,
+            p.column + 1
+        ));
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        if let Some(e) = first_error(&child) {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// Preorder walk collecting nodes for which `keep` holds.
+fn collect<'t>(node: Node<'t>, keep: &mut dyn FnMut(Node<'t>) -> bool, out: &mut Vec<Node<'t>>) {
+    if keep(node) {
+        out.push(node);
+    }
+    let mut cursor = node.walk();
+    for child in node.named_children(&mut cursor) {
+        collect(child, keep, out);
+    }
+}
+
+/// `class NAME` definitions anywhere in the file (nested ones included).
+pub fn classes<'t>(file: &'t PyFile, name: &str) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        file.root(),
+        &mut |n| {
+            n.kind() == "class_definition"
+                && n.child_by_field_name("name")
+                    .is_some_and(|id| file.text(id) == name)
+        },
+        &mut out,
+    );
+    out
+}
+
+/// The statements of a class or function body, comments excluded, in order.
+pub fn body_statements<'t>(def: Node<'t>) -> Vec<Node<'t>> {
+    let Some(body) = def.child_by_field_name("body") else {
+        return Vec::new();
+    };
+    let mut cursor = body.walk();
+    body.named_children(&mut cursor)
+        .filter(|n| n.kind() != "comment")
+        .collect()
+}
+
+/// Name bound by a class-body statement: `name: T = v`, `name = v`, `def name`, `class name`.
+pub fn statement_binds(file: &PyFile, stmt: Node) -> Option<String> {
+    let stmt = if stmt.kind() == "decorated_definition" {
+        stmt.child_by_field_name("definition")?
+    } else {
+        stmt
+    };
+    match stmt.kind() {
+        "function_definition" | "class_definition" => {
+            Some(file.text(stmt.child_by_field_name("name")?).to_string())
+        }
+        "expression_statement" => {
+            let inner = stmt.named_child(0)?;
+            if inner.kind() != "assignment" {
+                return None;
+            }
+            let left = inner.child_by_field_name("left")?;
+            (left.kind() == "identifier").then(|| file.text(left).to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Class-body field declarations (`name: T = ...` or `name = ...`) named `name`.
+pub fn fields<'t>(file: &'t PyFile, class: Node<'t>, name: &str) -> Vec<Node<'t>> {
+    body_statements(class)
+        .into_iter()
+        .filter(|s| {
+            s.kind() == "expression_statement" && statement_binds(file, *s).as_deref() == Some(name)
+        })
+        .collect()
+}
+
+/// Methods (plain or decorated) named `name` directly inside `class`.
+pub fn methods<'t>(file: &'t PyFile, class: Node<'t>, name: &str) -> Vec<Node<'t>> {
+    body_statements(class)
+        .into_iter()
+        .filter(|s| {
+            matches!(s.kind(), "function_definition" | "decorated_definition")
+                && statement_binds(file, *s).as_deref() == Some(name)
+        })
+        .collect()
+}
+
+/// Module-level `def name` (plain or decorated).
+pub fn functions<'t>(file: &'t PyFile, name: &str) -> Vec<Node<'t>> {
+    let mut cursor = file.root().walk();
+    let stmts: Vec<Node<'t>> = file.root().named_children(&mut cursor).collect();
+    stmts
+        .into_iter()
+        .filter(|s| {
+            matches!(s.kind(), "function_definition" | "decorated_definition")
+                && statement_binds(file, *s).as_deref() == Some(name)
+        })
+        .collect()
+}
+
+/// Calls to `callee` (a bare name or the last part of `obj.callee`) under `scope`, optionally
+/// only those whose first positional argument is the string literal `first_arg`.
+pub fn calls<'t>(
+    file: &'t PyFile,
+    scope: Node<'t>,
+    callee: &str,
+    first_arg: Option<&str>,
+) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        scope,
+        &mut |n| {
+            if n.kind() != "call" {
+                return false;
+            }
+            let Some(func) = n.child_by_field_name("function") else {
+                return false;
+            };
+            let name = match func.kind() {
+                "identifier" => file.text(func),
+                "attribute" => func
+                    .child_by_field_name("attribute")
+                    .map(|a| file.text(a))
+                    .unwrap_or(""),
+                _ => "",
+            };
+            if name != callee {
+                return false;
+            }
+            match first_arg {
+                None => true,
+                Some(want) => n
+                    .child_by_field_name("arguments")
+                    .and_then(|args| args.named_child(0))
+                    .is_some_and(|a| {
+                        a.kind() == "string" && string_value(file, a).as_deref() == Some(want)
+                    }),
+            }
+        },
+        &mut out,
+    );
+    out
+}
+
+/// Value nodes of `keyword=value` arguments named `keyword` anywhere under `scope`.
+pub fn keyword_values<'t>(file: &'t PyFile, scope: Node<'t>, keyword: &str) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        scope,
+        &mut |n| {
+            n.kind() == "keyword_argument"
+                && n.child_by_field_name("name")
+                    .is_some_and(|k| file.text(k) == keyword)
+        },
+        &mut out,
+    );
+    out.into_iter()
+        .filter_map(|k| k.child_by_field_name("value"))
+        .collect()
+}
+
+/// The value of a plain (non-f, single-part) string literal, quotes stripped.
+pub fn string_value(file: &PyFile, node: Node) -> Option<String> {
+    if node.kind() != "string" {
+        return None;
+    }
+    let mut cursor = node.walk();
+    let mut content = String::new();
+    for c in node.named_children(&mut cursor) {
+        match c.kind() {
+            "string_content" => content.push_str(file.text(c)),
+            "string_start" | "string_end" => {}
+            _ => return None,
+        }
+    }
+    Some(content)
+}
+
+/// `if` statements under `scope` whose own condition or any `elif` condition contains `needle`.
+pub fn if_chains<'t>(file: &'t PyFile, scope: Node<'t>, needle: &str) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        scope,
+        &mut |n| {
+            n.kind() == "if_statement"
+                && chain_conditions(file, n).iter().any(|c| c.contains(needle))
+        },
+        &mut out,
+    );
+    out
+}
+
+/// Condition texts of an if/elif chain, in order.
+pub fn chain_conditions<'t>(file: &'t PyFile, if_stmt: Node<'t>) -> Vec<&'t str> {
+    let mut conds = Vec::new();
+    if let Some(c) = if_stmt.child_by_field_name("condition") {
+        conds.push(file.text(c));
+    }
+    let mut cursor = if_stmt.walk();
+    for clause in if_stmt.children_by_field_name("alternative", &mut cursor) {
+        if clause.kind() == "elif_clause" {
+            if let Some(c) = clause.child_by_field_name("condition") {
+                conds.push(file.text(c));
+            }
+        }
+    }
+    conds
+}
+
+/// Whether the module binds `name` at top level (import, from-import, assignment, def, class).
+pub fn module_binds(file: &PyFile, name: &str) -> bool {
+    let root = file.root();
+    let mut cursor = root.walk();
+    for stmt in root.named_children(&mut cursor) {
+        match stmt.kind() {
+            "import_statement" | "import_from_statement" => {
+                let mut c2 = stmt.walk();
+                for n in stmt.children_by_field_name("name", &mut c2) {
+                    let bound = match n.kind() {
+                        "aliased_import" => n.child_by_field_name("alias").map(|a| file.text(a)),
+                        // `import a.b` binds `a`
+                        _ => file.text(n).split('.').next(),
+                    };
+                    if bound == Some(name) {
+                        return true;
+                    }
+                }
+            }
+            _ => {
+                if statement_binds(file, stmt).as_deref() == Some(name) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Byte offset of the start of the line holding `byte`.
+pub fn line_start(src: &str, byte: usize) -> usize {
+    src[..byte].rfind('\n').map_or(0, |i| i + 1)
+}
+
+/// Byte offset just past the newline ending the line holding `byte` (or the end of the text).
+pub fn line_end(src: &str, byte: usize) -> usize {
+    src[byte..].find('\n').map_or(src.len(), |i| byte + i + 1)
+}
+
+/// The leading whitespace of the line holding `byte`.
+pub fn indent_at(src: &str, byte: usize) -> &str {
+    let start = line_start(src, byte);
+    let line = &src[start..];
+    let n = line.len() - line.trim_start_matches([' ', '\t']).len();
+    &line[..n]
+}
+
+/// 1-based line number of `byte`.
+pub fn line_of(src: &str, byte: usize) -> usize {
+    src[..byte].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = r#"
+import msgspec
+from typing import Optional as Opt
+from x import (A, Arg)
+
+class Memory(msgspec.Struct):
+    """doc"""
+    a: A[int, Arg(help="x", choices=[1, 2])] = 1
+    b = 2
+
+    @staticmethod
+    def m():
+        if x == "file":
+            pass
+        elif x == "nixl":
+            pass
+        else:
+            raise ValueError("no")
+
+register_backend("file", "mod", "Cls")
+"#;
+
+    #[test]
+    fn finds_structure() {
+        let f = PyFile::parse("m.py", SRC.to_string()).unwrap();
+        assert!(f.syntax_error().is_none());
+        let cls = classes(&f, "Memory");
+        assert_eq!(cls.len(), 1);
+        assert_eq!(fields(&f, cls[0], "a").len(), 1);
+        assert_eq!(fields(&f, cls[0], "b").len(), 1);
+        assert_eq!(fields(&f, cls[0], "c").len(), 0);
+        assert_eq!(methods(&f, cls[0], "m").len(), 1);
+        assert_eq!(
+            calls(&f, f.root(), "register_backend", Some("file")).len(),
+            1
+        );
+        assert_eq!(
+            calls(&f, f.root(), "register_backend", Some("nope")).len(),
+            0
+        );
+        let lists = keyword_values(&f, cls[0], "choices");
+        assert_eq!(lists.len(), 1);
+        assert_eq!(lists[0].kind(), "list");
+        let chains = if_chains(&f, cls[0], "\"nixl\"");
+        assert_eq!(chains.len(), 1);
+        assert_eq!(chain_conditions(&f, chains[0]).len(), 2);
+        assert!(module_binds(&f, "Opt") && module_binds(&f, "Arg") && module_binds(&f, "msgspec"));
+        assert!(!module_binds(&f, "Optional"));
+    }
+
+    #[test]
+    fn reports_syntax_errors_with_position() {
+        let f = PyFile::parse("bad.py", "class X:\n    a = (\n".to_string()).unwrap();
+        assert!(f.syntax_error().unwrap().starts_with("line "));
+    }
+}

@@ -1,0 +1,306 @@
+//! The edit kinds the later groups need (inject a file, a list item, an elif branch, a
+//! statement after a call, a block after a field/method), exercised through the library on a
+//! small hand-written tree shaped like the places the `hostpool` and `juicefs` groups touch.
+
+mod common;
+use common::*;
+use kvtuner_patch::anchor::{self, PatchState};
+use kvtuner_patch::group::{BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
+use kvtuner_patch::plan::Plan;
+use kvtuner_patch::python::Python;
+use kvtuner_patch::sources::Sources;
+use kvtuner_patch::tree::SglangTree;
+use std::fs;
+
+const FACTORY: &str = r#"class BackendFactory:
+    @staticmethod
+    def build(name, config):
+        if name == "file":
+            return ("file", config)
+        elif name == "nixl":
+            return ("nixl", config)
+        else:
+            raise ValueError("Unknown built-in backend")
+
+
+register_backend("file", "pkg.file_store", "FileStore")
+register_backend("nixl", "pkg.nixl_store", "NixlStore")
+"#;
+
+const ARGS: &str = r#"from typing import Annotated as A
+
+
+class Args:
+    backend: A[
+        str,
+        dict(
+            choices=[
+                "file",
+                "nixl"
+            ],
+        ),
+    ] = "file"
+
+    def check(self):
+        return True
+"#;
+
+const STORE_PY: &str = "class ToyStore:\n    pass\n";
+const EXTRA_PY: &str =
+    "class Extra:\n    \"\"\"Body lifted into Args.\"\"\"\n\n    extra_flag: bool = False\n";
+
+fn toy_tree() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let srt = t.path().join("sglang/srt");
+    fs::create_dir_all(srt.join("storage")).unwrap();
+    fs::write(
+        t.path().join("sglang/version.py"),
+        "__version__ = \"0.5.23\"\n",
+    )
+    .unwrap();
+    fs::write(srt.join("storage/factory.py"), FACTORY).unwrap();
+    fs::write(srt.join("args.py"), ARGS).unwrap();
+    t
+}
+
+fn toy_group() -> Group {
+    let args = ClassRef {
+        name: "Args",
+        under: "sglang/srt",
+    };
+    Group {
+        id: "toy",
+        summary: "every edit kind",
+        patches: vec![
+            Patch {
+                id: "store-file",
+                what: "inject a backend module",
+                kind: PatchKind::InjectFile {
+                    dest: "sglang/srt/storage/toy_store.py",
+                    source: STORE_PY,
+                },
+            },
+            Patch {
+                id: "choice",
+                what: "list item",
+                kind: PatchKind::ListItem {
+                    list: ListRef::FieldKeyword {
+                        class: args,
+                        field: "backend",
+                        keyword: "choices",
+                    },
+                    item: "\"toy\"",
+                },
+            },
+            Patch {
+                id: "branch",
+                what: "elif branch",
+                kind: PatchKind::ElifBranch {
+                    function: FnRef::Method {
+                        class: ClassRef {
+                            name: "BackendFactory",
+                            under: "sglang/srt",
+                        },
+                        name: "build",
+                    },
+                    chain_has: "\"file\"",
+                    condition: "name == \"toy\"",
+                    body: Snippet::Text(
+                        "from sglang.srt.storage.toy_store import ToyStore\nreturn ToyStore()\n",
+                    ),
+                },
+            },
+            Patch {
+                id: "register",
+                what: "statement after a call",
+                kind: PatchKind::AfterCall {
+                    file: "sglang/srt/storage/factory.py",
+                    callee: "register_backend",
+                    first_arg: Some("nixl"),
+                    block: Snippet::Text(
+                        "register_backend(\"toy\", \"sglang.srt.storage.toy_store\", \"ToyStore\")",
+                    ),
+                },
+            },
+            Patch {
+                id: "field",
+                what: "block after a field",
+                kind: PatchKind::ClassBody {
+                    class: args,
+                    at: BodyAt::AfterField("backend"),
+                    block: Snippet::ClassBodyOf {
+                        source: EXTRA_PY,
+                        source_path: "extra.py",
+                        class: "Extra",
+                    },
+                    needs: &[],
+                },
+            },
+            Patch {
+                id: "method",
+                what: "block after a method",
+                kind: PatchKind::ClassBody {
+                    class: args,
+                    at: BodyAt::AfterMethod("check"),
+                    block: Snippet::Text("def is_toy(self):\n    return self.backend == \"toy\"\n"),
+                    needs: &[],
+                },
+            },
+        ],
+    }
+}
+
+fn states(tree: &SglangTree, g: &Group) -> Vec<PatchState> {
+    let mut src = Sources::new(tree);
+    g.patches
+        .iter()
+        .map(|p| anchor::detect(&mut src, g, p).unwrap().0)
+        .collect()
+}
+
+fn plan_all(tree: &SglangTree, g: &Group) -> Plan {
+    let mut src = Sources::new(tree);
+    let planned = g
+        .patches
+        .iter()
+        .map(|p| anchor::plan(&mut src, g, p).unwrap())
+        .collect();
+    Plan::build(planned, &mut src).unwrap()
+}
+
+#[test]
+fn every_edit_kind_plans_validates_applies_and_is_detected() {
+    let t = toy_tree();
+    let original = snapshot(t.path());
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = toy_group();
+    assert!(states(&tree, &g)
+        .iter()
+        .all(|s| *s == PatchState::NotApplied));
+
+    let plan = plan_all(&tree, &g);
+    plan.validate(&Python::pick(None)).unwrap();
+    let diff = plan.diff(&tree);
+    insta::assert_snapshot!("toy_every_kind_diff", diff);
+    git_apply(copy_tree(t.path(), "").path(), &diff, false);
+
+    plan.commit(&tree, &["toy"]).unwrap();
+    assert!(
+        states(&tree, &g).iter().all(|s| *s == PatchState::Applied),
+        "{:?}",
+        states(&tree, &g)
+    );
+
+    // The trailing comma the list item needed is outside the markers: only the manifest can
+    // undo it, which is why revert uses the manifest and not marker removal.
+    let r = kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    assert_eq!(
+        r.removed,
+        vec!["sglang/srt/storage/toy_store.py".to_string()]
+    );
+    assert_same_tree(&original, &snapshot(t.path()));
+}
+
+#[test]
+fn overlapping_patches_are_refused() {
+    let t = toy_tree();
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let mut g = toy_group();
+    let twice = g
+        .patches
+        .iter()
+        .find(|p| p.id == "register")
+        .unwrap()
+        .clone();
+    g.patches = vec![
+        twice.clone(),
+        Patch {
+            id: "register-again",
+            ..twice
+        },
+    ];
+    let mut src = Sources::new(&tree);
+    let planned = g
+        .patches
+        .iter()
+        .map(|p| anchor::plan(&mut src, &g, p).unwrap())
+        .collect();
+    let err = Plan::build(planned, &mut src).unwrap_err().to_string();
+    assert!(
+        err.contains("factory.py") && err.contains("overlapping"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hand_edited_injected_file_is_drift() {
+    let t = toy_tree();
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let mut g = toy_group();
+    g.patches.retain(|p| p.id == "store-file");
+    plan_all(&tree, &g).commit(&tree, &["toy"]).unwrap();
+    let path = t.path().join("sglang/srt/storage/toy_store.py");
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("# kvtuner-patch:toy/store-file sha256="));
+    fs::write(&path, text.replace("pass", "x = 1")).unwrap();
+    match &states(&tree, &g)[0] {
+        PatchState::Drifted(d) => assert!(d.contains("edited by hand"), "{d}"),
+        s => panic!("{s:?}"),
+    }
+}
+
+#[test]
+fn elif_chain_and_call_anchors_report_counts() {
+    let t = toy_tree();
+    // A second registration of the same name makes the call anchor ambiguous.
+    let f = t.path().join("sglang/srt/storage/factory.py");
+    fs::write(
+        &f,
+        format!("{FACTORY}register_backend(\"nixl\", \"other\", \"Other\")\n"),
+    )
+    .unwrap();
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = toy_group();
+    let mut src = Sources::new(&tree);
+    let reg = g.patches.iter().find(|p| p.id == "register").unwrap();
+    let err = anchor::plan(&mut src, &g, reg).unwrap_err().to_string();
+    assert!(
+        err.contains("toy/register: sglang/srt/storage/factory.py: looked for call `register_backend(\"nixl\", ...)`: found 2 matches"),
+        "{err}"
+    );
+}
+
+#[test]
+fn list_item_in_an_add_argument_call() {
+    let t = toy_tree();
+    let cli = "def add_cli_args(parser):\n    parser.add_argument(\n        \"--backend\",\n        choices=[\n            \"file\",\n        ],\n    )\n";
+    fs::write(t.path().join("sglang/srt/cli.py"), cli).unwrap();
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = Group {
+        id: "toy",
+        summary: "",
+        patches: vec![Patch {
+            id: "choice",
+            what: "",
+            kind: PatchKind::ListItem {
+                list: ListRef::CallKeyword {
+                    file: "sglang/srt/cli.py",
+                    callee: "add_argument",
+                    first_arg: "--backend",
+                    keyword: "choices",
+                },
+                item: "\"toy\"",
+            },
+        }],
+    };
+    let plan = plan_all(&tree, &g);
+    plan.validate(&Python::pick(None)).unwrap();
+    assert!(plan.changes[0]
+        .after
+        .contains("            \"file\",\n            # >>> kvtuner-patch:toy/choice sha256="));
+    assert!(plan.changes[0].after.contains(
+        "            \"toy\",\n            # <<< kvtuner-patch:toy/choice\n        ],\n"
+    ));
+    plan.commit(&tree, &["toy"]).unwrap();
+    assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
+}

@@ -1,0 +1,130 @@
+"""Config and preset validation: the startup errors users see (no SGLang import)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from kvtuner_hicache import config as C
+
+
+def args(**kw):
+    base = dict(enable_hierarchical_cache=True, enable_kvtuner_hicache=True, page_size=64)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def write(tmp_path, text, name="preset.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_when_args_group_absent():
+    cfg = C.config_from_args(types.SimpleNamespace())
+    assert not cfg.enabled
+    assert (cfg.nbits_key, cfg.nbits_value, cfg.axis_key, cfg.axis_value) == (4, 4, 1, 0)
+    assert (cfg.group_size, cfg.residual_length, cfg.asym) == (64, 128, False)
+    assert C.check_server_args(types.SimpleNamespace()) is None
+
+
+def test_flag_without_hierarchical_cache():
+    with pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
+        C.check_server_args(args(enable_hierarchical_cache=False))
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("kvtuner_hicache_nbits_key", 3, r"--kvtuner-hicache-nbits-key=3 is not one of \[2, 4, 8\]"),
+    ("kvtuner_hicache_nbits_value", 16, r"--kvtuner-hicache-nbits-value=16"),
+    ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
+    ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
+    ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
+])
+def test_bad_values(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        C.check_server_args(args(**{field: value}))
+
+
+def test_per_channel_group_longer_than_page():
+    with pytest.raises(ValueError, match=r"longer than a page \(--page-size 32\)"):
+        C.check_server_args(args(page_size=32, kvtuner_hicache_q_group_size=64))
+    # Per-token groups only need to divide head_dim, not fit a page.
+    C.check_server_args(args(
+        page_size=32, kvtuner_hicache_q_group_size=64,
+        kvtuner_hicache_axis_key=0, kvtuner_hicache_axis_value=0,
+    ))
+
+
+def test_preset_parsed(tmp_path):
+    path = write(tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n")
+    cfg = C.check_server_args(args(kvtuner_hicache_layer_config=path))
+    assert cfg.layer_bits_map() == {0: (8, 4), 1: (4, 2)}
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("0: {nbits_key: 3, nbits_value: 4}\n", r"layer 0: nbits_key=3 is not one of"),
+    ("0: {nbits_key: 4}\n", r"needs both nbits_key and nbits_value"),
+    ("0: {0: {nbits_key: 4, nbits_value: 4}}\n", r"per-head preset"),
+    ("x: {nbits_key: 4, nbits_value: 4}\n", r"layer key 'x' is not a layer index"),
+    ("- 1\n- 2\n", r"must be a non-empty map"),
+    ("0: {nbits_key: 4, nbits_value: 4, foo: 1}\n", r"unknown keys \['foo'\]"),
+    ("0: [\n", r"cannot parse"),
+])
+def test_bad_presets(tmp_path, text, msg):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=msg):
+        C.load_layer_preset(path)
+
+
+def test_missing_preset_file():
+    with pytest.raises(ValueError, match="--kvtuner-hicache-layer-config: no such file"):
+        C.check_server_args(args(kvtuner_hicache_layer_config="/nonexistent/p.yaml"))
+
+
+def plan(cfg, **kw):
+    geo = dict(start_layer=0, target_layer_num=4, draft_layer_num=0, head_num=2,
+               head_dim=128, page_size=64, dtype_name="float16", model_layer_num=4)
+    geo.update(kw)
+    return C.resolve_layer_plan(cfg, **geo)
+
+
+def test_preset_naming_layers_the_model_lacks(tmp_path):
+    path = write(tmp_path, "".join(f"{i}: {{nbits_key: 4, nbits_value: 2}}\n" for i in range(6)))
+    cfg = C.config_from_args(args(kvtuner_hicache_layer_config=path))
+    with pytest.raises(ValueError, match=r"names layers 4-5 but the model has 4 layers"):
+        plan(cfg)
+    # A pipeline stage that cannot know the model's layer count checks only its own.
+    assert plan(cfg, model_layer_num=None).layer_bits == ((4, 2),) * 4
+
+
+def test_preset_missing_layers_use_uniform_bits(tmp_path):
+    path = write(tmp_path, "1: {nbits_key: 8, nbits_value: 8}\n")
+    cfg = C.config_from_args(args(kvtuner_hicache_layer_config=path,
+                                  kvtuner_hicache_nbits_key=2, kvtuner_hicache_nbits_value=4))
+    p = plan(cfg, draft_layer_num=1)
+    assert p.layer_bits == ((2, 4), (8, 8), (2, 4), (2, 4), (2, 4))
+    # Pipeline stage 2 of 2: global layers 2..3.
+    assert plan(cfg, start_layer=1, target_layer_num=2).layer_bits == ((8, 8), (2, 4))
+
+
+def test_group_must_divide_head_dim_per_token():
+    cfg = C.config_from_args(args(kvtuner_hicache_axis_key=0, kvtuner_hicache_q_group_size=48))
+    with pytest.raises(ValueError, match=r"does not divide the model's head_dim 128.*key"):
+        plan(cfg)
+
+
+def test_fp8_kv_cache_rejected():
+    cfg = C.config_from_args(args())
+    with pytest.raises(ValueError, match=r"KV cache dtype is float8_e4m3fn"):
+        plan(cfg, dtype_name="float8_e4m3fn")
+
+
+def test_tag_names_dtype_and_bits_and_changes_with_config():
+    cfg = C.config_from_args(args())
+    a = plan(cfg).tag()
+    assert a.startswith("kvt-f16-k4v4-g64-")
+    assert plan(cfg, dtype_name="bfloat16").tag() != a
+    assert plan(C.config_from_args(args(kvtuner_hicache_asym=True))).tag() != a
+    # The residual window does not change stored pages, so not the namespace either.
+    assert plan(C.config_from_args(args(kvtuner_hicache_residual_length=0))).tag() == a

@@ -1,0 +1,99 @@
+"""Through a patched SGLang 0.5.23 tree (KVTUNER_PATCHED_SGLANG): its own argument
+parser accepts the kvtuner flags and rejects bad values with the message users see,
+and its host-pool selection builds the quantizing pool only with the flag."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+import torch
+
+from conftest import requires_patched
+
+pytestmark = requires_patched
+
+
+@pytest.fixture(scope="module")
+def parser(sgl):
+    from sglang.srt.server_args import ServerArgs
+
+    p = argparse.ArgumentParser(prog="sglang serve")
+    ServerArgs.add_cli_args(p)
+    return p
+
+
+def parse(parser, *flags):
+    return parser.parse_args(["--model-path", "dummy", *flags])
+
+
+def parse_error(parser, *flags) -> str:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        parse(parser, *flags)
+    return err.getvalue()
+
+
+def test_flags_accepted(parser, kvh, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("0: {nbits_key: 8, nbits_value: 4}\n")
+    ns = parse(
+        parser, "--enable-hierarchical-cache", "--enable-kvtuner-hicache",
+        "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
+        "--kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0",
+        "--kvtuner-hicache-axis-value", "0", "--kvtuner-hicache-q-group-size", "32",
+        "--kvtuner-hicache-residual-length", "0",
+        "--kvtuner-hicache-layer-config", str(preset), "--page-size", "64",
+    )
+    cfg = kvh.config.check_server_args(ns)
+    assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.group_size) == (8, 2, True, 0, 32)
+    assert cfg.layer_bits_map() == {0: (8, 4)}
+
+
+def test_defaults(parser, kvh):
+    ns = parse(parser)
+    assert ns.enable_kvtuner_hicache is False
+    assert (ns.kvtuner_hicache_nbits_key, ns.kvtuner_hicache_nbits_value) == (4, 4)
+    assert kvh.config.check_server_args(ns) is None
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (("--kvtuner-hicache-nbits-key", "3"), "invalid choice"),
+    (("--kvtuner-hicache-nbits-value", "x"), "invalid"),
+    (("--kvtuner-hicache-axis-key", "2"), "invalid choice"),
+])
+def test_parser_rejects_bad_values(parser, flags, msg):
+    out = parse_error(parser, *flags)
+    assert msg in out and flags[0] in out
+
+
+def test_cross_field_errors(parser, kvh):
+    ns = parse(parser, "--enable-kvtuner-hicache")
+    with pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
+        kvh.config.check_server_args(ns)
+    ns = parse(parser, "--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", "32")
+    with pytest.raises(ValueError, match="longer than a page"):
+        kvh.config.check_server_args(ns)
+
+
+def _info(sgl):
+    pool = sgl["memory_pool"].MHATokenToKVPool(
+        size=128, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
+        layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
+    )
+    return pool.get_device_pool_infos()[0].buffer_info
+
+
+def test_selection_follows_the_flag(sgl, kvh):
+    from sglang.srt.runtime_context import get_context
+
+    mha = sgl["mha"]
+    info = _info(sgl)
+    with get_context().override_server_args(enable_hierarchical_cache=True):
+        assert mha.get_mha_host_pool_cls(info) is mha.MHATokenToKVPoolHost
+    with get_context().override_server_args(
+        enable_hierarchical_cache=True, enable_kvtuner_hicache=True
+    ):
+        assert mha.get_mha_host_pool_cls(info) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
