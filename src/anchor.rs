@@ -312,7 +312,24 @@ fn chain_node<'t>(
 /// Unindented lines of a snippet (each ending in `\n`) and the names its statements bind.
 fn snippet_lines(s: Snippet) -> Result<(String, Vec<String>)> {
     match s {
-        Snippet::Text(t) => Ok((dedent(t.trim_matches('\n')), Vec::new())),
+        Snippet::Text(t) => {
+            let text = dedent(t.trim_matches('\n'));
+            // Names the lines bind (`name: T = v` fields): the code signal of `detect`.
+            let pf = PyFile::parse("<snippet>", text.clone())?;
+            let names = match pf.syntax_error() {
+                Some(_) => Vec::new(),
+                None => {
+                    let root = pf.root();
+                    let mut c = root.walk();
+                    let stmts: Vec<Node> = root.named_children(&mut c).collect();
+                    stmts
+                        .into_iter()
+                        .filter_map(|n| syntax::statement_binds(&pf, n))
+                        .collect()
+                }
+            };
+            Ok((text, names))
+        }
         Snippet::ClassBodyOf {
             source,
             source_path,

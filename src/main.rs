@@ -195,6 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 println!("groups:");
                 print_groups(&r.groups);
+                println!("anchors (looked up, nothing changed):");
+                for a in &r.anchors {
+                    let label = if a.found { "found    " } else { "NOT FOUND" };
+                    let what = a.detail.as_deref().or(a.file.as_deref()).unwrap_or("");
+                    println!("  {label} {:<32} {what}", a.patch);
+                }
             }
             Ok(code)
         }

@@ -12,7 +12,7 @@ use crate::python::Python;
 use crate::refusal::{Refusal, EXIT_DRIFT, EXIT_ERROR, EXIT_OK};
 use crate::sources::Sources;
 use crate::syntax::PyFile;
-use crate::tree::{SglangTree, Support};
+use crate::tree::{Era, SglangTree, Support};
 use anyhow::Result;
 use serde::Serialize;
 use std::fs;
@@ -50,6 +50,13 @@ impl GroupStatus {
             .iter()
             .filter_map(|p| match &p.state {
                 PatchState::Drifted(d) => Some(d.clone()),
+                // Part of a group missing while the rest is there (a block removed by hand).
+                PatchState::NotApplied if self.state == GroupState::Drifted => Some(format!(
+                    "{}/{}: {}: not applied, but other patches of the group are",
+                    self.id,
+                    p.id,
+                    p.file.as_deref().unwrap_or("?")
+                )),
                 _ => None,
             })
             .collect()
@@ -97,14 +104,38 @@ fn group_status(src: &mut Sources, group: &Group) -> Result<GroupStatus> {
     })
 }
 
-fn require_supported(tree: &SglangTree) -> Result<()> {
+/// The era whose group forms apply to `tree`: its own, or for a layout nobody recognised the
+/// newest one (so `status` can still say which anchors a new release kept).
+fn era_of(tree: &SglangTree) -> Era {
+    tree.era.unwrap_or(Era::ALL[Era::ALL.len() - 1])
+}
+
+/// The selected groups in their form for the tree's era.
+fn selection(tree: &SglangTree, only: &[String]) -> Result<groups::Selection> {
+    groups::select(only, era_of(tree))
+}
+
+/// Whether the tree is a supported release *and* every selected group can patch its era.
+fn support_of(tree: &SglangTree, sel: &groups::Selection) -> Support {
     let s = tree.support();
+    if !s.supported || sel.unsupported.is_empty() {
+        return s;
+    }
+    let why: Vec<&str> = sel.unsupported.iter().map(|(_, r)| r.as_str()).collect();
+    Support {
+        supported: false,
+        reason: format!("{}; but {}", s.reason, why.join("; ")),
+    }
+}
+
+fn require_supported(tree: &SglangTree, sel: &groups::Selection) -> Result<()> {
+    let s = support_of(tree, sel);
     if s.supported {
         Ok(())
     } else {
         Err(Refusal::error(
             format!(
-                "{}: unsupported SGLang tree: {}",
+                "{}: unsupported SGLang tree: {}; nothing was changed",
                 tree.root.display(),
                 s.reason
             ),
@@ -125,17 +156,54 @@ pub struct StatusReport {
     /// A manifest from an earlier `apply` is in the tree.
     pub manifest: bool,
     pub groups: Vec<GroupStatus>,
+    /// Every anchor of every group form for the tree's era, looked up report-only: for a
+    /// release newer than the list this says at once what still matches and what moved.
+    pub anchors: Vec<AnchorCheck>,
+}
+
+/// One patch's anchor lookup.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnchorCheck {
+    /// `group/patch`.
+    pub patch: String,
+    pub found: bool,
+    /// Package-relative file the anchor was found in.
+    pub file: Option<String>,
+    /// What was not found (or what else is wrong there).
+    pub detail: Option<String>,
 }
 
 pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
     let tree = SglangTree::resolve(root)?;
-    let support = tree.support();
-    let selected = groups::select(only)?;
+    let sel = selection(&tree, only)?;
+    let support = support_of(&tree, &sel);
     let mut src = Sources::new(&tree);
     let mut statuses = Vec::new();
-    for g in &selected {
+    for g in &sel.groups {
         statuses.push(group_status(&mut src, g)?);
     }
+    let anchors = statuses
+        .iter()
+        .flat_map(|g| {
+            g.patches.iter().map(move |p| {
+                let detail = match &p.state {
+                    PatchState::Drifted(d) => Some(d.clone()),
+                    _ => None,
+                };
+                // A lookup that failed is a `Drift` ("looked for X: found N matches"); other
+                // drift (a hand-edited block) means the anchor itself was found.
+                let found = detail
+                    .as_deref()
+                    .is_none_or(|d| !d.contains(": looked for "));
+                AnchorCheck {
+                    patch: format!("{}/{}", g.id, p.id),
+                    found,
+                    file: p.file.clone(),
+                    detail,
+                }
+            })
+        })
+        .collect();
     let code = if !support.supported {
         EXIT_ERROR
     } else if statuses.iter().all(|g| g.state == GroupState::Applied) {
@@ -150,6 +218,7 @@ pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
             support,
             manifest,
             groups: statuses,
+            anchors,
         },
         code,
     ))
@@ -175,8 +244,9 @@ pub struct ApplyReport {
 /// Plan the selected groups; with `write`, commit the plan.
 pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Result<ApplyReport> {
     let tree = SglangTree::resolve(root)?;
-    require_supported(&tree)?;
-    let selected = groups::select(only)?;
+    let sel = selection(&tree, only)?;
+    require_supported(&tree, &sel)?;
+    let selected = sel.groups;
     let mut src = Sources::new(&tree);
     let mut planned: Vec<Planned> = Vec::new();
     let (mut applied, mut already, mut problems) = (Vec::new(), Vec::new(), Vec::new());
@@ -253,8 +323,9 @@ pub fn verify(
     check_import: bool,
 ) -> Result<(VerifyReport, i32)> {
     let tree = SglangTree::resolve(root)?;
-    require_supported(&tree)?;
-    let selected = groups::select(only)?;
+    let sel = selection(&tree, only)?;
+    require_supported(&tree, &sel)?;
+    let selected = sel.groups;
     let mut src = Sources::new(&tree);
     let mut statuses = Vec::new();
     let mut problems = Vec::new();
@@ -443,7 +514,7 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
     let mut src = Sources::new(tree);
     let mut files: Vec<String> = Vec::new();
     let mut injected: Vec<String> = Vec::new();
-    for g in groups::all() {
+    for g in selection(tree, &[])?.groups {
         let st = group_status(&mut src, &g)?;
         if st.state == GroupState::NotApplied {
             continue;

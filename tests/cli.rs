@@ -216,7 +216,11 @@ fn mutated_trees_are_refused_and_untouched() {
             2,
             &["0.5.24", "newer than the newest release"],
         ),
-        ("sglang-0.5.13", 2, &["era not supported", "add_argument"]),
+        (
+            "mutated/older-release",
+            2,
+            &["0.5.2", "older than the oldest release", "0.5.3"],
+        ),
     ];
     for (name, want, parts) in cases {
         let t = copy_tree(&fixture(name), "");
@@ -238,15 +242,15 @@ fn mutated_trees_are_refused_and_untouched() {
 
 #[test]
 fn unsupported_status_says_why() {
-    let t = copy_tree(&fixture("sglang-0.5.13"), "");
+    let t = copy_tree(&fixture("mutated/older-release"), "");
     let (code, v) = run_json(&["status"], t.path());
     assert_eq!(code, 2);
     assert_eq!(v["report"]["support"]["supported"], false);
-    assert_eq!(v["report"]["tree"]["era"], "dataclass-add-argument");
+    assert_eq!(v["report"]["tree"]["layout"], "dataclass-add-argument");
     assert!(v["report"]["support"]["reason"]
         .as_str()
         .unwrap()
-        .contains("not supported"));
+        .contains("older than the oldest release this tool supports (0.5.3)"));
 }
 
 #[test]

@@ -18,6 +18,13 @@ Transfers
     base class are honoured (draft layers packed after the target layers, like the
     stock pool).
 
+Sizing
+    ``--hicache-size`` is a byte budget as in the stock pool. ``--hicache-ratio``
+    (and the release's auto-sizing, which derives the ratio from a byte budget and
+    the device pool's fp16 bytes) is read as a memory ratio: the pool takes
+    ``ratio x device tokens x fp16 bytes/token`` bytes, i.e. the memory the stock
+    pool would take, and holds stock/quantized times more tokens.
+
 Layouts
     Host rows are page-major whatever ``--hicache-mem-layout`` says, so
     ``page_first`` (the 0.5.23 default) and ``page_first_direct`` both work and behave
@@ -54,16 +61,19 @@ Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
     ``OVERLAY_BUDGET_FRACTION`` of the pool's bytes (the quantized area shrinks by
     the same amount, so the pool never exceeds the budget). When the ring is full,
     the oldest window is evicted (its pages fall back to their quantized copy).
-    A load uses the exact copy of a page while the overlay still holds it; freeing
-    a host page, rewriting it (backup) or filling it from storage drops its overlay
-    entry. With a fixed token capacity (``host_token_capacity``) there is no byte
+    A load uses the exact copy of a page while the overlay still holds it and the
+    host row still carries the per-page backup stamp (page header) the copy was
+    made with; freeing a host page, rewriting it (backup) or filling it through
+    ``set_from_flat_data_page`` also drops its entry, and the stamp check covers
+    rows refilled any other way (zero-copy storage reads, pool wrappers with their
+    own allocator). With a fixed token capacity (``host_token_capacity``) there is no byte
     budget to carve from, so the overlay is off.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
 import threading
 import weakref
 from typing import List, Optional, Sequence, Tuple
@@ -75,7 +85,7 @@ from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
 from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
-from .page_format import PAGE_HEADER_NBYTES, PageLayout
+from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +125,16 @@ def _model_layer_num(end_layer: int) -> Optional[int]:
     except Exception:  # parallel state not initialized: a single-process build
         return end_layer
     return end_layer if pp_rank == pp_size - 1 else None
+
+
+def _stock_bytes_per_token(buffer_info, draft_layer_num: int) -> int:
+    layers = len(buffer_info.buffers.k) + draft_layer_num
+    return (
+        (buffer_info.head_dim + buffer_info.v_head_dim)
+        * buffer_info.head_num
+        * layers
+        * buffer_info.dtype.itemsize
+    )
 
 
 class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
@@ -178,6 +198,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             bytearray(self.kvtuner_layout.header), dtype=torch.uint8
         )
         self._ovl: Optional[torch.Tensor] = None
+        # Per-page backup stamps: a random 64-bit base per pool plus a counter.
+        self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
         self._ovl_slots = 0
         self._ovl_lock = threading.Lock()
         self._backup_lock = threading.Lock()
@@ -186,6 +208,17 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
             weakref.WeakValueDictionary()
         )
+        if host_token_capacity is None and not (host_size and host_size > 0):
+            # --hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
+            # byte budget and the device pool's fp16 bytes) is read as a memory
+            # ratio: the pool gets the bytes the stock pool would, and so holds
+            # stock/quantized times more tokens.
+            host_size = (
+                device_capacity_tokens
+                * host_to_device_ratio
+                * _stock_bytes_per_token(buffer_info, len(draft_buffer_infos))
+                / 1e9
+            )
         super().__init__(
             buffer_info,
             host_to_device_ratio,
@@ -284,6 +317,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             )
             self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
             self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
+            self._slot_stamp = torch.zeros((self._ovl_slots,), dtype=torch.int64)
             self._ovl_next = 0
 
     def init_kv_buffer(self):
@@ -354,10 +388,23 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             self._page_of_slot[slots] = -1
         return slots, len(pages) - w
 
-    def _overlay_publish(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
+    def _overlay_publish(
+        self, pages: torch.Tensor, slots: torch.Tensor, stamps: torch.Tensor
+    ) -> None:
         with self._ovl_lock:
             self._page_of_slot[slots] = pages
             self._slot_of_page[pages] = slots
+            self._slot_stamp[slots] = stamps
+
+    def _row_stamps(self, pages: torch.Tensor) -> torch.Tensor:
+        cols = self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES]
+        return cols.contiguous().view(torch.int64).reshape(-1)
+
+    def _new_stamps(self, n: int) -> torch.Tensor:
+        with self._ovl_lock:
+            start = self._stamp_next
+            self._stamp_next = (start + n) & ((1 << 63) - 1)
+        return (torch.arange(n, dtype=torch.int64) + start) & ((1 << 63) - 1)
 
     def _overlay_drop(self, pages: torch.Tensor) -> None:
         if self._ovl is None or pages.numel() == 0:
@@ -465,8 +512,12 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                             -1, ps, self.head_num, self.head_dim
                         )
             self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
+            stamps = self._new_stamps(n)
+            self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamps.view(
+                torch.uint8
+            ).view(n, STAMP_NBYTES)
             if window is not None:
-                self._overlay_publish(pages[window[1] :], window[0])
+                self._overlay_publish(pages[window[1] :], window[0], stamps[window[1] :])
 
     def load_to_device_per_layer(
         self,
@@ -492,6 +543,11 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         if self._ovl is not None:
             with self._ovl_lock:
                 slots = self._slot_of_page[pages]
+                mapped = slots >= 0
+                if bool(mapped.any()):
+                    # Only while the row still holds the page the copy was made from.
+                    live = self._slot_stamp[slots.clamp_min(0)] == self._row_stamps(pages)
+                    slots = torch.where(mapped & live, slots, torch.full_like(slots, -1))
                 exact = (slots >= 0).nonzero().squeeze(1)
                 if exact.numel():
                     dst_rows = rows[exact.to(rows.device)].reshape(-1)
@@ -582,7 +638,9 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         if len(pages) == 0:
             return []
         heads = self.kv_buffer[pages, :PAGE_HEADER_NBYTES]
-        ok = (heads == self._kvt_header).all(dim=1)
+        same = heads == self._kvt_header
+        same[:, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = True
+        ok = same.all(dim=1)
         return [bool(v) for v in ok]
 
     def get_page_buffer_meta(self, indices):

@@ -166,7 +166,8 @@ class JuiceFSOptions:
     fsync: bool = False
     # Seconds a confirmed page is remembered as present without asking the file system.
     exists_cache_ttl: float = 60.0
-    # Temporary files older than this (seconds) are swept from the namespace at registration.
+    # Temporaries older than this (seconds; left by killed writers) are removed by the
+    # startup scan that a capacity triggers; clear() removes all of them.
     stale_tmp_age: float = 3600.0
 
     @classmethod
@@ -440,11 +441,14 @@ class JuiceFSStorage(HiCacheStorage):
         self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
         logger.info("juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
                     self.ns_dir, self.page_bytes, self.v1_order, self.is_writer)
-        if self.is_writer:
+        if self.is_writer and self.options.capacity_bytes is not None:
+            # Only a capacity needs the walk (it costs a lookup per page on FUSE).
             threading.Thread(target=self._scan_namespace, name="juicefs-hicache-scan",
                              daemon=True).start()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        if str(host_pool_name) == "kv":  # the anchor pool, already registered above
+            return super().register_mem_host_pool_v2(host_pool, host_pool_name)
         raise NotImplementedError(
             "juicefs backend stores KV pages only; hybrid pools (v2 interface, "
             f"pool {host_pool_name!r}) are not supported"
@@ -615,38 +619,59 @@ class JuiceFSStorage(HiCacheStorage):
                 pass
         return False
 
-    def _write_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
-        """Publish one page write-once; True when the key holds a valid page afterwards."""
+    def _present(self, key: str) -> bool:
+        """Write-once: a key whose file exists is not written again."""
         if self._known_present(key):
-            self.counters["set_existing"] += 1
             return True
-        path = self._path(key)
         try:
-            if os.path.exists(path):
+            if os.path.exists(self._path(key)):
                 self._remember(key)
-                self.counters["set_existing"] += 1
                 return True
         except OSError:
             pass
+        return False
+
+    def _write_batch(self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]],
+                     order: str) -> List[bool]:
+        """Publish pages write-once; per key, True when it holds a valid page afterwards.
+
+        Capacity is granted in key order and stops at the first page that does not fit:
+        SGLang only ever uses a prefix of a sequence's pages, so storing pages behind a
+        refused one would waste space."""
+        present = list(self._executor.map(self._present, keys))
+        results = list(present)
+        admitted, full = [], False
+        for i, (ok, views) in enumerate(zip(present, pages)):
+            if ok:
+                self.counters["set_existing"] += 1
+            elif views is not None and not full:
+                if self._reserve(HEADER_SIZE + sum(v.nbytes for v in views)):
+                    admitted.append(i)
+                else:
+                    full = True
+            elif full:
+                self.counters["set_refused"] += 1
+        done = self._executor.map(lambda i: self._publish_page(keys[i], pages[i], order), admitted)
+        for i, ok in zip(admitted, done):
+            results[i] = ok
+        return results
+
+    def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Write one page whose capacity is already reserved (released unless it is new)."""
         size = sum(v.nbytes for v in views)
-        if not self._reserve(HEADER_SIZE + size):
-            return False
         header = _HEADER.pack(_MAGIC, _VERSION, self.algo, size, _digest(self.algo, views),
                               self._key_tag(key, order))
         try:
-            outcome = self._publish_views(path, [memoryview(header), *views])
+            outcome = self._publish_views(self._path(key), [memoryview(header), *views])
         except OSError as e:
             outcome = None
             logger.warning("juicefs backend: writing page %s failed: %s", key, e)
-        if outcome is None:
+        if outcome != "new":
             self._release(HEADER_SIZE + size)
+        if outcome is None:
             self.counters["set_errors"] += 1
             return False
-        if outcome == "exists":
-            self._release(HEADER_SIZE + size)
-            self.counters["set_existing"] += 1
-        else:
-            self.counters["set_pages"] += 1
+        self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
         self._remember(key)
         return True
 
@@ -722,7 +747,7 @@ class JuiceFSStorage(HiCacheStorage):
         cap = self.options.capacity_bytes
         with self._lock:
             if cap is not None and self.used_bytes + nbytes > cap:
-                self.counters["set_refused"] += 1
+                self.counters["set_refused"] += 1  # the first refused page of a batch
                 if not self._capacity_logged:
                     self._capacity_logged = True
                     logger.warning("juicefs backend: namespace %s is full (capacity %d bytes); "
@@ -801,6 +826,10 @@ class JuiceFSStorage(HiCacheStorage):
                 results = list(self._executor.map(
                     lambda i: self._get_flat_into_pool(keys[i], int(host_indices[i * self.page_size])),
                     range(len(keys))))
+            check = getattr(self.mem_pool_host, "kvtuner_check_pages", None)
+            if callable(check) and any(results):
+                # The quantizing pool's own page header: a second, format-level check.
+                results = [ok and good for ok, good in zip(results, check(host_indices))]
         except Exception as e:  # never raise into the prefetch thread
             logger.error("juicefs backend: batch_get_v1 failed: %s", e)
             return [False] * len(keys)
@@ -819,13 +848,10 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             if self._meta_regions:
                 pages = self._page_views(host_indices.cpu(), len(keys))
-                results = list(self._executor.map(
-                    lambda kv: self._write_page(kv[0], kv[1], self.v1_order), zip(keys, pages)))
             else:
-                results = list(self._executor.map(
-                    lambda i: self._set_flat(keys[i], self.mem_pool_host.get_data_page(
-                        int(host_indices[i * self.page_size]), flat=True), self.v1_order),
-                    range(len(keys))))
+                pages = [self._flat_views(k, self.mem_pool_host.get_data_page(
+                    int(host_indices[i * self.page_size]), flat=True)) for i, k in enumerate(keys)]
+            results = self._write_batch(keys, pages, self.v1_order)
         except Exception as e:
             logger.error("juicefs backend: batch_set_v1 failed: %s", e)
             return [False] * len(keys)
@@ -842,17 +868,18 @@ class JuiceFSStorage(HiCacheStorage):
 
     # ---------------------------------------------------------------- legacy interface
 
-    def _set_flat(self, key: str, value: torch.Tensor, order: str) -> bool:
+    def _flat_views(self, key: str, value: Any) -> Optional[List[memoryview]]:
+        """Bytes of a flat page tensor (None, logged, when it is not one page)."""
         try:
             data = value.detach().reshape(-1).contiguous().cpu()
         except Exception as e:
             logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
-            return False
+            return None
         if data.numel() * data.element_size() != self.flat_bytes:
             logger.error("juicefs backend: page %s has %d bytes, expected %s", key,
                          data.numel() * data.element_size(), self.flat_bytes)
-            return False
-        return self._write_page(key, [_tensor_bytes(data)], order)
+            return None
+        return [_tensor_bytes(data)]  # the view keeps `data` alive
 
     def get(self, key: str, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> torch.Tensor | None:
@@ -894,7 +921,7 @@ class JuiceFSStorage(HiCacheStorage):
             return True
         if value is None or not self._ready() or self.flat_bytes is None:
             return False
-        return self._set_flat(key, value, self.flat_order)
+        return self._write_batch([key], [self._flat_views(key, value)], self.flat_order)[0]
 
     def batch_set(self, keys: List[str], values: Optional[Any] = None,
                   target_locations: Optional[Any] = None,
@@ -907,8 +934,11 @@ class JuiceFSStorage(HiCacheStorage):
             return True
         if not self._ready():
             return False
+        if self.flat_bytes is None:
+            return False
         start = time.perf_counter()
-        results = list(self._executor.map(lambda kv: self.set(kv[0], kv[1]), zip(keys, values)))
+        pages = [self._flat_views(k, v) for k, v in zip(keys, values)]
+        results = self._write_batch(keys, pages, self.flat_order)
         self._record("backup", sum(results), start)
         return all(results)
 

@@ -19,7 +19,11 @@ A row holds one page of ``page_size`` tokens for every layer of the pool::
 
 Page header fields (little-endian): magic ``b"KVTPAGE1"`` (8), format version u16,
 header size u16 (64), layer count u32, page size u32, row bytes u64, config digest
-(16 bytes), zero padding to 64.
+(16 bytes), zero padding to byte 48, backup stamp u64 at bytes 48..56, zero padding
+to 64. The stamp names one page as written by one backup (unique per page and
+backup); it is not part of the config check. The residual overlay serves a row's
+exact copy only while the row still carries the stamp the copy was made with, so a
+row refilled by any path (storage reads included) never gets a stale exact copy.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ PAGE_FORMAT_VERSION = 1
 PAGE_HEADER_NBYTES = 64
 BLOB_ALIGN = 64
 _HEADER_STRUCT = struct.Struct("<8sHHIIQ16s")
+STAMP_OFFSET = 48
+STAMP_NBYTES = 8
 
 
 def _round_up(n: int, m: int) -> int:
@@ -102,10 +108,11 @@ class PageLayout:
     def header_mismatch(self, got: bytes) -> str | None:
         """None when ``got`` (a row's first 64 bytes) is this layout's header, else
         a message naming the first differing field."""
-        if got == self.header:
-            return None
+        got = bytes(got[:PAGE_HEADER_NBYTES])
         if len(got) < PAGE_HEADER_NBYTES:
             return f"page holds {len(got)} bytes, less than the {PAGE_HEADER_NBYTES}-byte header"
+        if self.config_bytes(got) == self.config_bytes(self.header):
+            return None
         fields = ("magic", "version", "header size", "layers", "page size", "row bytes", "config digest")
         want = _HEADER_STRUCT.unpack_from(self.header)
         have = _HEADER_STRUCT.unpack_from(bytes(got[:PAGE_HEADER_NBYTES]))
@@ -118,3 +125,8 @@ class PageLayout:
                     )
                 return f"{name}: expected {w!r}, got {h!r}"
         return "padding after the header is not zero"
+
+    @staticmethod
+    def config_bytes(header: bytes) -> bytes:
+        """The header without its backup stamp: what must match for a page to be read."""
+        return header[:STAMP_OFFSET] + header[STAMP_OFFSET + STAMP_NBYTES : PAGE_HEADER_NBYTES]

@@ -7,28 +7,48 @@
 use crate::elem::Elem;
 use crate::format::{Config, DType, Header, Layout, QuantError, Result, Shape, HEADER_NBYTES};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
+/// Kernel families, best last.
+pub const SCALAR: u8 = 0;
+pub const AVX2: u8 = 1;
+pub const AVX512: u8 = 2;
 
-/// Forces the portable path (tests compare it with the SIMD path).
-pub fn set_force_scalar(on: bool) {
-    FORCE_SCALAR.store(on, Ordering::Relaxed);
+static MAX_LEVEL: AtomicU8 = AtomicU8::new(AVX512);
+
+/// Caps the kernel family (tests compare every family with the portable one).
+pub fn set_max_simd_level(level: u8) {
+    MAX_LEVEL.store(level.min(AVX512), Ordering::Relaxed);
 }
 
-/// Whether the SIMD path is available on this CPU (and not disabled).
-pub fn simd_enabled() -> bool {
-    if FORCE_SCALAR.load(Ordering::Relaxed) {
-        return false;
-    }
+/// Forces the portable path (`true`) or lifts the cap (`false`).
+pub fn set_force_scalar(on: bool) {
+    set_max_simd_level(if on { SCALAR } else { AVX512 });
+}
+
+/// The best kernel family this CPU supports, within the cap.
+pub fn simd_level() -> u8 {
+    let cap = MAX_LEVEL.load(Ordering::Relaxed);
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        let have = if avx512 { AVX512 } else if avx2 { AVX2 } else { SCALAR };
+        have.min(cap)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        let _ = cap;
+        SCALAR
     }
+}
+
+/// Whether a SIMD path is in use.
+pub fn simd_enabled() -> bool {
+    simd_level() > SCALAR
 }
 
 /// Per-group parameters derived from the group's statistics.
@@ -117,78 +137,63 @@ fn stats_scalar<E: Elem>(xs: impl Iterator<Item = E>) -> (bool, f32, f32) {
     (fin, lo, hi)
 }
 
-/// Whether a chunk with row length `c` can take the SIMD path.
-fn fast_ok(cfg: &Config, c: usize) -> bool {
-    simd_enabled() && c % 32 == 0 && (cfg.axis == 1 || cfg.group_size % 8 == 0)
+/// The kernel family for chunks with row length `c` under `cfg`.
+fn fast_ok(cfg: &Config, c: usize) -> u8 {
+    let level = simd_level();
+    #[cfg(target_arch = "x86_64")]
+    if level >= AVX512 && crate::avx512::fits(cfg, c) {
+        return AVX512;
+    }
+    if level >= AVX2 && c % 32 == 0 && (cfg.axis == 1 || cfg.group_size % 8 == 0) {
+        return AVX2;
+    }
+    SCALAR
 }
 
-/// Quantizes `x` (whole rows, or whole token groups for axis 1) into the chunk's codes and metadata.
-fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scales: &mut [u8], mins: &mut [u8], fast: bool) {
+/// Quantizes `x` (whole rows, or whole token groups for axis 1) into the chunk's codes and metadata
+/// (`codes` starts on a byte boundary; `scales`/`mins` hold exactly the chunk's groups).
+fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scales: &mut [u8], mins: &mut [u8], fast: u8) {
+    // SAFETY: `fast` comes from fast_ok: the CPU features are present and the shape fits.
+    #[cfg(target_arch = "x86_64")]
+    match fast {
+        AVX512 => return unsafe { crate::avx512::quant_chunk(cfg, c, x, codes, scales, mins) },
+        AVX2 => return unsafe { crate::avx2::quant_chunk(cfg, c, x, codes, scales, mins) },
+        _ => {}
+    }
+    let _ = fast;
     let g = cfg.group_size;
     let es = E::DTYPE.nbytes();
     let bits = cfg.bits;
     let range = CodeRange::of(cfg);
-    if !fast {
-        codes.fill(0);
-    }
+    codes.fill(0);
     if cfg.axis == 0 {
-        let ng = x.len() / g;
-        let nv = if fast { x.len() / 8 } else { 0 };
-        let (mut vdiv, mut vrcp, mut vm) = (vec![0f32; nv], vec![0f32; nv], vec![0f32; nv]);
-        for gi in 0..ng {
+        for gi in 0..x.len() / g {
             let xs = &x[gi * g..(gi + 1) * g];
-            #[cfg(target_arch = "x86_64")]
-            let (fin, lo, hi) = if fast { unsafe { avx2::stats(xs.as_ptr(), g) } } else { stats_scalar(xs.iter().copied()) };
-            #[cfg(not(target_arch = "x86_64"))]
             let (fin, lo, hi) = stats_scalar(xs.iter().copied());
             let p = group_params::<E>(cfg, fin, lo, hi);
             p.s_store.put(&mut scales[gi * es..]);
             if cfg.asym {
                 p.m_store.put(&mut mins[gi * es..]);
             }
-            if fast {
-                let (a, b) = (gi * g / 8, (gi + 1) * g / 8);
-                vdiv[a..b].fill(p.div);
-                vrcp[a..b].fill(p.rcp);
-                vm[a..b].fill(p.m);
-            } else {
-                for (j, v) in xs.iter().enumerate() {
-                    put_code(codes, gi * g + j, bits, code_of(v.to_f32(), p.div, p.m, range));
-                }
+            for (j, v) in xs.iter().enumerate() {
+                put_code(codes, gi * g + j, bits, code_of(v.to_f32(), p.div, p.m, range));
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            unsafe {
-                avx2::encode::<E, false>(x.as_ptr(), x.len(), vdiv.as_ptr(), vrcp.as_ptr(), vm.as_ptr(), codes.as_mut_ptr(), bits, range)
-            };
         }
     } else {
         let units = x.len() / (g * c);
         let (mut lo, mut hi, mut fin) = (vec![0f32; c], vec![0f32; c], vec![0u8; c]);
-        let (mut pdiv, mut prcp, mut pm) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+        let (mut pdiv, mut pm) = (vec![0f32; c], vec![0f32; c]);
         for u in 0..units {
             let xu = &x[u * g * c..(u + 1) * g * c];
-            #[cfg(target_arch = "x86_64")]
-            let done = if fast {
-                unsafe { avx2::stats_cols(xu.as_ptr(), c, g, lo.as_mut_ptr(), hi.as_mut_ptr(), fin.as_mut_ptr()) };
-                true
-            } else {
-                false
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = false;
-            if !done {
-                lo.fill(f32::INFINITY);
-                hi.fill(f32::NEG_INFINITY);
-                fin.fill(1);
-                for r in 0..g {
-                    for ch in 0..c {
-                        let f = xu[r * c + ch].to_f32();
-                        fin[ch] &= f.is_finite() as u8;
-                        lo[ch] = lo[ch].min(f);
-                        hi[ch] = hi[ch].max(f);
-                    }
+            lo.fill(f32::INFINITY);
+            hi.fill(f32::NEG_INFINITY);
+            fin.fill(1);
+            for r in 0..g {
+                for ch in 0..c {
+                    let f = xu[r * c + ch].to_f32();
+                    fin[ch] &= f.is_finite() as u8;
+                    lo[ch] = lo[ch].min(f);
+                    hi[ch] = hi[ch].max(f);
                 }
             }
             for ch in 0..c {
@@ -199,29 +204,28 @@ fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scale
                     p.m_store.put(&mut mins[gi * es..]);
                 }
                 pdiv[ch] = p.div;
-                prcp[ch] = p.rcp;
                 pm[ch] = p.m;
             }
             for r in 0..g {
                 let row = u * g + r;
-                let xr = &xu[r * c..(r + 1) * c];
-                if fast {
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let o = &mut codes[row * c * bits as usize / 8..(row + 1) * c * bits as usize / 8];
-                        avx2::encode::<E, true>(xr.as_ptr(), c, pdiv.as_ptr(), prcp.as_ptr(), pm.as_ptr(), o.as_mut_ptr(), bits, range);
-                    }
-                } else {
-                    for (ch, v) in xr.iter().enumerate() {
-                        put_code(codes, row * c + ch, bits, code_of(v.to_f32(), pdiv[ch], pm[ch], range));
-                    }
+                for (ch, v) in xu[r * c..(r + 1) * c].iter().enumerate() {
+                    put_code(codes, row * c + ch, bits, code_of(v.to_f32(), pdiv[ch], pm[ch], range));
                 }
             }
         }
     }
 }
 
-fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], mins: &[u8], out: &mut [E], fast: bool) {
+#[allow(clippy::too_many_arguments)]
+fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], mins: &[u8], out: &mut [E], fast: u8, nt: bool) {
+    // SAFETY: as in quant_chunk.
+    #[cfg(target_arch = "x86_64")]
+    match fast {
+        AVX512 => return unsafe { crate::avx512::dequant_chunk(cfg, c, codes, scales, mins, out, nt) },
+        AVX2 => return unsafe { crate::avx2::dequant_chunk(cfg, c, codes, scales, mins, out, nt) },
+        _ => {}
+    }
+    let _ = (fast, nt);
     let g = cfg.group_size;
     let es = E::DTYPE.nbytes();
     let bits = cfg.bits;
@@ -231,26 +235,14 @@ fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], m
         let m = if cfg.asym { E::get(&mins[gi * es..]).to_f32() } else { 0.0 };
         (s, m)
     };
+    // x_hat = q * s + m in f32 (not fused), rounded once to the output dtype
     if cfg.axis == 0 {
-        let ng = out.len() / g;
-        let nv = if fast { out.len() / 8 } else { 0 };
-        let (mut vs, mut vm) = (vec![0f32; nv], vec![0f32; nv]);
-        for gi in 0..ng {
+        for gi in 0..out.len() / g {
             let (s, m) = meta(gi);
-            if fast {
-                vs[gi * g / 8..(gi + 1) * g / 8].fill(s);
-                vm[gi * g / 8..(gi + 1) * g / 8].fill(m);
-            } else {
-                for j in 0..g {
-                    let i = gi * g + j;
-                    out[i] = E::from_f32((get_code(codes, i, bits) as f32 - off) * s + m);
-                }
+            for j in 0..g {
+                let i = gi * g + j;
+                out[i] = E::from_f32((get_code(codes, i, bits) as f32 - off) * s + m);
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            let n = out.len();
-            unsafe { avx2::decode::<E, false>(codes.as_ptr(), n, vs.as_ptr(), vm.as_ptr(), out.as_mut_ptr(), bits, off) };
         }
     } else {
         let units = out.len() / (g * c);
@@ -261,17 +253,8 @@ fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], m
             }
             for r in 0..g {
                 let row = u * g + r;
-                let o = &mut out[row * c..(row + 1) * c];
-                if fast {
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let cb = &codes[row * c * bits as usize / 8..];
-                        avx2::decode::<E, true>(cb.as_ptr(), c, ps.as_ptr(), pm.as_ptr(), o.as_mut_ptr(), bits, off);
-                    }
-                } else {
-                    for (ch, y) in o.iter_mut().enumerate() {
-                        *y = E::from_f32((get_code(codes, row * c + ch, bits) as f32 - off) * ps[ch] + pm[ch]);
-                    }
+                for (ch, y) in out[row * c..(row + 1) * c].iter_mut().enumerate() {
+                    *y = E::from_f32((get_code(codes, row * c + ch, bits) as f32 - off) * ps[ch] + pm[ch]);
                 }
             }
         }
@@ -373,8 +356,8 @@ fn quant_body<E: Elem>(cfg: &Config, c: usize, qx: &[E], lay: &Layout, out: &mut
             quant_chunk(cfg, c, &qx[r0 * c..r1 * c], codes, scales, mins, fast);
         }
     };
-    if plan.chunks() == 1 {
-        run(0);
+    if plan.chunks() == 1 || crate::threads::serial() {
+        (0..plan.chunks()).for_each(run);
     } else {
         (0..plan.chunks()).into_par_iter().for_each(run);
     }
@@ -395,12 +378,17 @@ pub fn dequantize_into<E: Elem>(blob: &[u8], out: &mut [E]) -> Result<Header> {
         return Err(QuantError::type_(format!("out must have dtype {}, got {}", h.dtype.name(), E::DTYPE.name())));
     }
     check_len("out", out.len(), h.shape.numel().unwrap_or(usize::MAX))?;
-    dequant_body(&h, blob, out);
+    let nt = std::mem::size_of_val(out) >= NT_BYTES;
+    dequant_body(&h, blob, out, nt);
     Ok(h)
 }
 
+/// Outputs at least this large are written with non-temporal stores: they cannot stay in cache
+/// anyway, and skipping the read-for-ownership saves a third of the memory traffic.
+const NT_BYTES: usize = 8 << 20;
+
 /// Decodes a blob whose header `h` was already validated against `blob` and `out`.
-fn dequant_body<E: Elem>(h: &Header, blob: &[u8], out: &mut [E]) {
+fn dequant_body<E: Elem>(h: &Header, blob: &[u8], out: &mut [E], nt: bool) {
     let lay = h.layout();
     let cfg = &h.cfg;
     let c = h.shape.row();
@@ -423,12 +411,10 @@ fn dequant_body<E: Elem>(h: &Header, blob: &[u8], out: &mut [E]) {
         let mins = if cfg.asym { &blob[lay.mins_off + g0 * es..lay.mins_off + g1 * es] } else { &[][..] };
         // SAFETY: disjoint row ranges of `qo` per chunk.
         let o = unsafe { std::slice::from_raw_parts_mut((obase.0 as *mut E).add(r0 * c), (r1 - r0) * c) };
-        dequant_chunk(cfg, c, codes, scales, mins, o, fast);
+        dequant_chunk(cfg, c, codes, scales, mins, o, fast, nt);
     };
-    if plan.chunks() <= 1 {
-        if plan.chunks() == 1 {
-            run(0);
-        }
+    if plan.chunks() <= 1 || crate::threads::serial() {
+        (0..plan.chunks()).for_each(run);
     } else {
         (0..plan.chunks()).into_par_iter().for_each(run);
     }
@@ -517,11 +503,16 @@ pub fn quantize_pages<E: Elem>(x: &[E], shape: &Shape, cfg: &Config, dst: &PageR
     }
     let rows = check_ids(ids, dst.rows)?;
     let pel = ps.numel().unwrap_or(0);
-    rows.par_iter().enumerate().try_for_each(|(i, &id)| {
+    let one = |(i, &id): (usize, &usize)| {
         // SAFETY: ids are distinct and rows do not overlap (PageRows::new), so each blob is exclusive.
         let out = unsafe { std::slice::from_raw_parts_mut(dst.row_ptr(id), total) };
         quantize_into(&x[i * pel..(i + 1) * pel], &ps, cfg, out)
-    })
+    };
+    if crate::threads::serial() {
+        rows.iter().enumerate().try_for_each(one)
+    } else {
+        rows.par_iter().enumerate().try_for_each(one)
+    }
 }
 
 /// Dequantizes the pages at rows `ids` of `src` into `out` (`shape` = out's shape). Every header is
@@ -540,14 +531,20 @@ pub fn dequantize_pages<E: Elem>(src: &PageRows, ids: &[i64], cfg: &Config, shap
         headers.push(h);
     }
     let pel = ps.numel().unwrap_or(0);
+    let nt = std::mem::size_of_val(out) >= NT_BYTES;
     let obase = SendPtr(out.as_mut_ptr() as *mut u8);
-    rows.par_iter().zip(headers.par_iter()).enumerate().for_each(|(i, (&id, h))| {
+    let one = |(i, (&id, h)): (usize, (&usize, &Header))| {
         let obase = obase;
         let blob = unsafe { std::slice::from_raw_parts(src.row_ptr(id) as *const u8, h.total) };
         // SAFETY: page i owns out[i*pel..(i+1)*pel].
         let o = unsafe { std::slice::from_raw_parts_mut((obase.0 as *mut E).add(i * pel), pel) };
-        dequant_body(h, blob, o);
-    });
+        dequant_body(h, blob, o, nt);
+    };
+    if crate::threads::serial() {
+        rows.iter().zip(headers.iter()).enumerate().for_each(one);
+    } else {
+        rows.par_iter().zip(headers.par_iter()).enumerate().for_each(one);
+    }
     Ok(())
 }
 
@@ -598,217 +595,3 @@ pub fn unpack(blob: &[u8]) -> Result<Unpacked> {
 }
 
 const _: () = assert!(HEADER_NBYTES % 8 == 0);
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::CodeRange;
-    use crate::elem::Elem;
-    use crate::format::DType;
-    use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load8<E: Elem>(p: *const E) -> __m256 {
-        match E::DTYPE {
-            DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                p as *const __m128i,
-            )))),
-            DType::F32 => _mm256_loadu_ps(p as *const f32),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn store8<E: Elem>(p: *mut E, v: __m256) {
-        match E::DTYPE {
-            DType::F16 => _mm_storeu_si128(p as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
-            DType::BF16 => {
-                // Round to nearest even on the bit pattern; NaN becomes the canonical quiet NaN.
-                let b = _mm256_castps_si256(v);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-                let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
-                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-                let r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-                let p16 = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
-                _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(p16));
-            }
-            DType::F32 => _mm256_storeu_ps(p as *mut f32, v),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn hmin(v: __m256) -> f32 {
-        let m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_min_ss(m, _mm_shuffle_ps::<1>(m, m));
-        _mm_cvtss_f32(m)
-    }
-
-    #[inline(always)]
-    unsafe fn hmax(v: __m256) -> f32 {
-        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
-        _mm_cvtss_f32(m)
-    }
-
-    /// (finite, min, max) of `n` (multiple of 8) contiguous elements. `x * 0` is NaN exactly for
-    /// NaN and +-Inf, and NaN sticks in the sum.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn stats<E: Elem>(p: *const E, n: usize) -> (bool, f32, f32) {
-        let zero = _mm256_setzero_ps();
-        let (mut mn, mut mx, mut acc) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY), zero);
-        let mut i = 0;
-        while i < n {
-            let v = load8(p.add(i));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, zero));
-            mn = _mm256_min_ps(mn, v);
-            mx = _mm256_max_ps(mx, v);
-            i += 8;
-        }
-        let fin = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(acc, acc)) == 0;
-        (fin, hmin(mn), hmax(mx))
-    }
-
-    /// Per-channel (finite, min, max) over `g` rows of `c` (multiple of 8) elements.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn stats_cols<E: Elem>(x: *const E, c: usize, g: usize, lo: *mut f32, hi: *mut f32, fin: *mut u8) {
-        let zero = _mm256_setzero_ps();
-        let mut cb = 0;
-        while cb < c {
-            let (mut mn, mut mx, mut acc) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY), zero);
-            for r in 0..g {
-                let v = load8(x.add(r * c + cb));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, zero));
-                mn = _mm256_min_ps(mn, v);
-                mx = _mm256_max_ps(mx, v);
-            }
-            _mm256_storeu_ps(lo.add(cb), mn);
-            _mm256_storeu_ps(hi.add(cb), mx);
-            let bad = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(acc, acc));
-            for j in 0..8 {
-                *fin.add(cb + j) = ((bad >> j) & 1 == 0) as u8;
-            }
-            cb += 8;
-        }
-    }
-
-    /// Codes of `n` (multiple of 32) elements. Parameters are per element (`PER_ELEM`) or one per
-    /// 8 elements. The quotient is first formed as `(x - m) * (1/s)`; only where that lands within
-    /// a few ulps of a rounding boundary (or is not finite) is the exact division done, so the
-    /// codes equal `round_half_even((x - m) / s)` bit for bit.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn encode<E: Elem, const PER_ELEM: bool>(
-        x: *const E,
-        n: usize,
-        div: *const f32,
-        rcp: *const f32,
-        m: *const f32,
-        out: *mut u8,
-        bits: u8,
-        r: CodeRange,
-    ) {
-        let lo = _mm256_set1_ps(r.lo);
-        let hi = _mm256_set1_ps(r.hi);
-        let off = _mm256_set1_ps(r.off);
-        let half = _mm256_set1_ps(0.5);
-        let tol = _mm256_set1_ps(1.0 / (1u32 << 20) as f32);
-        let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        let mut b = 0;
-        while b < n / 32 {
-            let mut ci = [_mm256_setzero_si256(); 4];
-            for (k, cik) in ci.iter_mut().enumerate() {
-                let e = b * 32 + k * 8;
-                let v = load8(x.add(e));
-                let (d, rc, mm) = if PER_ELEM {
-                    (_mm256_loadu_ps(div.add(e)), _mm256_loadu_ps(rcp.add(e)), _mm256_loadu_ps(m.add(e)))
-                } else {
-                    let j = e / 8;
-                    (_mm256_set1_ps(*div.add(j)), _mm256_set1_ps(*rcp.add(j)), _mm256_set1_ps(*m.add(j)))
-                };
-                let dx = _mm256_sub_ps(v, mm);
-                let t = _mm256_mul_ps(dx, rc);
-                let mut q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-                let dist = _mm256_and_ps(_mm256_sub_ps(t, q), absmask);
-                let thr = _mm256_fnmadd_ps(_mm256_and_ps(t, absmask), tol, half);
-                let ok = _mm256_cmp_ps::<_CMP_LT_OQ>(dist, thr);
-                if _mm256_movemask_ps(ok) != 0xFF {
-                    let t = _mm256_div_ps(dx, d);
-                    let t = _mm256_and_ps(t, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
-                    q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-                }
-                let q = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(q, lo), hi), off);
-                *cik = _mm256_cvtps_epi32(q);
-            }
-            let bytes = _mm256_permutevar8x32_epi32(
-                _mm256_packus_epi16(_mm256_packus_epi32(ci[0], ci[1]), _mm256_packus_epi32(ci[2], ci[3])),
-                perm,
-            );
-            match bits {
-                8 => _mm256_storeu_si256(out.add(b * 32) as *mut __m256i, bytes),
-                4 => {
-                    let y = _mm256_maddubs_epi16(bytes, _mm256_set1_epi16(0x1001));
-                    let z = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi16(y, y));
-                    _mm_storeu_si128(out.add(b * 16) as *mut __m128i, _mm256_castsi256_si128(z));
-                }
-                _ => {
-                    let y = _mm256_maddubs_epi16(bytes, _mm256_set1_epi16(0x0401));
-                    let z = _mm256_madd_epi16(y, _mm256_set1_epi32(0x0010_0001));
-                    let w = _mm256_shuffle_epi8(
-                        z,
-                        _mm256_setr_epi8(
-                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
-                            -1, -1, -1, -1, -1, -1, -1, -1,
-                        ),
-                    );
-                    let lo32 = _mm256_cvtsi256_si32(w) as u32 as u64;
-                    let hi32 = _mm256_extract_epi32::<4>(w) as u32 as u64;
-                    std::ptr::write_unaligned(out.add(b * 8) as *mut u64, lo32 | (hi32 << 32));
-                }
-            }
-            b += 1;
-        }
-    }
-
-    /// `x_hat = (q - off) * s + m` for `n` (multiple of 8) elements, rounded once to the output dtype.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn decode<E: Elem, const PER_ELEM: bool>(
-        codes: *const u8,
-        n: usize,
-        s: *const f32,
-        m: *const f32,
-        out: *mut E,
-        bits: u8,
-        off: f32,
-    ) {
-        let offv = _mm256_set1_ps(off);
-        let sh4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        let sh2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        let m4 = _mm256_set1_epi32(15);
-        let m2 = _mm256_set1_epi32(3);
-        let mut e = 0;
-        while e < n {
-            let ci = match bits {
-                8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.add(e) as *const __m128i)),
-                4 => {
-                    let w = std::ptr::read_unaligned(codes.add(e / 2) as *const u32);
-                    _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), sh4), m4)
-                }
-                _ => {
-                    let w = std::ptr::read_unaligned(codes.add(e / 4) as *const u16);
-                    _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), sh2), m2)
-                }
-            };
-            let q = _mm256_sub_ps(_mm256_cvtepi32_ps(ci), offv);
-            let (sv, mv) = if PER_ELEM {
-                (_mm256_loadu_ps(s.add(e)), _mm256_loadu_ps(m.add(e)))
-            } else {
-                (_mm256_set1_ps(*s.add(e / 8)), _mm256_set1_ps(*m.add(e / 8)))
-            };
-            // Not fused: with cancellation (x_hat near 0) an FMA differs from q*s+m by many ulps.
-            store8(out.add(e), _mm256_add_ps(_mm256_mul_ps(q, sv), mv));
-            e += 8;
-        }
-    }
-}

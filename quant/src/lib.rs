@@ -4,6 +4,10 @@
 //! The core (everything but `python`) has no Python types; the PyO3 bindings live behind the
 //! `python` cargo feature so `cargo test` runs without an interpreter.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod elem;
 pub mod format;
 pub mod kernel;

@@ -230,19 +230,20 @@ unsafe impl Sync for SendPtr {}
 
 /// Runs `f` with the element type of `dtype` and the GIL released, on the configured pool.
 macro_rules! dispatch {
-    ($py:expr, $dtype:expr, |$E:ident| $body:expr) => {{
+    ($py:expr, $dtype:expr, $work:expr, |$E:ident| $body:expr) => {{
+        let work: usize = $work * $dtype.nbytes();
         match $dtype {
             DType::F16 => {
                 type $E = f16;
-                $py.detach(|| threads::install(|| $body))
+                $py.detach(|| threads::install_sized(work, || $body))
             }
             DType::BF16 => {
                 type $E = bf16;
-                $py.detach(|| threads::install(|| $body))
+                $py.detach(|| threads::install_sized(work, || $body))
             }
             DType::F32 => {
                 type $E = f32;
-                $py.detach(|| threads::install(|| $body))
+                $py.detach(|| threads::install_sized(work, || $body))
             }
         }
     }};
@@ -385,7 +386,7 @@ fn quantize(
     let header = Header::new(cfg, dtype, shape).map_err(err)?;
     let mut data = vec![0u8; header.total];
     let (p, n) = (SendPtr(b.ptr()), shape.numel().unwrap_or(0));
-    dispatch!(py, dtype, |E| {
+    dispatch!(py, dtype, n, |E| {
         let p = p;
         let xs: &[E] = if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(p.0 as *const E, n) } };
         kernel::quantize_into(xs, &shape, &cfg, &mut data)
@@ -408,7 +409,7 @@ fn dequantize_into(py: Python<'_>, q: &Bound<'_, QuantizedTensor>, out: &Bound<'
     }
     let (p, n) = (SendPtr(o.ptr()), shape.numel().unwrap_or(0));
     let data = &qt.data;
-    dispatch!(py, h.dtype, |E| {
+    dispatch!(py, h.dtype, n, |E| {
         let p = p;
         let ys: &mut [E] = if n == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(p.0 as *mut E, n) } };
         kernel::dequantize_into(data, ys).map(|_| ())
@@ -479,7 +480,7 @@ fn quantize_pages(
         )));
     }
     let (p, n) = (SendPtr(xb.ptr()), shape.numel().unwrap_or(0));
-    dispatch!(py, dtype, |E| {
+    dispatch!(py, dtype, n, |E| {
         let p = p;
         let xs: &[E] = if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(p.0 as *const E, n) } };
         kernel::quantize_pages(xs, &shape, &cfg, &rows, ids)
@@ -516,7 +517,7 @@ fn dequantize_pages(
         return Err(verr(format!("out has {} tokens but page_ids is empty", shape.tokens)));
     }
     let (p, n) = (SendPtr(ob.ptr()), shape.numel().unwrap_or(0));
-    dispatch!(py, dtype, |E| {
+    dispatch!(py, dtype, n, |E| {
         let p = p;
         let ys: &mut [E] = if n == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(p.0 as *mut E, n) } };
         kernel::dequantize_pages(&rows, ids, &cfg, &shape, ys)
@@ -543,10 +544,23 @@ fn _set_force_scalar(on: bool) {
     kernel::set_force_scalar(on)
 }
 
-/// Whether the AVX2/FMA/F16C kernels are in use.
+/// Whether SIMD kernels are in use.
 #[pyfunction]
 fn _simd_enabled() -> bool {
     kernel::simd_enabled()
+}
+
+/// Testing aid: cap the kernel family (0 portable, 1 AVX2, 2 AVX-512); returns the level now in use.
+#[pyfunction]
+fn _set_max_simd_level(level: u8) -> u8 {
+    kernel::set_max_simd_level(level);
+    kernel::simd_level()
+}
+
+/// The kernel family in use: 0 portable, 1 AVX2+FMA+F16C, 2 AVX-512 F/BW/VL.
+#[pyfunction]
+fn _simd_level() -> u8 {
+    kernel::simd_level()
 }
 
 #[pymodule]
@@ -563,5 +577,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_set_force_scalar, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_max_simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(_simd_level, m)?)?;
     Ok(())
 }

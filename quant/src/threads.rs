@@ -2,6 +2,7 @@
 
 use crate::format::{QuantError, Result};
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
@@ -56,4 +57,34 @@ pub fn get_num_threads() -> usize {
 /// Runs `f` inside the pool so its `par_iter`s use the configured thread count.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
+}
+
+thread_local! {
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Below this many bytes of input a call runs on the calling thread: waking a pool thread costs
+/// tens of microseconds, as much as the work itself.
+pub const SERIAL_BELOW_BYTES: usize = 256 << 10;
+
+/// Like `install`, but small jobs, and every job when one thread is configured, run inline on the
+/// calling thread (the kernels then loop instead of using `par_iter`).
+pub fn install_sized<R: Send>(work_bytes: usize, f: impl FnOnce() -> R + Send) -> R {
+    let p = pool();
+    if p.current_num_threads() > 1 && work_bytes >= SERIAL_BELOW_BYTES {
+        return p.install(f);
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _reset = Reset(SERIAL.replace(true));
+    f()
+}
+
+/// True inside `install_sized`'s inline mode: kernels must not fan out to a rayon pool.
+pub(crate) fn serial() -> bool {
+    SERIAL.get()
 }

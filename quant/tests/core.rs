@@ -2,7 +2,7 @@
 //! SIMD path == portable path, round trips, pages, and no panics on arbitrary input (proptest).
 
 use half::{bf16, f16};
-use kvtuner_quant::kernel::set_force_scalar;
+use kvtuner_quant::kernel::{set_force_scalar, set_max_simd_level, simd_level, AVX2, AVX512, SCALAR};
 use kvtuner_quant::*;
 use proptest::prelude::*;
 use std::sync::Mutex;
@@ -125,12 +125,16 @@ fn all_configs() -> Vec<Config> {
     v
 }
 
+/// Runs `f` under every kernel family this CPU has (portable, AVX2, AVX-512).
 fn both_paths(f: impl Fn()) {
     let _g = PATH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    set_force_scalar(true);
-    f();
+    for level in [SCALAR, AVX2, AVX512] {
+        set_max_simd_level(level);
+        if simd_level() == level {
+            f();
+        }
+    }
     set_force_scalar(false);
-    f();
 }
 
 #[test]
@@ -169,15 +173,20 @@ fn simd_and_scalar_paths_give_identical_bytes() {
         let a = quantize(&xh, &sh, &c).unwrap();
         let mut ya = vec![f16::ZERO; xh.len()];
         dequantize_into(&a, &mut ya).unwrap();
-        set_force_scalar(false);
-        let b = quantize(&xh, &sh, &c).unwrap();
-        let mut yb = vec![f16::ZERO; xh.len()];
-        dequantize_into(&b, &mut yb).unwrap();
-        assert_eq!(a, b, "{c:?}");
-        for (p, q) in ya.iter().zip(&yb) {
-            // fused multiply-add may differ by one ulp
-            assert!((p.to_bits() as i32 - q.to_bits() as i32).abs() <= 1 || (p.is_nan() && q.is_nan()));
+        for level in [AVX2, AVX512] {
+            set_max_simd_level(level);
+            if simd_level() != level {
+                continue;
+            }
+            let b = quantize(&xh, &sh, &c).unwrap();
+            let mut yb = vec![f16::ZERO; xh.len()];
+            dequantize_into(&b, &mut yb).unwrap();
+            assert_eq!(a, b, "level {level} {c:?}");
+            for (p, q) in ya.iter().zip(&yb) {
+                assert!(p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()), "level {level} {c:?}");
+            }
         }
+        set_force_scalar(false);
     }
 }
 

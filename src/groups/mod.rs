@@ -2,32 +2,112 @@
 //!
 //! To add a group (e.g. `hostpool`, `juicefs`): write its injected Python under
 //! `patches/<group>/`, add `groups/<group>.rs` with a `pub fn group() -> Group` built from
-//! the [`PatchKind`](crate::group::PatchKind)s it needs, and list it in [`all`]. The order of
-//! [`all`] is the order groups are applied and reported in.
+//! the [`PatchKind`](crate::group::PatchKind)s it needs, and list it in [`REGISTRY`]. The
+//! order of [`REGISTRY`] is the order groups are applied and reported in.
+//!
+//! SGLang moves things between releases, so a group has one form per layout [`Era`] it
+//! supports (`kvtuner` adds dataclass fields + `add_argument` calls in one era and annotated
+//! fields in the others). An entry maps an era to the group's form for it, or to `None` where
+//! the group cannot patch that era yet: such a tree is refused for that group, by name,
+//! instead of being half-patched. A group written for the newest era only registers as
+//! `Entry { id: "x", for_era: |era| newest_only(era, x::group) }`.
 
 use crate::group::Group;
+use crate::tree::Era;
 
 pub mod kvtuner;
 
-/// Every group, in apply order.
-pub fn all() -> Vec<Group> {
-    vec![kvtuner::group()]
+/// One registered group.
+pub struct Entry {
+    pub id: &'static str,
+    /// The group's form for an era, `None` where it has none (yet).
+    pub for_era: fn(Era) -> Option<Group>,
 }
 
-/// Groups selected by `--only` (all when `only` is empty), or an error naming the unknown id.
-pub fn select(only: &[String]) -> anyhow::Result<Vec<Group>> {
-    let all = all();
-    if only.is_empty() {
-        return Ok(all);
-    }
-    let known: Vec<&str> = all.iter().map(|g| g.id).collect();
+/// Every group, in apply order.
+pub const REGISTRY: &[Entry] = &[Entry {
+    id: kvtuner::ID,
+    for_era: kvtuner::group,
+}];
+
+/// For groups that only know the newest layout (`Era::MemoryStruct`, 0.5.20 - 0.5.23).
+pub fn newest_only(era: Era, group: fn() -> Group) -> Option<Group> {
+    (era == Era::MemoryStruct).then(group)
+}
+
+/// The eras a registered group has a form for.
+pub fn eras_of(entry: &Entry) -> Vec<Era> {
+    Era::ALL
+        .into_iter()
+        .filter(|e| (entry.for_era)(*e).is_some())
+        .collect()
+}
+
+/// The groups selected by `--only` (all when `only` is empty) for `era`.
+pub struct Selection {
+    /// Groups with a form for the era, in apply order.
+    pub groups: Vec<Group>,
+    /// Selected groups without one: (id, why).
+    pub unsupported: Vec<(String, String)>,
+}
+
+/// Groups selected by `--only` for `era`, or an error naming an unknown id.
+pub fn select(only: &[String], era: Era) -> anyhow::Result<Selection> {
+    let known: Vec<&str> = REGISTRY.iter().map(|e| e.id).collect();
     for id in only {
         if !known.contains(&id.as_str()) {
             anyhow::bail!("unknown group `{id}`; known groups: {}", known.join(", "));
         }
     }
-    Ok(all
-        .into_iter()
-        .filter(|g| only.iter().any(|o| o == g.id))
-        .collect())
+    let mut sel = Selection {
+        groups: Vec::new(),
+        unsupported: Vec::new(),
+    };
+    for entry in REGISTRY {
+        if !only.is_empty() && !only.iter().any(|o| o == entry.id) {
+            continue;
+        }
+        match (entry.for_era)(era) {
+            Some(g) => sel.groups.push(g),
+            None => sel.unsupported.push((
+                entry.id.to_string(),
+                format!(
+                    "group `{}` cannot patch this era yet ({}); it supports: {}",
+                    entry.id,
+                    era.describe(),
+                    eras_of(entry)
+                        .iter()
+                        .map(|e| e.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+    Ok(sel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Group ids are unique, every form carries its registered id, and patch ids are unique
+    /// within a form (the `group/patch` marker tag must identify one block).
+    #[test]
+    fn registry_is_consistent() {
+        let mut ids: Vec<&str> = REGISTRY.iter().map(|e| e.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), REGISTRY.len());
+        for entry in REGISTRY {
+            for era in eras_of(entry) {
+                let g = (entry.for_era)(era).unwrap();
+                assert_eq!(g.id, entry.id);
+                let mut p: Vec<&str> = g.patches.iter().map(|p| p.id).collect();
+                p.sort();
+                p.dedup();
+                assert_eq!(p.len(), g.patches.len(), "{} {era:?}", g.id);
+            }
+        }
+    }
 }

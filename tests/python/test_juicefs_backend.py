@@ -343,20 +343,54 @@ def test_wrong_size_pages_are_not_reported_present(mnt):
     assert backend(mnt, pool).batch_exists(keys) == 1
 
 
-def _child(fn):
-    """Run fn in a forked child (inherits the imported SGLang and the pool); exit code 0 on
-    success."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if fn() else 2
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+class _Children:
+    """Forked writer processes (they inherit the imported SGLang and the host pool, so no
+    15 s re-import); always killed and reaped, whatever the test does."""
+
+    def __init__(self):
+        self.pids = []
+
+    def start(self, fn) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                # OpenMP's thread pool does not survive fork: stay single-threaded, as
+                # torch's DataLoader workers do.
+                torch.set_num_threads(1)
+                code = 0 if fn() else 2
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.pids.append(pid)
+        return pid
+
+    def wait(self, pid, timeout=120.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.pids.remove(pid)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.02)
+        raise AssertionError(f"child {pid} did not finish in {timeout} s")
+
+    def kill(self, pid) -> None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        self.pids.remove(pid)
+
+
+@pytest.fixture
+def children():
+    kids = _Children()
+    try:
+        yield kids
+    finally:
+        for pid in list(kids.pids):
+            kids.kill(pid)
 
 
 def _wait_for(predicate, timeout=60.0):
@@ -368,7 +402,7 @@ def _wait_for(predicate, timeout=60.0):
     return False
 
 
-def test_writer_killed_mid_write_leaves_no_readable_page(mnt, tmp_path):
+def test_writer_killed_mid_write_leaves_no_readable_page(mnt, tmp_path, children):
     pool = make_mha_host_pool(layers=16, heads=8, head_dim=128)  # 1 MiB pages
     fill_random(pool, seed=13)
     key = keys_for("killed", 1)[0]
@@ -383,13 +417,13 @@ def test_writer_killed_mid_write_leaves_no_readable_page(mnt, tmp_path):
             stalled.write_text("1")
             time.sleep(600)
 
+        w = backend(mnt, pool)
         js.os.pwritev = half_then_hang
-        return backend(mnt, pool).batch_set_v1([key], indices(pool, [0])) == [True]
+        return w.batch_set_v1([key], indices(pool, [0])) == [True]
 
-    pid = _child(writer)
+    pid = children.start(writer)
     assert _wait_for(stalled.exists), "writer never started"
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    children.kill(pid)
 
     b = backend(mnt, pool)
     shard = os.path.dirname(page_path(b, key))
@@ -406,7 +440,7 @@ def test_writer_killed_mid_write_leaves_no_readable_page(mnt, tmp_path):
     assert b.clear() and not glob.glob(os.path.join(shard, ".tmp.*"))
 
 
-def test_writer_killed_at_random_points_only_leaves_valid_pages(mnt):
+def test_writer_killed_at_random_points_only_leaves_valid_pages(mnt, children):
     pool = make_mha_host_pool(layers=16, heads=8, head_dim=128)  # 1 MiB pages, 17 of them
     fill_random(pool, seed=14)
     n_pages = pool.page_num - 1
@@ -420,11 +454,10 @@ def test_writer_killed_at_random_points_only_leaves_valid_pages(mnt):
             w.batch_set_v1(batch, indices(pool, [(i + j) % n_pages for j in range(len(batch))]))
         return True
 
-    pid = _child(writer)
+    pid = children.start(writer)
     assert _wait_for(lambda: b.batch_exists(keys[:5]) == 5, 120)
     time.sleep(0.05 + (os.getpid() % 7) * 0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    children.kill(pid)
     published = [i for i, k in enumerate(keys) if os.path.exists(page_path(b, k))]
     assert published
     scratch = n_pages  # the padding page, never a source
@@ -436,24 +469,27 @@ def test_writer_killed_at_random_points_only_leaves_valid_pages(mnt):
     assert all(not b.exists(k) for k in missing[:50])
 
 
-def test_two_processes_writing_the_same_keys_leave_one_valid_page(mnt, tmp_path):
-    pool = make_mha_host_pool()
+def test_two_processes_writing_the_same_keys_leave_one_valid_page(mnt, tmp_path, children):
+    # Same geometry (so the same namespace), different bytes.
+    pools = {fill: make_mha_host_pool() for fill in (0x11, 0x22)}
+    for fill, p in pools.items():
+        p.kv_buffer.view(torch.uint8).fill_(fill)
+    pool = pools[0x11]
     keys = keys_for("twowriters", 24)
     go = tmp_path / "go"
 
     def writer(fill):
         def run():
-            pool.kv_buffer.view(torch.uint8).fill_(fill)
-            w = backend(mnt, pool, threads=8)
+            w = backend(mnt, pools[fill], threads=8)
             assert _wait_for(go.exists)
-            return w.batch_set_v1(keys, indices(pool, [i % 8 for i in range(len(keys))])) == [True] * len(keys)
+            idx = indices(pools[fill], [i % 8 for i in range(len(keys))])
+            return w.batch_set_v1(keys, idx) == [True] * len(keys)
         return run
 
-    pids = [_child(writer(0x11)), _child(writer(0x22))]
+    pids = [children.start(writer(0x11)), children.start(writer(0x22))]
     time.sleep(0.3)
     go.write_text("1")
-    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
-    assert codes == [0, 0]
+    assert [children.wait(p) for p in pids] == [0, 0]
     b = backend(mnt, pool)
     page = pool.page_size * pool.size_per_token
     for k in keys:
@@ -545,9 +581,10 @@ def test_used_before_pool_registration_is_a_miss(mnt):
 # --------------------------------------------------------------------------- loading
 
 
-def _dynamic_extra(mount):
-    return {"backend_name": "juicefs", "module_path": "kvtuner_hicache.juicefs_storage",
-            "class_name": "JuiceFSStorage", "interface_v1": 1, "mount_point": mount}
+# What --hicache-storage-backend-extra-config carries for `--hicache-storage-backend dynamic`
+# (plus mount_point).
+DYNAMIC = {"backend_name": "juicefs", "module_path": "kvtuner_hicache.juicefs_storage",
+           "class_name": "JuiceFSStorage", "interface_v1": 1}
 
 
 def test_loads_through_sglang_dynamic_factory(mnt):
@@ -555,7 +592,7 @@ def test_loads_through_sglang_dynamic_factory(mnt):
 
     pool = make_mha_host_pool()
     fill_random(pool, seed=17)
-    cfg = storage_config(None, **_dynamic_extra(mnt))
+    cfg = storage_config(mnt, **DYNAMIC)
     b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
     assert isinstance(b, JuiceFSStorage)
     b.register_mem_pool_host(pool)  # what the cache controller does next
@@ -573,6 +610,9 @@ def test_builtin_construction_form(mnt):
     ns = b.ns_dir
     b.register_mem_pool_host(pool)  # the controller registers again: no change
     assert b.ns_dir == ns
+    b.register_mem_host_pool_v2(pool, "kv")  # hybrid controllers re-announce the KV pool
+    with pytest.raises(NotImplementedError, match="KV pages only"):
+        b.register_mem_host_pool_v2(pool, "mamba")
 
 
 def test_patched_factory_creates_juicefs(mnt):
@@ -594,7 +634,7 @@ from juicefs_fixture import make_mha_host_pool, storage_config
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 pool = make_mha_host_pool()
 pool.kv_buffer.view(torch.uint8).fill_(7)
-cfg = storage_config(None, **json.loads({json.dumps(json.dumps(_dynamic_extra(mnt)))}))
+cfg = storage_config({mnt!r}, **json.loads({json.dumps(json.dumps(DYNAMIC))}))
 b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
 b.register_mem_pool_host(pool)
 ok = b.batch_set_v1(["standalone"], torch.arange(16)) == [True]

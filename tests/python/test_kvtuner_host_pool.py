@@ -182,10 +182,34 @@ def test_residual_window_exact(sgl, kvh, kq):
         assert not torch.equal(got_k[layer][:-w], ref_k[layer][:-w])
     # Storage and a second reader only ever see the quantized page.
     row = host.get_data_page(int(hidx[-1]))
-    assert bytes(row[:64].numpy()) == host.kvtuner_layout.header
+    assert host.kvtuner_layout.header_mismatch(bytes(row[:64].numpy())) is None
     # Freeing the pages drops their overlay entries; a reuse is never served stale.
     host.free(hidx)
     assert host.kvtuner_overlay_pages() == []
+
+
+def test_residual_overlay_never_serves_a_refilled_row(sgl, kvh, kq):
+    """A row refilled without free()/set_from_flat_data_page (a zero-copy storage
+    read, a wrapper pool with its own allocator) loses its exact copy: the backup
+    stamp in the page header no longer matches."""
+    cfg = make_cfg(kvh, residual_length=PAGE)
+    dev = device_pool(sgl)
+    host = host_pool(sgl, kvh, dev, cfg)
+    ha, hb = host.alloc(PAGE), host.alloc(PAGE)
+    host.backup_from_device_all_layer(dev, ha, torch.arange(PAGE, 2 * PAGE), "kernel")
+    host.backup_from_device_all_layer(dev, hb, torch.arange(3 * PAGE, 4 * PAGE), "kernel")
+    pa, pb = int(ha[0]) // PAGE, int(hb[0]) // PAGE
+    assert host.kvtuner_overlay_pages() == sorted([pa, pb])
+    # What page b decodes to from its quantized bytes alone:
+    host._overlay_drop(torch.tensor([pb]))
+    out = torch.arange(5 * PAGE, 6 * PAGE)
+    host.load_to_device_per_layer(dev, hb, out, 0, "kernel")
+    want = dev.k_buffer[0][out].clone()
+    # Row a is overwritten in place with page b's stored bytes (as a zero-copy read would).
+    host.kv_buffer[pa].copy_(host.kv_buffer[pb])
+    assert host.kvtuner_check_pages(ha) == [True]
+    host.load_to_device_per_layer(dev, ha, out, 0, "kernel")
+    assert torch.equal(dev.k_buffer[0][out], want)
 
 
 def test_residual_overlay_is_bounded_and_evicts_oldest(sgl, kvh, kq):
@@ -230,6 +254,24 @@ def test_bytes_per_token_match_format(sgl, kvh, kq, bits):
     ratio = stock / host.size_per_token
     assert ratio > {8: 1.5, 4: 2.5, 2: 4.0}[bits[0]], ratio
     assert host.size >= int(0.01e9 // host.size_per_token) - PAGE
+
+
+def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
+    """--hicache-ratio buys the stock pool's bytes, so more tokens."""
+    dev = device_pool(sgl, size=4096)
+    info = dev.get_device_pool_infos()[0].buffer_info
+    stock = sgl["mha"].MHATokenToKVPoolHost(
+        info, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu",
+        device_capacity_tokens=dev.size, start_layer=0, end_layer=LAYERS,
+    )
+    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(
+        info, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu",
+        device_capacity_tokens=dev.size, start_layer=0, end_layer=LAYERS,
+        kvtuner_config=make_cfg(kvh),
+    )
+    stock_bytes = stock.kv_buffer.numel() * stock.kv_buffer.element_size()
+    assert ours.kv_buffer.numel() <= stock_bytes + ours.kvtuner_layout.row_nbytes
+    assert ours.size > 3 * stock.size
 
 
 def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):

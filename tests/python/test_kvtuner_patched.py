@@ -97,3 +97,20 @@ def test_selection_follows_the_flag(sgl, kvh):
         enable_hierarchical_cache=True, enable_kvtuner_hicache=True
     ):
         assert mha.get_mha_host_pool_cls(info) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(enable_kvtuner_hicache=True), "needs --enable-hierarchical-cache"),
+    (dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True, page_size=32),
+     r"--kvtuner-hicache-q-group-size=64 is longer than a page \(--page-size 32\)"),
+    (dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True,
+          kvtuner_hicache_layer_config="/nonexistent.yaml"), "no such file"),
+])
+def test_resolution_rejects_bad_combinations(sgl, kw, msg):
+    """SGLang's own resolution pipeline (what `sglang serve` runs) raises the message."""
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match=msg):
+        ServerArgs(model_path="dummy", **kw).resolve_once()
+    ServerArgs(model_path="dummy", enable_kvtuner_hicache=True,
+               enable_hierarchical_cache=True, page_size=64).resolve_once()

@@ -1,19 +1,32 @@
-"""KVTuner quantized-HiCache server arguments for SGLang's ``memory`` namespace.
+"""The nine KVTuner quantized-HiCache server arguments: the one description of the CLI.
 
-``kvtuner-patch`` copies the body of :class:`KvtunerHicacheMemoryFields` (everything
-below its docstring) to the end of ``class Memory(msgspec.Struct)`` in
-``sglang/srt/arg_groups/fields/memory.py`` (SGLang 0.5.20 - 0.5.23). SGLang derives one
-``--kebab-case`` flag per field (``enable_kvtuner_hicache`` -> ``--enable-kvtuner-hicache``),
-so these declarations are the whole CLI: ``bool`` fields become ``store_true`` flags,
-``choices`` are checked by argparse after ``int`` conversion, and the values are read at
-runtime as ``server_args.<field>`` / ``get_memory().<field>``.
+Every era of SGLang gets these flags from this file (``src/groups/kvtuner.rs``):
 
-The body may only use names that ``memory.py`` itself imports (``A``, ``Arg``,
-``Optional``): SGLang resolves the annotations in that module. The patch engine checks
-that they are bound there before it injects anything.
+- 0.5.20 - 0.5.23: the body of :class:`KvtunerHicacheFields` (everything below its
+  docstring) is appended to ``class Memory(msgspec.Struct)`` in
+  ``sglang/srt/arg_groups/fields/memory.py``.
+- 0.5.14 - 0.5.19: the same body goes into ``@dataclass class ServerArgs`` in
+  ``sglang/srt/server_args.py``, after ``hicache_storage_backend_extra_config``.
+- 0.5.3 - 0.5.13 (explicit ``parser.add_argument`` calls): kvtuner-patch reads name, type,
+  default, ``choices`` and ``help`` of each declaration below and renders them as plain
+  dataclass fields (``name: T = default``) plus one ``parser.add_argument(...)`` per flag
+  in ``ServerArgs.add_cli_args``, after ``--hicache-storage-backend-extra-config``.
+  So only what that renderer understands may appear here: types ``bool`` (default
+  ``False``: a ``store_true`` flag), ``int``, ``float``, ``str``, ``Optional[...]`` of those;
+  ``Arg(help=<string literals>, choices=[...])``; a literal default.
 
-This file is also a valid module on its own: importing it (with SGLang installed) builds
-the struct, which is how the declarations are tested outside a patched tree.
+In the two annotated eras SGLang derives one ``--kebab-case`` flag per field
+(``enable_kvtuner_hicache`` -> ``--enable-kvtuner-hicache``): ``bool`` fields become
+``store_true`` flags, ``choices`` are checked by argparse after ``int`` conversion, and the
+values are read at runtime as ``server_args.<field>`` (or ``get_memory().<field>``).
+
+The body may only use names that the target module itself imports (``A``, ``Arg``,
+``Optional``): SGLang resolves the annotations there. The patch engine checks that they
+are bound before it injects anything.
+
+This file is also a valid module on its own: importing it (with SGLang >= 0.5.20
+installed) builds the struct, which is how the declarations are tested outside a patched
+tree.
 """
 
 from __future__ import annotations
@@ -25,8 +38,8 @@ import msgspec
 from sglang.srt.arg_groups.arg_utils import A, Arg
 
 
-class KvtunerHicacheMemoryFields(msgspec.Struct):
-    """Fields appended to SGLang's ``Memory`` namespace (the CLI contract of kvtuner-patch)."""
+class KvtunerHicacheFields(msgspec.Struct):
+    """The server arguments kvtuner-patch adds (the CLI contract of the tool)."""
 
     # -------------------------------------------------------------------------
     # KVTuner quantized hierarchical cache (injected by kvtuner-patch)

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The release matrix: kvtuner-patch on every SGLang release in scripts/releases.txt.
+#
+# usage: scripts/release-matrix.sh [--out FILE] [--functional FILE] [--only GROUP]... [--jobs N] [RELEASE...]
+#
+# Builds the CLI (release profile), then for each release (all of releases.txt, or the ones
+# named): gets the wheel (cached by scripts/sglang-wheel.sh), copies its tree to a temporary
+# folder and checks, in order:
+#   status   says the release is supported (exit 1 = supported and not applied yet)
+#   apply    succeeds, and a second apply changes nothing (tree hashes equal)
+#   verify   passes (every group intact, every touched file parses with tree-sitter and
+#            compiles with python3 / $KVTUNER_PYTHON)
+#   revert   succeeds and the tree is byte-identical to the pristine wheel (diff -r)
+# Prints one row per release and writes the markdown table between the release-matrix markers
+# of FILE (default docs/compat.md; created if missing). Exits 1 if any release fails.
+#
+# The functional column comes from --functional FILE (default: $KVTUNER_FUNCTIONAL_RESULTS,
+# else target/functional-results.tsv), written by the Python functional tests: one line per
+# release, `RELEASE<TAB>RESULT` (e.g. `0.5.23	pass`), `#` comments; a later line for the same
+# release wins. Releases it does not list show `n/a`.
+#
+# --only GROUP is passed to apply/verify/status (default: every group). --jobs N checks N
+# releases at once (default: the number of CPUs).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+
+# ---- one release (run as a child: `release-matrix.sh --check-one VERSION WORKDIR`) ------------
+if [ "${1:-}" = "--check-one" ]; then
+    v=$2 work=$3
+    bin="$here/target/release/kvtuner-patch"
+    read -r -a only <<<"${KVTUNER_MATRIX_ONLY:-}"
+    start=$(date +%s.%N)
+    tree="$work/tree-$v"
+    era="?" groups="-" apply="-" verify="-" revert="-" why=""
+    row() {
+        local secs
+        secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "$era" "$groups" "$apply" "$verify" "$revert" "$secs" "$why" >"$work/row-$v"
+        rm -rf "$tree"
+        exit 0
+    }
+    fail() { why="$1"; row; }
+    tree_hash() { (cd "$tree" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum); }
+    # The last line of a command's output, for the reason column.
+    last() { tail -n 1 "$work/out-$v" | tr '\t' ' ' | cut -c1-160; }
+
+    src=$("$here/scripts/sglang-wheel.sh" "$v" 2>"$work/out-$v") || fail "wheel: $(last)"
+    mkdir -p "$tree"
+    cp -a "$src/." "$tree/" 2>"$work/out-$v" || fail "copy: $(last)"
+
+    code=0
+    "$bin" --json status "${only[@]/#/--only=}" --sglang-root "$tree" >"$work/out-$v" 2>&1 || code=$?
+    read -r era groups supported reason < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))["report"]
+groups = ",".join(g["id"] for g in r["groups"]) or "-"
+print(r["tree"]["era"] or "unknown", groups, r["support"]["supported"], r["support"]["reason"].replace("\t", " "))
+' "$work/out-$v" 2>/dev/null || echo "? - False unreadable status output")
+    if [ "$supported" != "True" ] || [ "$code" != 1 ]; then
+        apply="FAIL"; fail "status (exit $code): $reason"
+    fi
+
+    "$bin" apply "${only[@]/#/--only=}" --sglang-root "$tree" >"$work/out-$v" 2>&1 || { apply="FAIL"; fail "apply: $(last)"; }
+    once=$(tree_hash)
+    "$bin" apply "${only[@]/#/--only=}" --sglang-root "$tree" >"$work/out-$v" 2>&1 || { apply="FAIL"; fail "second apply: $(last)"; }
+    grep -q "nothing to do" "$work/out-$v" && [ "$once" = "$(tree_hash)" ] ||
+        { apply="FAIL"; fail "second apply changed the tree: $(last)"; }
+    apply="ok"
+
+    if "$bin" verify "${only[@]/#/--only=}" --sglang-root "$tree" >"$work/out-$v" 2>&1; then
+        verify="ok"
+    else
+        verify="FAIL"; why="verify: $(grep '^problem: ' "$work/out-$v" | head -n 1 | cut -c1-160)"
+    fi
+
+    "$bin" revert --sglang-root "$tree" >"$work/out-$v" 2>&1 || { revert="FAIL"; fail "revert: $(last)"; }
+    if diff -r -q "$src" "$tree" >"$work/out-$v" 2>&1; then
+        revert="ok"
+    else
+        revert="FAIL"; why="${why:+$why; }revert not byte-identical: $(last)"
+    fi
+    row
+fi
+
+# ---- the matrix --------------------------------------------------------------------------------
+out="$here/docs/compat.md"
+functional="${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}"
+jobs=$(nproc 2>/dev/null || echo 2)
+only=()
+releases=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) out=$2; shift 2 ;;
+        --functional) functional=$2; shift 2 ;;
+        --only) only+=("$2"); shift 2 ;;
+        --jobs) jobs=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "release-matrix.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) releases+=("$1"); shift ;;
+    esac
+done
+if [ ${#releases[@]} -eq 0 ]; then
+    mapfile -t releases < <(grep -v '^\s*#' "$here/scripts/releases.txt" | grep -v '^\s*$')
+fi
+
+cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# Fetch missing wheels one at a time (pip and the cache are not safe to share between jobs).
+for v in "${releases[@]}"; do "$here/scripts/sglang-wheel.sh" "$v" >/dev/null; done
+
+t0=$(date +%s)
+export KVTUNER_MATRIX_ONLY="${only[*]:-}"
+printf '%s\n' "${releases[@]}" | xargs -P "$jobs" -I{} bash "$0" --check-one {} "$work"
+
+declare -A func=()
+if [ -f "$functional" ]; then
+    while IFS=$'\t' read -r rel res; do
+        case "$rel" in ''|'#'*) continue ;; esac
+        func[$rel]=$res
+    done <"$functional"
+fi
+
+failed=0
+declare -A seen_groups=()
+table="$work/table.md"
+{
+    echo "| release | era | apply | verify | revert | functional |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+} >"$table"
+printf '%-13s %-24s %-6s %-6s %-6s %-10s %s\n' release era apply verify revert functional seconds
+for v in "${releases[@]}"; do
+    IFS=$'\t' read -r _ era groups apply verify revert secs why <"$work/row-$v" ||
+        { era="?" groups="-" apply="FAIL" verify="-" revert="-" secs="?" why="no result"; }
+    [ "$groups" = "-" ] || seen_groups[$groups]=1
+    f=${func[$v]:-n/a}
+    printf '%-13s %-24s %-6s %-6s %-6s %-10s %s%s\n' "$v" "$era" "$apply" "$verify" "$revert" "$f" "$secs" "${why:+  $why}"
+    echo "| $v | $era | $apply | $verify | $revert | $f |" >>"$table"
+    if [ "$apply" != ok ] || [ "$verify" != ok ] || [ "$revert" != ok ]; then failed=$((failed + 1)); fi
+    case "$f" in fail*|FAIL*) failed=$((failed + 1)) ;; esac
+done
+elapsed=$(($(date +%s) - t0))
+groups=$(printf '%s\n' "${!seen_groups[@]}" | tr ',' '\n' | sort -u | paste -sd, - | sed 's/,/, /g')
+groups=${groups:-none}
+echo "${#releases[@]} releases, $failed failing, ${elapsed}s with $jobs jobs (groups: $groups)"
+
+# The table between the markers of $out (the README includes / the lead copies this part).
+begin='<!-- release-matrix:begin (generated by scripts/release-matrix.sh; do not edit) -->'
+end='<!-- release-matrix:end -->'
+{
+    echo "$begin"
+    echo
+    echo "Groups checked: $groups. apply = status says supported, apply succeeds, a second apply"
+    echo "changes nothing; verify = every group intact, every touched file parses and compiles;"
+    echo "revert = byte-identical to the pristine wheel; functional = the Python functional tests"
+    echo "against a full install of that release (\`n/a\` = not run for that release)."
+    echo
+    cat "$table"
+    echo
+    echo "$end"
+} >"$work/block.md"
+if [ ! -f "$out" ]; then
+    mkdir -p "$(dirname "$out")"
+    printf '# SGLang release compatibility\n' >"$out"
+fi
+if grep -qF '<!-- release-matrix:begin' "$out" && grep -qF "$end" "$out"; then
+    awk -v blockfile="$work/block.md" '
+        /<!-- release-matrix:begin/ { while ((getline l < blockfile) > 0) print l; skip = 1; next }
+        /<!-- release-matrix:end -->/ { skip = 0; next }
+        !skip { print }' "$out" >"$work/out.md"
+    cat "$work/out.md" >"$out"
+else
+    { echo; cat "$work/block.md"; } >>"$out"
+fi
+echo "table written to ${out#"$here"/}"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: build and install the kvtuner-patch CLI and the kvtuner_quant
+# module, then patch and verify a fresh copy of the newest supported SGLang release.
+#
+#   PYTHON=/path/to/python  install kvtuner_quant (and kvtuner_hicache) into this interpreter's
+#                           environment instead of the tool's own venv (e.g. your SGLang venv)
+#   SGLANG_VERSION=V        patch release V instead of the newest supported one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
+version=${SGLANG_VERSION:-$(grep -v '^#' scripts/releases.txt | tail -n 1)}
+
+echo "==== building and installing the kvtuner-patch CLI (cargo install)"
+cargo install --quiet --locked --path . --root "$cache/cli"
+cli="$cache/cli/bin/kvtuner-patch"
+
+echo "==== building and installing kvtuner_quant and kvtuner_hicache (pip)"
+if [ -n "${PYTHON:-}" ]; then
+    py=$PYTHON
+else
+    venv="$cache/venvs/kvtuner-tool"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    py="$venv/bin/python"
+fi
+"$py" -m pip install --quiet ./quant ./patches
+"$py" -c 'import kvtuner_quant, kvtuner_hicache; print("kvtuner_quant", kvtuner_quant.__version__, "at", kvtuner_quant.__file__)'
+
+echo "==== fresh copy of SGLang $version (wheel cached under $cache/wheels)"
+pristine=$(scripts/sglang-wheel.sh "$version")
+work="$cache/demo/sglang-$version"
+rm -rf "$work" && mkdir -p "$work" && cp -a "$pristine/." "$work/"
+
+echo "==== kvtuner-patch status"
+"$cli" status --sglang-root "$work" || true
+echo "==== kvtuner-patch apply"
+"$cli" apply --sglang-root "$work" --python "$py"
+echo "==== kvtuner-patch verify"
+"$cli" verify --sglang-root "$work" --python "$py"
+echo
+echo "Patched tree: $work   (CLI: $cli; undo with: $cli revert --sglang-root $work)"

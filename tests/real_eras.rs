@@ -1,0 +1,95 @@
+//! The `kvtuner` group on one real release of each older server-args era (the wheels,
+//! downloaded once and cached by `scripts/sglang-wheel.sh`; no network means these FAIL, they
+//! are never skipped). Every release of the list is checked by `scripts/release-matrix.sh`;
+//! these pin the exact diff on real SGLang code.
+
+mod common;
+use common::*;
+use std::fs;
+use std::path::PathBuf;
+
+const SERVER_ARGS: &str = "sglang/srt/server_args.py";
+
+fn release_tree(version: &str) -> PathBuf {
+    let script = repo().join("scripts/sglang-wheel.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(version)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "downloading SGLang {version} with {} failed (network or PyPI unreachable?): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn cycle(version: &str, era: &str, snapshot_name: &str, blocks: &[&str]) {
+    let t = copy_tree(&release_tree(version), "");
+    let root = t.path();
+    let original = snapshot(root);
+
+    let (code, v) = run_json(&["status"], root);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["report"]["tree"]["version"], version);
+    assert_eq!(v["report"]["tree"]["era"], era);
+    assert_eq!(v["report"]["tree"]["layout"], era);
+    assert_eq!(v["report"]["support"]["supported"], true);
+
+    let (code, diff, err) = run(&["diff"], root);
+    assert_eq!(code, 1, "{err}");
+    insta::assert_snapshot!(snapshot_name, diff);
+
+    let (code, out, err) = run(&["apply"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("applied [kvtuner]: {SERVER_ARGS}"));
+    let text = fs::read_to_string(root.join(SERVER_ARGS)).unwrap();
+    for b in blocks {
+        assert_eq!(
+            text.matches(&format!("# >>> kvtuner-patch:kvtuner/{b} sha256="))
+                .count(),
+            1,
+            "{b}"
+        );
+    }
+    assert_eq!(run(&["verify"], root).0, 0);
+    let applied = snapshot(root);
+    let (code, out, _) = run(&["apply"], root);
+    assert!(code == 0 && out.contains("nothing to do"), "{out}");
+    assert_same_tree(&applied, &snapshot(root));
+    let (code, _, err) = run(&["revert"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&original, &snapshot(root));
+}
+
+#[test]
+fn real_0_5_3_dataclass_add_argument() {
+    cycle(
+        "0.5.3",
+        "dataclass-add-argument",
+        "real_0_5_3_kvtuner_diff",
+        &["server-args-fields", "cli-arguments"],
+    );
+}
+
+#[test]
+fn real_0_5_14_annotated_server_args() {
+    cycle(
+        "0.5.14",
+        "annotated-server-args",
+        "real_0_5_14_kvtuner_diff",
+        &["server-args-fields"],
+    );
+}
+
+#[test]
+fn real_0_5_19_namespaced_server_args() {
+    cycle(
+        "0.5.19",
+        "namespaced-server-args",
+        "real_0_5_19_kvtuner_diff",
+        &["server-args-fields"],
+    );
+}
