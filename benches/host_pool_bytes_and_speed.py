@@ -1,7 +1,8 @@
 """Bytes per token and CPU throughput of the KVTuner quantizing HiCache host pool.
 
 Run in the SGLang venv with kvtuner_quant installed:
-    $(scripts/sglang-venv.sh 0.5.23)/bin/python benches/host_pool_bytes_and_speed.py [--threads N]
+    $(scripts/sglang-venv.sh 0.5.23)/bin/python benches/host_pool_bytes_and_speed.py \
+        [--threads N] [--torch-threads N] [--tokens N] [--runs N]
 
 Geometry: one TP shard of a Llama-3-8B-like model (32 layers, 8 KV heads,
 head_dim 128, fp16, page 64). The device pool is SGLang's real MHATokenToKVPool
@@ -65,7 +66,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per transfer (2048 = 256 MiB fp16)")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="kvtuner_quant threads (0 = its default)")
+    ap.add_argument("--threads", type=int, default=1, help="kvtuner_quant threads (0 = its default)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads for the gathers/scatters of both sides; on a "
+                         "loaded 2-core box OpenMP spin-waits make >1 erratic")
     a = ap.parse_args()
 
     import kvtuner_quant as kq
@@ -76,7 +80,8 @@ def main():
 
     if a.threads:
         kq.set_num_threads(a.threads)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     n = a.tokens // PAGE * PAGE
     dev = MHATokenToKVPool(
         size=n + PAGE, page_size=PAGE, dtype=torch.float16, head_num=HEADS, head_dim=HEAD_DIM,

@@ -52,7 +52,11 @@ if [ "${1:-}" = "--check-one" ]; then
     "$bin" --json status "${only[@]/#/--only=}" --sglang-root "$tree" >"$work/out-$v" 2>&1 || code=$?
     read -r era groups supported reason < <(python3 -c '
 import json, sys
-r = json.load(open(sys.argv[1]))["report"]
+d = json.load(open(sys.argv[1]))
+if "report" not in d:  # refused before looking at the tree (bad arguments)
+    print("?", "-", False, d.get("error", "no report").replace("\n", " "))
+    sys.exit()
+r = d["report"]
 groups = ",".join(g["id"] for g in r["groups"]) or "-"
 print(r["tree"]["era"] or "unknown", groups, r["support"]["supported"], r["support"]["reason"].replace("\t", " "))
 ' "$work/out-$v" 2>/dev/null || echo "? - False unreadable status output")

@@ -7,7 +7,9 @@
 //! inserted block is taken from the anchor it goes next to.
 
 use crate::edit::Edit;
-use crate::group::{BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
+use crate::group::{
+    BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet, FIRST_PARAM,
+};
 use crate::marker;
 use crate::sources::Sources;
 use crate::syntax::{self, PyFile};
@@ -305,6 +307,78 @@ fn chain_node<'t>(
     )
 }
 
+fn fn_name(f: FnRef) -> &'static str {
+    match f {
+        FnRef::Module { name, .. } | FnRef::Method { name, .. } => name,
+    }
+}
+
+/// The `function_definition` found by [`function_node`] (decorators unwrapped).
+fn the_function(pf: &PyFile, start: usize) -> Node<'_> {
+    syntax::function_def(node_at(
+        pf,
+        start,
+        &["function_definition", "decorated_definition"],
+    ))
+}
+
+/// The one assignment to `target` in the function: the statement a block goes after.
+fn assignment_node<'t>(
+    tag: &str,
+    pf: &'t PyFile,
+    func: Node<'t>,
+    function: FnRef,
+    target: &str,
+) -> Result<Node<'t>> {
+    exactly_one(
+        tag,
+        pf,
+        || {
+            format!(
+                "assignment `{target} = ...` in function `{}`",
+                fn_name(function)
+            )
+        },
+        syntax::assignments(pf, func, target),
+    )
+}
+
+/// A function-scoped block's lines with [`FIRST_PARAM`] replaced by the function's first
+/// parameter; a function without one (when the block needs it) is drift.
+fn function_block(
+    tag: &str,
+    pf: &PyFile,
+    func: Node,
+    function: FnRef,
+    block: Snippet,
+) -> Result<String> {
+    let (lines, _) = snippet_lines(block)?;
+    if !lines.contains(FIRST_PARAM) {
+        return Ok(lines);
+    }
+    match syntax::first_parameter(pf, func) {
+        Some(p) => Ok(lines.replace(FIRST_PARAM, &p)),
+        None => Err(drift(
+            tag,
+            &pf.rel,
+            format!("a named first parameter of function `{}`", fn_name(function)),
+            0,
+            vec![],
+        )),
+    }
+}
+
+/// Code signal of the line-shaped kinds: 1 if every non-blank line of `block` (trimmed) is a
+/// line of `text`, else 0.
+fn lines_present(text: &str, block: &str) -> usize {
+    let have: std::collections::HashSet<&str> = text.lines().map(str::trim).collect();
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .all(|l| have.contains(l)) as usize
+}
+
 // ---------------------------------------------------------------------------------------------
 // Snippets
 // ---------------------------------------------------------------------------------------------
@@ -344,12 +418,8 @@ fn snippet_lines(s: Snippet) -> Result<(String, Vec<String>)> {
                 bail!("embedded patch {source_path}: expected one class `{class}`")
             };
             let mut stmts = syntax::body_statements(cls);
-            let is_docstring = |n: &Node| {
-                n.kind() == "expression_statement"
-                    && n.named_child(0).is_some_and(|c| c.kind() == "string")
-            };
             let start = match stmts.first() {
-                Some(first) if is_docstring(first) => {
+                Some(first) if syntax::is_docstring(*first) => {
                     let end = syntax::line_end(&pf.src, first.end_byte());
                     stmts.remove(0);
                     end
@@ -551,6 +621,53 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
                 edits: vec![insertion(&pf.src, pos, text)],
             })
         }
+        PatchKind::FunctionStart { function, block } => {
+            let (rel, start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let func = the_function(pf, start);
+            let stmts = syntax::body_statements(func);
+            let Some(first) = stmts.first() else {
+                bail!("{tag}: {rel}: function `{}` has an empty body", fn_name(function));
+            };
+            if first.start_position().row == func.start_position().row {
+                bail!(
+                    "{tag}: {rel}:{}: the body of `{}` is on its `def` line; not supported",
+                    func.start_position().row + 1,
+                    fn_name(function)
+                );
+            }
+            let indent = syntax::indent_at(&pf.src, first.start_byte()).to_string();
+            // The docstring stays the first statement (it is what `help()` shows).
+            let pos = if syntax::is_docstring(*first) {
+                syntax::line_end(&pf.src, first.end_byte())
+            } else {
+                syntax::line_start(&pf.src, first.start_byte())
+            };
+            let lines = function_block(tag, pf, func, function, block)?;
+            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
+            Ok(Planned::Edits {
+                rel,
+                edits: vec![insertion(&pf.src, pos, text)],
+            })
+        }
+        PatchKind::AfterAssign {
+            function,
+            target,
+            block,
+        } => {
+            let (rel, start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let func = the_function(pf, start);
+            let stmt = assignment_node(tag, pf, func, function, target)?;
+            let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
+            let lines = function_block(tag, pf, func, function, block)?;
+            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
+            let pos = syntax::line_end(&pf.src, stmt.end_byte());
+            Ok(Planned::Edits {
+                rel,
+                edits: vec![insertion(&pf.src, pos, text)],
+            })
+        }
     }
 }
 
@@ -617,17 +734,7 @@ pub fn detect(src: &mut Sources, group: &Group, patch: &Patch) -> Result<(PatchS
             let text = src
                 .text(file)?
                 .ok_or_else(|| drift(tag, file, "file".into(), 0, vec![]))?;
-            let have: std::collections::HashSet<&str> = text.lines().map(str::trim).collect();
-            let want: Vec<&str> = lines
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            let present = if want.iter().all(|l| have.contains(l)) {
-                1
-            } else {
-                0
-            };
+            let present = lines_present(text, &lines);
             Ok((combine(tag, file, present, 1, text), file.to_string()))
         }
         PatchKind::ListItem { list, item } => {
@@ -648,6 +755,29 @@ pub fn detect(src: &mut Sources, group: &Group, patch: &Patch) -> Result<(PatchS
             let pf = src.get(&rel).expect("loaded");
             let chain = chain_node(tag, pf, func_start, chain_has)?;
             let present = syntax::chain_conditions(pf, chain).contains(&condition) as usize;
+            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
+        }
+        // The block's lines inside the function (anchors re-checked, so a renamed function
+        // or a duplicated assignment reads as drift, not as "not applied").
+        PatchKind::FunctionStart { function, block } => {
+            let (rel, start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let func = the_function(pf, start);
+            let lines = function_block(tag, pf, func, function, block)?;
+            let present = lines_present(pf.text(func), &lines);
+            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
+        }
+        PatchKind::AfterAssign {
+            function,
+            target,
+            block,
+        } => {
+            let (rel, start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let func = the_function(pf, start);
+            assignment_node(tag, pf, func, function, target)?;
+            let lines = function_block(tag, pf, func, function, block)?;
+            let present = lines_present(pf.text(func), &lines);
             Ok((combine(tag, &rel, present, 1, &pf.src), rel))
         }
     }

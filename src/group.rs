@@ -56,6 +56,12 @@ pub enum FnRef {
     Method { class: ClassRef, name: &'static str },
 }
 
+/// In the block of a function-scoped patch ([`PatchKind::FunctionStart`],
+/// [`PatchKind::AfterAssign`]), this stands for the name of the function's first parameter as
+/// the tree spells it (for a method, `self`): releases renamed parameters (`device_pool` ->
+/// `buffer_info`), and one text then serves them all.
+pub const FIRST_PARAM: &str = "{first_param}";
+
 /// Python text to inject.
 #[derive(Debug, Clone, Copy)]
 pub enum Snippet {
@@ -102,6 +108,16 @@ pub enum PatchKind {
         chain_has: &'static str,
         condition: &'static str,
         body: Snippet,
+    },
+    /// Insert `block` as the first statements of `function`'s body (after its docstring, if
+    /// any). [`FIRST_PARAM`] in the block is the function's first parameter.
+    FunctionStart { function: FnRef, block: Snippet },
+    /// Insert `block` right after the one statement assigning `target` (`target = ...` or
+    /// `target: T = ...`) anywhere in `function`'s body. [`FIRST_PARAM`] as above.
+    AfterAssign {
+        function: FnRef,
+        target: &'static str,
+        block: Snippet,
     },
 }
 

@@ -50,7 +50,8 @@ struct Root {
 
 #[derive(Args)]
 struct Only {
-    /// Only this patch group (repeatable). Groups: kvtuner.
+    /// Only this patch group (repeatable). Groups: kvtuner (server arguments), hostpool
+    /// (quantizing host pool), juicefs (storage backend; needs hostpool applied or selected).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
 }

@@ -270,6 +270,14 @@ pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Resu
         )
         .into());
     }
+    let missing = missing_requirements(&tree, &mut src, &applied, &already)?;
+    if !missing.is_empty() {
+        return Err(Refusal::error(
+            "refusing to apply: a selected group needs another group that is neither applied to this tree nor selected; nothing was changed",
+            missing,
+        )
+        .into());
+    }
     let plan = Plan::build(planned, &mut src)?;
     plan.validate(python)?;
     if write && !plan.is_empty() {
@@ -283,6 +291,38 @@ pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Resu
         files: plan.changes.iter().map(|c| c.rel.clone()).collect(),
         diff: plan.diff(&tree),
     })
+}
+
+/// For each group about to be applied, the groups it requires (`groups::REGISTRY`) that are
+/// neither selected in this run nor applied to the tree, as "what to do" lines.
+fn missing_requirements(
+    tree: &SglangTree,
+    src: &mut Sources,
+    applying: &[String],
+    already: &[String],
+) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for id in applying {
+        for req in groups::requires(id) {
+            if applying.iter().chain(already).any(|g| g == req) {
+                continue;
+            }
+            let in_tree = match groups::select(&[req.to_string()], era_of(tree))?
+                .groups
+                .first()
+            {
+                Some(g) => group_status(src, g)?.state == GroupState::Applied,
+                None => false,
+            };
+            if !in_tree {
+                missing.push(format!(
+                    "group `{id}` requires group `{req}`, which is not applied to this tree: \
+                     apply both (`--only {req} --only {id}`, or no --only)"
+                ));
+            }
+        }
+    }
+    Ok(missing)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,9 +608,22 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
         crate::manifest::write_atomic(&tree.path(&rel), out.as_bytes(), None)?;
         report.restored.push(rel);
     }
+    let mut folders: Vec<String> = Vec::new();
     for rel in injected {
         fs::remove_file(tree.path(&rel))?;
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            if !folders.iter().any(|d| d == dir) {
+                folders.push(dir.to_string());
+            }
+        }
         report.removed.push(rel);
+    }
+    // The folders apply created for injected files, when nothing else is left in them
+    // (without a manifest this is the best guess; anything put there is the user's and stays).
+    for d in folders {
+        if fs::remove_dir(tree.path(&d)).is_ok() {
+            report.removed.push(format!("{d}/"));
+        }
     }
     Ok(report)
 }

@@ -169,6 +169,52 @@ pub fn functions<'t>(file: &'t PyFile, name: &str) -> Vec<Node<'t>> {
         .collect()
 }
 
+/// The `function_definition` of a plain or decorated definition.
+pub fn function_def(node: Node) -> Node {
+    if node.kind() == "decorated_definition" {
+        node.child_by_field_name("definition").unwrap_or(node)
+    } else {
+        node
+    }
+}
+
+/// Name of the first parameter of `func` (a `function_definition`), if it has a named one
+/// (not `*args`, `**kw`, `*` or `/`).
+pub fn first_parameter(file: &PyFile, func: Node) -> Option<String> {
+    let params = func.child_by_field_name("parameters")?;
+    let mut cursor = params.walk();
+    let first = params
+        .named_children(&mut cursor)
+        .find(|n| n.kind() != "comment")?;
+    let name = match first.kind() {
+        "identifier" => first,
+        // `name: T` has no `name` field; its first child is the identifier.
+        "typed_parameter" => first.named_child(0)?,
+        "default_parameter" | "typed_default_parameter" => first.child_by_field_name("name")?,
+        _ => return None,
+    };
+    (name.kind() == "identifier").then(|| file.text(name).to_string())
+}
+
+/// Statements `name = ...` / `name: T = ...` anywhere under `scope`.
+pub fn assignments<'t>(file: &'t PyFile, scope: Node<'t>, name: &str) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        scope,
+        &mut |n| {
+            n.kind() == "expression_statement" && statement_binds(file, n).as_deref() == Some(name)
+        },
+        &mut out,
+    );
+    out
+}
+
+/// A string-literal expression statement (a docstring when it comes first in a body).
+pub fn is_docstring(stmt: Node) -> bool {
+    stmt.kind() == "expression_statement"
+        && stmt.named_child(0).is_some_and(|c| c.kind() == "string")
+}
+
 /// Calls to `callee` (a bare name or the last part of `obj.callee`) under `scope`, optionally
 /// only those whose first positional argument is the string literal `first_arg`.
 pub fn calls<'t>(
@@ -382,6 +428,28 @@ register_backend("file", "mod", "Cls")
         assert_eq!(chain_conditions(&f, chains[0]).len(), 2);
         assert!(module_binds(&f, "Opt") && module_binds(&f, "Arg") && module_binds(&f, "msgspec"));
         assert!(!module_binds(&f, "Optional"));
+    }
+
+    #[test]
+    fn first_parameters_and_assignments() {
+        let src = "def a(x: int, y=1):\n    \"\"\"doc\"\"\"\n    cfg = x\n    if y:\n        cfg: int = 2\n\
+                   def b(*args):\n    pass\n\
+                   def c(z=3):\n    pass\n\
+                   def d(w: int = 4):\n    pass\n\
+                   def e(v, /):\n    pass\n";
+        let f = PyFile::parse("m.py", src.to_string()).unwrap();
+        assert!(f.syntax_error().is_none());
+        let first = |name: &str| first_parameter(&f, function_def(functions(&f, name)[0]));
+        assert_eq!(first("a").as_deref(), Some("x"));
+        assert_eq!(first("b"), None);
+        assert_eq!(first("c").as_deref(), Some("z"));
+        assert_eq!(first("d").as_deref(), Some("w"));
+        assert_eq!(first("e").as_deref(), Some("v"));
+        let a = functions(&f, "a")[0];
+        assert_eq!(assignments(&f, a, "cfg").len(), 2);
+        assert_eq!(assignments(&f, a, "x").len(), 0);
+        assert!(is_docstring(body_statements(a)[0]));
+        assert!(!is_docstring(body_statements(a)[1]));
     }
 
     #[test]

@@ -208,7 +208,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
             weakref.WeakValueDictionary()
         )
-        if host_token_capacity is None and not (host_size and host_size > 0):
+        if host_token_capacity is None and not (host_size and host_size > 0) and host_to_device_ratio:
             # --hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
             # byte budget and the device pool's fp16 bytes) is read as a memory
             # ratio: the pool gets the bytes the stock pool would, and so holds

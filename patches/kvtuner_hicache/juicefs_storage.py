@@ -24,7 +24,20 @@ A page file is a 32-byte header followed by the page bytes::
 The key tag binds the file to (namespace, payload order, key): a file copied or renamed into the
 wrong place reads as a miss. Every failure on the data path (ENOENT, EIO, ENOTCONN, short or long
 file, header, tag or checksum mismatch, volume unmounted) is a miss or a refused write, logged,
-never an exception into SGLang.
+never an exception into SGLang. A file that contradicts its own header (truncated, extended,
+checksum mismatch) is deleted by the writer rank so the next backup can publish the key again.
+
+Volume health: every call first checks that the mount point still has the device it had at
+startup. After ``juicefs umount`` (or a dead FUSE daemon: ENOTCONN) everything misses and no
+write lands on the local disk under the bare mount point; when the same kind of file system is
+mounted there again and holds this namespace, the backend resumes (probed every 5 s).
+
+Capacity (``capacity_bytes``, optional): bytes this backend may have in its namespace, counted from
+a startup scan plus its own writes. A batch is granted space in key order up to the first page
+that does not fit; that page and the rest of the batch are refused (``False``, so SGLang stops
+that backup) while stored pages keep serving reads. Nothing is evicted: free space with
+``clear()`` or by deleting namespace files (JuiceFS directory quotas, EDQUOT, also read as refused
+writes).
 
 Zero-copy vs verification: reads land directly in the host-pool pages (``preadv`` into views of
 ``get_page_buffer_meta`` regions) and the checksum is verified over those bytes afterwards. A page
@@ -375,7 +388,6 @@ class JuiceFSStorage(HiCacheStorage):
         )
         self._lock = threading.Lock()
         self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
-        self._shards_made: set = set()
         self._publish = "renameat2" if _renameat2 is not None else "link"
         self._volume_lost_logged = False
         self._unregistered_logged = False
@@ -435,7 +447,6 @@ class JuiceFSStorage(HiCacheStorage):
         self.namespace = self._namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
         os.makedirs(self.ns_dir, exist_ok=True)
-        self._shards_made.clear()
         self._known.clear()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
@@ -587,15 +598,20 @@ class JuiceFSStorage(HiCacheStorage):
             return self._read_failed(key, f"read: {e}")
         finally:
             os.close(fd)
-        if got != HEADER_SIZE + expected:
-            return self._read_failed(key, f"size {got} bytes, expected {HEADER_SIZE + expected}",
-                                     corrupt=True)
+        # "corrupt" = the file contradicts itself (dropped, see _read_failed); a well-formed
+        # page this reader cannot use (other byte order, length or key) is only a miss.
+        if got < HEADER_SIZE:
+            return self._read_failed(key, f"{got} bytes, shorter than a header", corrupt=True)
         magic, version, algo, length, checksum, tag = _HEADER.unpack(header)
-        if magic != _MAGIC or version != _VERSION or length != expected:
+        if magic != _MAGIC or version != _VERSION:
             return self._read_failed(key, "bad header", corrupt=True)
+        if length != expected:
+            return self._read_failed(key, f"page of {length} bytes, expected {expected}")
+        if got != HEADER_SIZE + expected:
+            return self._read_failed(key, f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
+                                     f" bytes, header says {HEADER_SIZE + expected}", corrupt=True)
         if tag != self._key_tag(key, order):
-            return self._read_failed(key, "key tag mismatch (other namespace or byte order)",
-                                     corrupt=True)
+            return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
         if algo == _ALGO_XXH3 and xxhash is None or algo not in (_ALGO_CRC32, _ALGO_XXH3):
             return self._read_failed(key, f"checksum algorithm {algo} unavailable")
         if _digest(algo, views) != checksum:
@@ -610,8 +626,8 @@ class JuiceFSStorage(HiCacheStorage):
         self.counters["get_misses"] += 1
         logger.warning("juicefs backend: page %s is a miss: %s", key, why)
         if corrupt and self.is_writer:
-            # Pages are write-once, so a bad file stays bad: drop it so a later backup can
-            # publish the key again (at worst this drops a good page a racing writer just
+            # Pages are write-once, so a damaged file stays damaged: drop it so a later backup
+            # can publish the key again (at worst this drops a good page a racing writer just
             # published, which is a miss, never bad data).
             try:
                 os.unlink(self._path(key))

@@ -8,8 +8,9 @@ run by run so that background load hits every contender alike:
               copied concurrently, numpy releases the GIL)
 * rust      - kvtuner_quant.quantize_pages / dequantize_pages over the whole working set, pages of
               --page-tokens tokens, into preallocated buffers
-* torch     - the same formula written with torch ops (torch.set_num_threads = thread count), run over
-              the whole working set in 16 MiB slices so its temporaries stay bounded
+* torch     - the same formula written with torch ops (torch.set_num_threads = thread count), timed on
+              a --torch-mib slice (in 16 MiB pieces so its temporaries stay bounded) and scaled: it runs
+              at well under 1 GB/s, so ten runs over the full set would take minutes
 * numpy     - the same formula in plain numpy (the oracle's math), single-threaded, timed on a
               --numpy-mib slice and scaled to GB/s (it is ~100x slower; the full set would take minutes)
 
@@ -169,6 +170,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--numpy-mib", type=int, default=8, help="slice the numpy implementation is timed on")
     ap.add_argument("--torch-slice-mib", type=int, default=16)
+    ap.add_argument("--torch-mib", type=int, default=32, help="slice the torch implementation is timed on")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--per-channel", action="store_true", help="also time K layout: axis 1, group 32")
     ap.add_argument("--cpu-time", action="store_true",
@@ -193,12 +195,14 @@ def main():
     ns = max(P, args.numpy_mib * (1 << 20) // (2 * H * D) // P * P)
     xs = x16[:ns]
     tsl = max(1, args.torch_slice_mib * (1 << 20) // (2 * H * D))
+    ttok = min(tokens, max(tsl, args.torch_mib * (1 << 20) // (2 * H * D)))
 
     print(f"kvtuner_quant bench: {nbytes / 2**20:.0f} MiB fp16 [{tokens}, {H}, {D}] in {n} pages of {P} tokens, "
           f"asym per-token group {G}; {args.runs} runs, medians; machine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, simd={kq._native._simd_enabled()}")
+          f"{os.cpu_count()} cpus, kernels={['portable', 'avx2', 'avx512'][kq._native._simd_level()]}")
     print(f"numpy implementation timed on a {xs.nbytes / 2**20:.0f} MiB slice, scaled; torch "
-          f"{'(not installed)' if torch is None else torch.__version__} over the full set in {tsl * H * D * 2 / 2**20:.0f} MiB slices")
+          f"{'(not installed)' if torch is None else torch.__version__} timed on a {ttok * H * D * 2 / 2**20:.0f} MiB slice "
+          f"(in {tsl * H * D * 2 / 2**20:.0f} MiB pieces), scaled")
 
     configs = [dict(bits=b, asym=True, axis=0, group_size=G) for b in map(int, args.bits.split(","))]
     if args.per_channel:
@@ -239,13 +243,13 @@ def main():
                 tq_state = {}
 
                 def tq():
-                    for a in range(0, tokens, tsl):
-                        tq_state[a] = torch_quantize(tx[a:a + tsl], bits, G)
+                    for a in range(0, ttok, tsl):
+                        tq_state[a] = torch_quantize(tx[a:min(a + tsl, ttok)], bits, G)
 
                 def tdq():
-                    for a in range(0, tokens, tsl):
+                    for a in range(0, ttok, tsl):
                         p_, s_, m_ = tq_state[a]
-                        torch_dequantize(p_, s_, m_, bits, G, tout[a:a + tsl])
+                        torch_dequantize(p_, s_, m_, bits, G, tout[a:min(a + tsl, ttok)])
 
                 if torch is not None:
                     tx = torch.from_numpy(x16)
@@ -261,8 +265,8 @@ def main():
                         t["npq"].append(timed(lambda: np_quantize(xs, bits, G)) * nbytes / xs.nbytes)
                         t["npdq"].append(timed(lambda: np_dequantize(*npk, bits, G, xs.shape)) * nbytes / xs.nbytes)
                     if torch is not None:
-                        t["tq"].append(timed(tq))
-                        t["tdq"].append(timed(tdq))
+                        t["tq"].append(timed(tq) * tokens / ttok)
+                        t["tdq"].append(timed(tdq) * tokens / ttok)
             gbs = lambda k: nbytes / med(t[k]) / 1e9  # noqa: E731
             ratio = lambda a, b: med([x / y for x, y in zip(t[a], t[b])])  # time(b)/time(a) per run  # noqa: E731
             row = dict(threads=nt, cfg=cfg, mem=gbs("mem"), q=gbs("q"), dq=gbs("dq"),

@@ -2,7 +2,7 @@
 //! shapes allow 16-lane steps; group parameters reuse the AVX2 code (`avx2::params`). Same bytes as the
 //! portable path (tests compare them); only speed differs.
 
-use crate::avx2::{params, stats_cols, with_scratch};
+use crate::avx2::{params, with_scratch};
 use crate::elem::Elem;
 use crate::format::{Config, DType};
 use crate::kernel::CodeRange;
@@ -162,6 +162,48 @@ unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, xf: &mut [f32], 
     }
 }
 
+/// Per-channel (finite, min, max) over `g` rows of `c` (multiple of 32) elements: 32 channels (one
+/// 64-byte line of fp16) at a time down the rows, running values in registers.
+#[inline(always)]
+unsafe fn stats_cols32<E: Elem>(x: *const E, c: usize, g: usize, lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
+    let one = _mm512_set1_ps(1.0);
+    let zero = _mm512_setzero_ps();
+    let mut cb = 0;
+    while cb < c {
+        let (mut mn0, mut mx0, mut ac0) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY), zero);
+        let (mut mn1, mut mx1, mut ac1) = (mn0, mx0, zero);
+        for r in 0..g {
+            let p = x.add(r * c + cb);
+            let (v0, v1) = (load16(p), load16(p.add(16)));
+            // sums: non-finite iff some element is (or a float32 sum overflowed: rechecked below)
+            ac0 = _mm512_add_ps(ac0, v0);
+            ac1 = _mm512_add_ps(ac1, v1);
+            mn0 = _mm512_min_ps(mn0, v0);
+            mn1 = _mm512_min_ps(mn1, v1);
+            mx0 = _mm512_max_ps(mx0, v0);
+            mx1 = _mm512_max_ps(mx1, v1);
+        }
+        _mm512_storeu_ps(lo.as_mut_ptr().add(cb), mn0);
+        _mm512_storeu_ps(lo.as_mut_ptr().add(cb + 16), mn1);
+        _mm512_storeu_ps(hi.as_mut_ptr().add(cb), mx0);
+        _mm512_storeu_ps(hi.as_mut_ptr().add(cb + 16), mx1);
+        for (h, ac) in [(0usize, ac0), (16, ac1)] {
+            let z = _mm512_mul_ps(ac, zero);
+            let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
+            _mm512_storeu_ps(fin.as_mut_ptr().add(cb + h), one);
+            if bad != 0 {
+                for j in 0..16 {
+                    if bad >> j & 1 != 0 {
+                        let ok = (0..g).all(|r| (*x.add(r * c + cb + h + j)).to_f32().is_finite());
+                        fin[cb + h + j] = ok as u8 as f32;
+                    }
+                }
+            }
+        }
+        cb += 32;
+    }
+}
+
 /// Whether this module can take a chunk: 16-lane rows and, per-token, 32-element groups.
 pub fn fits(cfg: &Config, c: usize) -> bool {
     c % 32 == 0 && (cfg.axis == 1 || cfg.group_size % 32 == 0)
@@ -242,7 +284,7 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
             let (prcp, pm) = s.split_at_mut(c);
             for u in 0..units {
                 let xu = x.as_ptr().add(u * g * c);
-                stats_cols(xu, c, g, lo, hi, fin);
+                stats_cols32(xu, c, g, lo, hi, fin);
                 params::<E>(cfg, c, lo, hi, fin, sp.add(u * c * es), mp.add(u * c * es), pdiv, prcp, pm);
                 for r in 0..g {
                     let xr = xu.add(r * c);

@@ -460,3 +460,16 @@ if given is not None:
         hd = g * mult if axis == 0 else 8 * mult
         x = make(dtype, (tokens, heads, hd), seed=seed, scale=scale, specials=tokens >= 12 and hd >= 8)
         check(x, dtype, bits=bits, asym=asym, axis=axis, group_size=g, residual_length=res)
+
+
+def test_ml_dtypes_bfloat16_numpy():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits16 = make("bfloat16", (40, 2, 64), seed=9)
+    x = bits16.view(ml_dtypes.bfloat16)
+    q = kq.quantize(x, bits=4, asym=True, axis=1, group_size=16, residual_length=3)
+    assert q.dtype == "bfloat16"
+    ref = oracle.quantize_ref(bits16, "bfloat16", bits=4, asym=True, axis=1, group_size=16, residual_length=3)
+    np.testing.assert_array_equal(np.frombuffer(q._unpack()[1], np.uint32), ref.scale_bits)
+    out = np.empty(x.shape, ml_dtypes.bfloat16)
+    kq.dequantize(q, out=out)
+    assert oracle.ulp_diff(out.view(np.uint16), ref.xhat, "bfloat16").max() <= 1

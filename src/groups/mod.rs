@@ -15,6 +15,8 @@
 use crate::group::Group;
 use crate::tree::Era;
 
+pub mod hostpool;
+pub mod juicefs;
 pub mod kvtuner;
 
 /// One registered group.
@@ -22,13 +24,38 @@ pub struct Entry {
     pub id: &'static str,
     /// The group's form for an era, `None` where it has none (yet).
     pub for_era: fn(Era) -> Option<Group>,
+    /// Groups that must be applied with (or before) this one: `apply --only` it alone on a
+    /// tree without them is refused, naming them (never pulled in silently).
+    pub requires: &'static [&'static str],
 }
 
-/// Every group, in apply order.
-pub const REGISTRY: &[Entry] = &[Entry {
-    id: kvtuner::ID,
-    for_era: kvtuner::group,
-}];
+/// Every group, in apply order (a group after the ones it requires).
+pub const REGISTRY: &[Entry] = &[
+    Entry {
+        id: kvtuner::ID,
+        for_era: kvtuner::group,
+        requires: &[],
+    },
+    Entry {
+        id: hostpool::ID,
+        for_era: |era| newest_only(era, hostpool::group),
+        requires: &[],
+    },
+    Entry {
+        // Its backend module lives in the package `hostpool` injects.
+        id: juicefs::ID,
+        for_era: |era| newest_only(era, juicefs::group),
+        requires: &[hostpool::ID],
+    },
+];
+
+/// The groups `id` requires.
+pub fn requires(id: &str) -> &'static [&'static str] {
+    REGISTRY
+        .iter()
+        .find(|e| e.id == id)
+        .map_or(&[], |e| e.requires)
+}
 
 /// For groups that only know the newest layout (`Era::MemoryStruct`, 0.5.20 - 0.5.23).
 pub fn newest_only(era: Era, group: fn() -> Group) -> Option<Group> {
@@ -53,7 +80,11 @@ pub struct Selection {
 
 /// Groups selected by `--only` for `era`, or an error naming an unknown id.
 pub fn select(only: &[String], era: Era) -> anyhow::Result<Selection> {
-    let known: Vec<&str> = REGISTRY.iter().map(|e| e.id).collect();
+    select_from(REGISTRY, only, era)
+}
+
+fn select_from(registry: &[Entry], only: &[String], era: Era) -> anyhow::Result<Selection> {
+    let known: Vec<&str> = registry.iter().map(|e| e.id).collect();
     for id in only {
         if !known.contains(&id.as_str()) {
             anyhow::bail!("unknown group `{id}`; known groups: {}", known.join(", "));
@@ -63,7 +94,7 @@ pub fn select(only: &[String], era: Era) -> anyhow::Result<Selection> {
         groups: Vec::new(),
         unsupported: Vec::new(),
     };
-    for entry in REGISTRY {
+    for entry in registry {
         if !only.is_empty() && !only.iter().any(|o| o == entry.id) {
             continue;
         }
@@ -109,5 +140,53 @@ mod tests {
                 assert_eq!(p.len(), g.patches.len(), "{} {era:?}", g.id);
             }
         }
+        // A required group exists and comes earlier (apply order).
+        for (i, entry) in REGISTRY.iter().enumerate() {
+            for r in entry.requires {
+                let at = REGISTRY.iter().position(|e| e.id == *r);
+                assert!(at.is_some_and(|at| at < i), "{} requires {r}", entry.id);
+            }
+        }
+    }
+
+    /// A group written for the newest layout only: selected there, reported (not silently
+    /// dropped) on older eras, and `--only` can leave it out.
+    #[test]
+    fn a_newest_only_group_is_unsupported_on_older_eras() {
+        fn toy() -> Group {
+            Group {
+                id: "toy",
+                summary: "toy",
+                patches: vec![],
+            }
+        }
+        let registry = [
+            Entry {
+                id: kvtuner::ID,
+                for_era: kvtuner::group,
+                requires: &[],
+            },
+            Entry {
+                id: "toy",
+                for_era: |era| newest_only(era, toy),
+                requires: &[],
+            },
+        ];
+        let sel = select_from(&registry, &[], Era::MemoryStruct).unwrap();
+        assert_eq!(sel.groups.len(), 2);
+        assert!(sel.unsupported.is_empty());
+        let sel = select_from(&registry, &[], Era::DataclassAddArgument).unwrap();
+        assert_eq!(sel.groups.len(), 1);
+        assert_eq!(sel.unsupported.len(), 1);
+        let (id, why) = &sel.unsupported[0];
+        assert_eq!(id, "toy");
+        assert!(
+            why.contains("group `toy` cannot patch this era yet") && why.ends_with("memory-struct"),
+            "{why}"
+        );
+        let only = ["kvtuner".to_string()];
+        let sel = select_from(&registry, &only, Era::DataclassAddArgument).unwrap();
+        assert!(sel.groups.len() == 1 && sel.unsupported.is_empty());
+        assert!(select_from(&registry, &["nope".into()], Era::MemoryStruct).is_err());
     }
 }

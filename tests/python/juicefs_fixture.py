@@ -121,14 +121,27 @@ def create_volume(name: str = "kvtest") -> Volume:
     return vol
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def juicefs_volume():
-    """One mounted volume for the session; unmounted and removed afterwards, pass or fail."""
+    """One mounted volume for the session; unmounted and removed afterwards, pass or fail.
+    SIGTERM (e.g. from `timeout`) is turned into KeyboardInterrupt meanwhile, so pytest still
+    runs this teardown instead of leaving a FUSE mount behind."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     vol = create_volume("kvtest")
     try:
         yield vol
     finally:
         vol.destroy()
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -19,13 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import (  # noqa: E402  (fixtures are used by name)
-    REPO,
-    juicefs_volume,
-    make_mha_host_pool,
-    make_volume,
-    storage_config,
-)
+# juicefs_volume / make_volume come from conftest.py (juicefs_fixture.py).
+from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
 
 # The package is importable standalone; without PYTHONPATH=patches use the checkout's copy.
 if str(REPO / "patches") not in sys.path:
@@ -150,6 +145,9 @@ def test_v1_and_legacy_share_pages_only_when_bytes_agree(mnt):
             assert out is not None and out.view(torch.uint8).numpy().tobytes() == page_bytes(pool, 0)
         else:
             assert out is None
+            # ... and the refused read left the other path's page in place.
+            assert b.batch_get_v1([key], indices(pool, [5])) == [True]
+            assert page_bytes(pool, 5) == page_bytes(pool, 0)
 
 
 def test_batch_exists_counts_leading_hits(mnt):
@@ -623,6 +621,11 @@ def test_patched_factory_creates_juicefs(mnt):
     pool = make_mha_host_pool()
     b = StorageBackendFactory.create_backend("juicefs", storage_config(mnt), pool)
     assert type(b).__name__ == "JuiceFSStorage" and b.mem_pool_host is pool
+    # The controller must pick the zero-copy v1 path for it, like for the other built-ins.
+    import inspect
+
+    from sglang.srt.managers.cache_controller import HiCacheController
+    assert '"juicefs"' in inspect.getsource(HiCacheController.attach_storage_backend)
 
 
 def test_standalone_package_loads_in_a_fresh_interpreter(mnt):

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import REPO, juicefs_volume, make_mha_host_pool, storage_config  # noqa: E402,F401
+from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
 
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
@@ -23,7 +23,7 @@ if str(REPO / "patches") not in sys.path:
 from kvtuner_hicache.juicefs_storage import HEADER_SIZE, JuiceFSStorage  # noqa: E402
 
 try:
-    import kvtuner_quant  # noqa: F401
+    import kvtuner_quant  # noqa: F401  (the compiled quantizer the pool needs)
     from kvtuner_hicache import config as kvconfig
     from kvtuner_hicache import host_pool as kvhost
 except ImportError as e:  # the quantizer is a compiled extension (pip install ./quant)

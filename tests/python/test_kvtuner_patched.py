@@ -114,3 +114,27 @@ def test_resolution_rejects_bad_combinations(sgl, kw, msg):
         ServerArgs(model_path="dummy", **kw).resolve_once()
     ServerArgs(model_path="dummy", enable_kvtuner_hicache=True,
                enable_hierarchical_cache=True, page_size=64).resolve_once()
+
+
+def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
+    """The selected class, built the way build_kv_host_pool builds it (no explicit
+    config), takes its bits from the published server args, preset included."""
+    from sglang.srt.runtime_context import get_context
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("1: {nbits_key: 2, nbits_value: 2}\n")
+    pool = sgl["memory_pool"].MHATokenToKVPool(
+        size=256, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
+        layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
+    )
+    info = pool.get_device_pool_infos()[0].buffer_info
+    with get_context().override_server_args(
+        enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
+        kvtuner_hicache_nbits_key=8, kvtuner_hicache_layer_config=str(preset),
+        kvtuner_hicache_residual_length=0,
+    ):
+        cls = sgl["mha"].get_mha_host_pool_cls(info)
+        host = cls(info, 2.0, 0, 64, "page_first", pin_memory=False,
+                   device_capacity_tokens=pool.size, start_layer=0, end_layer=2)
+    assert host.kvtuner_plan.layer_bits == ((8, 4), (2, 2))
+    assert host._ovl is None

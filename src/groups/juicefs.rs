@@ -1,0 +1,108 @@
+//! `juicefs`: the JuiceFS HiCache storage backend as a built-in `--hicache-storage-backend`
+//! choice, SGLang 0.5.20 - 0.5.23 (`memory-struct` era). Needs `hostpool` (see `REGISTRY`):
+//! the backend module lives in the package that group injects.
+//!
+//! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
+//! - `"juicefs"` in the `choices` of `Memory.hicache_storage_backend` (argparse accepts it);
+//! - `StorageBackendFactory.register_backend("juicefs", ...)` next to the `"file"` one (the
+//!   factory's registry knows it);
+//! - an `elif backend_name == "juicefs":` branch in `_create_builtin_backend`, which builds
+//!   every registered backend: like the other third-party stores there it gets
+//!   `(storage_config, mem_pool_host)`; its options come from `storage_config.extra_config`
+//!   (`--hicache-storage-backend-extra-config`), and the cache controller calls
+//!   `register_mem_pool_host` on it afterwards as on every backend.
+
+use crate::group::{ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
+
+pub const ID: &str = "juicefs";
+
+const FACTORY_PY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
+const FACTORY: ClassRef = ClassRef {
+    name: "StorageBackendFactory",
+    under: "sglang/srt",
+};
+
+/// Written in the file's own style for registrations that do not fit one line.
+const REGISTER: &str = r#"
+StorageBackendFactory.register_backend(
+    "juicefs",
+    "sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage",
+    "JuiceFSStorage",
+)
+"#;
+
+pub fn group() -> Group {
+    Group {
+        id: ID,
+        summary: "JuiceFS HiCache storage backend (--hicache-storage-backend juicefs)",
+        patches: vec![
+            Patch {
+                id: "backend-file",
+                what: "inject kvtuner_hicache/juicefs_storage.py",
+                kind: PatchKind::InjectFile {
+                    dest: "sglang/srt/mem_cache/kvtuner_hicache/juicefs_storage.py",
+                    source: include_str!("../../patches/kvtuner_hicache/juicefs_storage.py"),
+                },
+            },
+            Patch {
+                id: "choice",
+                what: "\"juicefs\" among the --hicache-storage-backend choices",
+                kind: PatchKind::ListItem {
+                    list: ListRef::FieldKeyword {
+                        class: ClassRef {
+                            name: "Memory",
+                            under: "sglang/srt",
+                        },
+                        field: "hicache_storage_backend",
+                        keyword: "choices",
+                    },
+                    item: "\"juicefs\"",
+                },
+            },
+            Patch {
+                id: "register",
+                what: "register_backend(\"juicefs\", ...) after the \"file\" registration",
+                kind: PatchKind::AfterCall {
+                    file: FACTORY_PY,
+                    callee: "register_backend",
+                    first_arg: Some("file"),
+                    block: Snippet::Text(REGISTER),
+                },
+            },
+            Patch {
+                id: "builtin-branch",
+                what: "juicefs branch in StorageBackendFactory._create_builtin_backend",
+                kind: PatchKind::ElifBranch {
+                    function: FnRef::Method {
+                        class: FACTORY,
+                        name: "_create_builtin_backend",
+                    },
+                    chain_has: "\"file\"",
+                    condition: "backend_name == \"juicefs\"",
+                    body: Snippet::Text("return backend_class(storage_config, mem_pool_host)"),
+                },
+            },
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend goes into the package `hostpool` injects, under the class name the module
+    /// really defines.
+    #[test]
+    fn backend_file_sits_in_the_hostpool_package_and_names_its_class() {
+        let g = group();
+        let PatchKind::InjectFile { dest, source } = g.patches[0].kind else {
+            panic!("first patch injects the backend")
+        };
+        assert_eq!(
+            dest.rsplit_once('/').unwrap().0,
+            super::super::hostpool::PACKAGE_DIR
+        );
+        assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
+        assert!(REGISTER.contains("\"JuiceFSStorage\""));
+    }
+}
