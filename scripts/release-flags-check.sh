@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Opt-in, slow (about 10 s a release): the kvtuner flags on the real argparse path of older
+# Opt-in, slow (about 10 s a release): the `kvtuner` flags on the real argparse path of older
 # releases, without a full install of each. For each release (default: every release of
 # scripts/releases.txt before the msgspec era, 0.5.3 - 0.5.19) it patches a copy of the wheel
 # tree and imports that tree's `sglang.srt.server_args` with the interpreter of the cached
@@ -60,7 +60,7 @@ for v in "${releases[@]}"; do
     tree="$work/$v"
     mkdir -p "$tree"
     cp -a "$("$here/scripts/sglang-wheel.sh" "$v")/." "$tree/"
-    "$bin" apply --sglang-root "$tree" >/dev/null
+    "$bin" apply --only kvtuner --sglang-root "$tree" >/dev/null
     if out=$(cd "$tree" && PYTHONPATH="$tree" "$py" -B -c "$check" 2>&1); then
         echo "$v: ${out##*$'\n'}"
     else

@@ -361,7 +361,10 @@ fn function_block(
         None => Err(drift(
             tag,
             &pf.rel,
-            format!("a named first parameter of function `{}`", fn_name(function)),
+            format!(
+                "a named first parameter of function `{}`",
+                fn_name(function)
+            ),
             0,
             vec![],
         )),
@@ -627,7 +630,10 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let func = the_function(pf, start);
             let stmts = syntax::body_statements(func);
             let Some(first) = stmts.first() else {
-                bail!("{tag}: {rel}: function `{}` has an empty body", fn_name(function));
+                bail!(
+                    "{tag}: {rel}: function `{}` has an empty body",
+                    fn_name(function)
+                );
             };
             if first.start_position().row == func.start_position().row {
                 bail!(

@@ -46,12 +46,13 @@ pub struct GroupStatus {
 
 impl GroupStatus {
     pub fn problems(&self) -> Vec<String> {
+        let some_applied = self.patches.iter().any(|p| p.state == PatchState::Applied);
         self.patches
             .iter()
             .filter_map(|p| match &p.state {
                 PatchState::Drifted(d) => Some(d.clone()),
                 // Part of a group missing while the rest is there (a block removed by hand).
-                PatchState::NotApplied if self.state == GroupState::Drifted => Some(format!(
+                PatchState::NotApplied if some_applied => Some(format!(
                     "{}/{}: {}: not applied, but other patches of the group are",
                     self.id,
                     p.id,
@@ -124,7 +125,11 @@ fn support_of(tree: &SglangTree, sel: &groups::Selection) -> Support {
     let why: Vec<&str> = sel.unsupported.iter().map(|(_, r)| r.as_str()).collect();
     Support {
         supported: false,
-        reason: format!("{}; but {}", s.reason, why.join("; ")),
+        reason: format!(
+            "{}; but {} (`--only` can select the others)",
+            s.reason,
+            why.join("; ")
+        ),
     }
 }
 
@@ -152,13 +157,24 @@ fn require_supported(tree: &SglangTree, sel: &groups::Selection) -> Result<()> {
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
     pub tree: SglangTree,
+    /// Whether the selected groups can be applied to this tree (release and groups).
     pub support: Support,
+    /// Whether the release itself is supported (in the list, layout matching its era).
+    pub release_support: Support,
+    /// Selected groups that have no form for the tree's era (not looked up).
+    pub unsupported_groups: Vec<UnsupportedGroup>,
     /// A manifest from an earlier `apply` is in the tree.
     pub manifest: bool,
     pub groups: Vec<GroupStatus>,
     /// Every anchor of every group form for the tree's era, looked up report-only: for a
     /// release newer than the list this says at once what still matches and what moved.
     pub anchors: Vec<AnchorCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UnsupportedGroup {
+    pub id: String,
+    pub reason: String,
 }
 
 /// One patch's anchor lookup.
@@ -216,6 +232,15 @@ pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
         StatusReport {
             tree: tree.clone(),
             support,
+            release_support: tree.support(),
+            unsupported_groups: sel
+                .unsupported
+                .iter()
+                .map(|(id, reason)| UnsupportedGroup {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
             manifest,
             groups: statuses,
             anchors,

@@ -5,6 +5,12 @@ use common::*;
 use std::fs;
 
 const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
+const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
+const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
+const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
+const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
+/// Every existing file the three groups edit, in manifest (path) order.
+const EDITED: [&str; 4] = [MEMORY, HOOK, MHA, FACTORY];
 
 #[test]
 fn status_of_a_fresh_tree() {
@@ -20,6 +26,14 @@ fn status_of_a_fresh_tree() {
     assert_eq!(r["groups"][0]["id"], "kvtuner");
     assert_eq!(r["groups"][0]["state"], "not_applied");
     assert_eq!(r["groups"][0]["patches"][0]["file"], MEMORY);
+    assert_eq!(r["groups"][1]["id"], "hostpool");
+    assert_eq!(r["groups"][2]["id"], "juicefs");
+    for g in 1..3 {
+        assert_eq!(r["groups"][g]["state"], "not_applied");
+    }
+    for a in r["anchors"].as_array().unwrap() {
+        assert_eq!(a["found"], true, "{a}");
+    }
 }
 
 #[test]
@@ -29,7 +43,7 @@ fn dry_run_diff_is_snapshotted_writes_nothing_and_git_applies() {
     let (code, diff, err) = run(&["apply", "--dry-run"], t.path());
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("nothing written"));
-    insta::assert_snapshot!("fixture_0_5_23_kvtuner_diff", diff);
+    insta::assert_snapshot!("fixture_0_5_23_diff", elide_new_files(&diff));
     assert_same_tree(&before, &snapshot(t.path()));
 
     // `diff` prints the same and exits 1 (differences).
@@ -42,10 +56,11 @@ fn dry_run_diff_is_snapshotted_writes_nothing_and_git_applies() {
     git_apply(by_git.path(), &diff, true);
     let (code, _, err) = run(&["apply"], t.path());
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        fs::read(by_git.path().join(MEMORY)).unwrap(),
-        fs::read(t.path().join(MEMORY)).unwrap()
-    );
+    let mut by_git = snapshot(by_git.path());
+    by_git.retain(|k, _| !k.starts_with(".git"));
+    let mut applied = snapshot(t.path());
+    applied.retain(|k, _| !k.starts_with("sglang/.kvtuner-patch"));
+    assert_same_tree(&by_git, &applied);
 }
 
 #[test]
@@ -55,7 +70,10 @@ fn apply_verify_revert_is_byte_identical_and_apply_is_idempotent() {
 
     let (code, out, err) = run(&["apply"], t.path());
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("applied [kvtuner]"), "{out}");
+    assert!(
+        out.starts_with("applied [kvtuner, hostpool, juicefs]: "),
+        "{out}"
+    );
     let text = fs::read_to_string(t.path().join(MEMORY)).unwrap();
     for f in [
         "enable_kvtuner_hicache",
@@ -81,7 +99,7 @@ fn apply_verify_revert_is_byte_identical_and_apply_is_idempotent() {
     assert_eq!(v["report"]["applied"], serde_json::json!([]));
     assert_eq!(
         v["report"]["already_applied"],
-        serde_json::json!(["kvtuner"])
+        serde_json::json!(["kvtuner", "hostpool", "juicefs"])
     );
 
     let (code, out, _) = run(&["diff"], t.path());
@@ -101,7 +119,11 @@ fn apply_verify_revert_is_byte_identical_and_apply_is_idempotent() {
 
     let (code, v) = run_json(&["revert"], t.path());
     assert_eq!(code, 0, "{v}");
-    assert_eq!(v["report"]["restored"], serde_json::json!([MEMORY]));
+    assert_eq!(v["report"]["restored"], serde_json::json!(EDITED));
+    assert!(v["report"]["removed"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(format!("{PACKAGE}/"))));
     assert_same_tree(&original, &snapshot(t.path()));
 
     let (code, out, _) = run(&["revert"], t.path());
@@ -172,12 +194,17 @@ fn without_manifest_revert_refuses_and_force_strips_markers() {
     assert_same_tree(&original, &snapshot(t.path()));
 }
 
-/// Each mutated fixture is refused with the given exit code and message parts; nothing is written.
+/// Each mutated fixture is refused with the given exit code and message parts; nothing is
+/// written. The fixtures aimed at `kvtuner` predate the other groups' files, so they select
+/// it alone (`--only kvtuner`); the others run every group.
 #[test]
 fn mutated_trees_are_refused_and_untouched() {
-    let cases: &[(&str, i32, &[&str])] = &[
+    const KVTUNER: &[&str] = &["--only", "kvtuner"];
+    const ALL: &[&str] = &[];
+    let cases: &[(&str, &[&str], i32, &[&str])] = &[
         (
             "mutated/anchor-renamed",
+            KVTUNER,
             1,
             &[
                 "kvtuner/memory-fields",
@@ -188,6 +215,7 @@ fn mutated_trees_are_refused_and_untouched() {
         ),
         (
             "mutated/anchor-duplicated",
+            KVTUNER,
             1,
             &[
                 "class `Memory`",
@@ -198,6 +226,7 @@ fn mutated_trees_are_refused_and_untouched() {
         ),
         (
             "mutated/odd-indent",
+            KVTUNER,
             2,
             &[
                 MEMORY,
@@ -208,31 +237,67 @@ fn mutated_trees_are_refused_and_untouched() {
         ),
         (
             "mutated/missing-import",
+            KVTUNER,
             1,
             &[MEMORY, "`Optional`", "found 0 matches"],
         ),
         (
             "mutated/newer-release",
+            ALL,
             2,
             &["0.5.24", "newer than the newest release"],
         ),
         (
             "mutated/older-release",
+            ALL,
             2,
             &["0.5.2", "older than the oldest release", "0.5.3"],
         ),
+        (
+            "mutated/hostpool-fn-renamed",
+            ALL,
+            1,
+            &[
+                "hostpool/select-host-pool",
+                MHA,
+                "looked for function `get_mha_host_pool_cls`: found 0 matches",
+            ],
+        ),
+        (
+            "mutated/juicefs-chain-no-file",
+            ALL,
+            1,
+            &[
+                "juicefs/builtin-branch",
+                FACTORY,
+                "if/elif chain mentioning `\"file\"`: found 0 matches",
+            ],
+        ),
+        (
+            "mutated/juicefs-register-duplicated",
+            ALL,
+            1,
+            &[
+                "juicefs/register",
+                FACTORY,
+                "call `register_backend(\"file\", ...)`: found 2 matches (expected exactly 1) at line 24, line 34",
+            ],
+        ),
     ];
-    for (name, want, parts) in cases {
+    for (name, only, want, parts) in cases {
         let t = copy_tree(&fixture(name), "");
         let before = snapshot(t.path());
         for args in [&["apply"][..], &["apply", "--dry-run"], &["diff"]] {
-            let (code, out, err) = run(args, t.path());
+            let args: Vec<&str> = args.iter().chain(only.iter()).copied().collect();
+            let (code, out, err) = run(&args, t.path());
             assert_eq!(code, *want, "{name} {args:?}: {out}{err}");
             for p in *parts {
                 assert!(err.contains(p), "{name} {args:?}: `{p}` not in: {err}");
             }
         }
-        let (code, v) = run_json(&["apply"], t.path());
+        let mut args = vec!["apply"];
+        args.extend_from_slice(only);
+        let (code, v) = run_json(&args, t.path());
         assert_eq!(code, *want);
         assert_eq!(v["exit_code"], *want);
         assert!(!v["error"].as_str().unwrap().is_empty());
@@ -257,11 +322,12 @@ fn unsupported_status_says_why() {
 fn indentation_is_taken_from_the_anchor() {
     let t = copy_tree(&fixture("mutated/indent-tabs"), "");
     let original = snapshot(t.path());
-    assert_eq!(run(&["apply"], t.path()).0, 0);
+    let only = ["--only", "kvtuner"];
+    assert_eq!(run(&[&["apply"][..], &only].concat(), t.path()).0, 0);
     let text = fs::read_to_string(t.path().join(MEMORY)).unwrap();
     assert!(text.contains("\n\tenable_kvtuner_hicache: A[\n"), "{text}");
     assert!(text.contains("\n\t# >>> kvtuner-patch:kvtuner/memory-fields sha256="));
-    assert_eq!(run(&["verify"], t.path()).0, 0);
+    assert_eq!(run(&[&["verify"][..], &only].concat(), t.path()).0, 0);
     assert_eq!(run(&["revert"], t.path()).0, 0);
     assert_same_tree(&original, &snapshot(t.path()));
 }
@@ -365,7 +431,7 @@ fn help_documents_exit_codes() {
 #[test]
 fn reapply_after_the_file_was_replaced_keeps_the_newer_original() {
     let t = copy_tree(&fixture("sglang-0.5.23"), "");
-    assert_eq!(run(&["apply"], t.path()).0, 0);
+    assert_eq!(run(&["apply", "--only", "kvtuner"], t.path()).0, 0);
     let path = t.path().join(MEMORY);
     let upgraded = fs::read_to_string(fixture("sglang-0.5.23").join(MEMORY))
         .unwrap()
@@ -377,12 +443,106 @@ fn reapply_after_the_file_was_replaced_keeps_the_newer_original() {
         s
     };
     assert_eq!(
-        run(&["status"], t.path()).0,
+        run(&["status", "--only", "kvtuner"], t.path()).0,
         1,
         "the replaced file is not patched"
     );
-    assert_eq!(run(&["apply"], t.path()).0, 0);
-    assert_eq!(run(&["verify"], t.path()).0, 0);
+    assert_eq!(run(&["apply", "--only", "kvtuner"], t.path()).0, 0);
+    assert_eq!(run(&["verify", "--only", "kvtuner"], t.path()).0, 0);
     assert_eq!(run(&["revert"], t.path()).0, 0);
     assert_same_tree(&upgraded_tree, &snapshot(t.path()));
+}
+
+/// `juicefs` puts its backend into the package `hostpool` injects: alone on a tree without
+/// `hostpool` it is refused (exit 2, saying what to run), nothing written; after `hostpool`
+/// it applies on its own, and revert takes both out.
+#[test]
+fn juicefs_alone_needs_hostpool() {
+    let t = copy_tree(&fixture("sglang-0.5.23"), "");
+    let original = snapshot(t.path());
+    for args in [
+        &["apply", "--only", "juicefs"][..],
+        &["apply", "--dry-run", "--only", "juicefs"],
+        &["diff", "--only", "juicefs"],
+    ] {
+        let (code, out, err) = run(args, t.path());
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains(
+                "group `juicefs` requires group `hostpool`, which is not applied to this tree"
+            ) && err.contains("--only hostpool --only juicefs")
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+    }
+    assert_same_tree(&original, &snapshot(t.path()));
+
+    let (code, out, err) = run(
+        &["apply", "--only", "hostpool", "--only", "juicefs"],
+        t.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("applied [hostpool, juicefs]: "), "{out}");
+    assert_eq!(run(&["revert"], t.path()).0, 0);
+    assert_same_tree(&original, &snapshot(t.path()));
+
+    assert_eq!(run(&["apply", "--only", "hostpool"], t.path()).0, 0);
+    let (code, out, err) = run(&["apply", "--only", "juicefs"], t.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("applied [juicefs]: {MEMORY}, {PACKAGE}/juicefs_storage.py, {FACTORY}")
+    );
+    let (code, v) = run_json(
+        &["status", "--only", "hostpool", "--only", "juicefs"],
+        t.path(),
+    );
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(run(&["revert"], t.path()).0, 0);
+    assert_same_tree(&original, &snapshot(t.path()));
+}
+
+/// The patched fixture, run: the host pool chooser falls through to the stock class without
+/// the flag, the factory knows `juicefs` and builds it like the other third-party stores,
+/// and the startup hook rejects the flag without `--enable-hierarchical-cache`.
+#[test]
+fn patched_fixture_runs() {
+    let t = copy_tree(&fixture("sglang-0.5.23"), "");
+    assert_eq!(run(&["apply"], t.path()).0, 0);
+    let out = python_in(
+        t.path(),
+        r#"
+from types import SimpleNamespace as NS
+from sglang.srt.mem_cache.pool_host.mha import FixtureHostPool, get_mha_host_pool_cls
+print(get_mha_host_pool_cls(NS(scales=None, head_dim=8, v_head_dim=8)) is FixtureHostPool)
+from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory as F
+print(F._registry["juicefs"])
+class Store:
+    def __init__(self, *args):
+        self.args = args
+print(F._create_builtin_backend("juicefs", Store, "config", "pool").args)
+from sglang.srt.arg_groups.hicache_hook import handle_hicache_ratio_default as hook
+args = NS(hicache_ratio=None, enable_kvtuner_hicache=False)
+hook(args)
+print(args.hicache_ratio)
+try:
+    hook(NS(hicache_ratio=None, enable_kvtuner_hicache=True))
+except ValueError as e:
+    print("refused:", e)
+"#,
+    )
+    .unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "True", "{out}");
+    assert_eq!(
+        lines[1],
+        "{'module_path': 'sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage', 'class_name': 'JuiceFSStorage'}"
+    );
+    assert_eq!(lines[2], "('config', 'pool')");
+    assert_eq!(lines[3], "2.0");
+    assert!(
+        lines[4].starts_with("refused: --enable-kvtuner-hicache")
+            && lines[4].contains("--enable-hierarchical-cache"),
+        "{out}"
+    );
 }

@@ -1,8 +1,11 @@
-//! The `kvtuner` group on the two older server-args eras (fixture trees written for these
-//! tests), the release range checks, and `status` as an anchor report on a newer release.
+//! The `kvtuner` group on the older server-args eras (fixture trees written for these tests;
+//! `--only kvtuner`, since other groups may not support those eras yet), the release range
+//! checks, and `status` as an anchor report on a newer release.
 
 mod common;
 use common::*;
+use kvtuner_patch::groups::{eras_of, REGISTRY};
+use kvtuner_patch::tree::Era;
 use std::fs;
 use std::path::Path;
 
@@ -42,7 +45,7 @@ fn full_cycle(
     let root = t.path();
     let original = snapshot(root);
 
-    let (code, v) = run_json(&["status"], root);
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], root);
     assert_eq!(code, 1, "fresh tree: not applied, {v}");
     let r = &v["report"];
     assert_eq!(r["tree"]["era"], era);
@@ -64,13 +67,13 @@ fn full_cycle(
         "the unpatched fixture must not know the flag"
     );
 
-    let (code, diff, err) = run(&["diff"], root);
+    let (code, diff, err) = run(&["diff", "--only", "kvtuner"], root);
     assert_eq!(code, 1, "{err}");
     insta::assert_snapshot!(snapshot_name, diff);
     git_apply(root, &diff, false);
     fs::remove_dir_all(root.join(".git")).unwrap();
 
-    let (code, out, err) = run(&["apply"], root);
+    let (code, out, err) = run(&["apply", "--only", "kvtuner"], root);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), format!("applied [kvtuner]: {SERVER_ARGS}"));
 
@@ -105,16 +108,16 @@ fn full_cycle(
     assert!(err.contains("invalid choice"), "{err}");
     after_apply(root);
 
-    let (code, v) = run_json(&["verify"], root);
+    let (code, v) = run_json(&["verify", "--only", "kvtuner"], root);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["report"]["files"][0]["compiles"], true);
 
     let applied = snapshot(root);
-    let (code, out, _) = run(&["apply"], root);
+    let (code, out, _) = run(&["apply", "--only", "kvtuner"], root);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to do"), "{out}");
     assert_same_tree(&applied, &snapshot(root));
-    assert_eq!(run(&["status"], root).0, 0);
+    assert_eq!(run(&["status", "--only", "kvtuner"], root).0, 0);
 
     let (code, _, err) = run(&["revert"], root);
     assert_eq!(code, 0, "{err}");
@@ -180,7 +183,7 @@ fn namespaced_server_args_era_full_cycle() {
 #[test]
 fn dataclass_era_half_removed_is_drift() {
     let t = copy_tree(&fixture("sglang-0.5.13"), "");
-    assert_eq!(run(&["apply"], t.path()).0, 0);
+    assert_eq!(run(&["apply", "--only", "kvtuner"], t.path()).0, 0);
     let path = t.path().join(SERVER_ARGS);
     let text = fs::read_to_string(&path).unwrap();
     let start = text
@@ -189,16 +192,16 @@ fn dataclass_era_half_removed_is_drift() {
     let end_marker = "        # <<< kvtuner-patch:kvtuner/cli-arguments\n";
     let end = text.find(end_marker).unwrap() + end_marker.len();
     fs::write(&path, format!("{}{}", &text[..start], &text[end..])).unwrap();
-    let (code, v) = run_json(&["status"], t.path());
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], t.path());
     assert_eq!(code, 1);
     assert_eq!(v["report"]["groups"][0]["state"], "drifted");
-    let (code, out, _) = run(&["verify"], t.path());
+    let (code, out, _) = run(&["verify", "--only", "kvtuner"], t.path());
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("kvtuner/cli-arguments: sglang/srt/server_args.py: not applied, but other patches of the group are"),
         "{out}"
     );
-    let (code, _, err) = run(&["apply"], t.path());
+    let (code, _, err) = run(&["apply", "--only", "kvtuner"], t.path());
     assert_eq!(
         code, 1,
         "a half-applied group is refused, not completed: {err}"
@@ -241,7 +244,11 @@ fn older_era_mutations_and_out_of_range_releases_are_refused() {
     for (name, want, parts) in cases {
         let t = copy_tree(&fixture(name), "");
         let before = snapshot(t.path());
-        for args in [&["apply"][..], &["apply", "--dry-run"], &["diff"]] {
+        for args in [
+            &["apply", "--only", "kvtuner"][..],
+            &["apply", "--only", "kvtuner", "--dry-run"],
+            &["diff", "--only", "kvtuner"],
+        ] {
             let (code, out, err) = run(args, t.path());
             assert_eq!(code, *want, "{name} {args:?}: {out}{err}");
             for p in *parts {
@@ -262,7 +269,7 @@ fn release_with_another_eras_layout_is_refused() {
     )
     .unwrap();
     let before = snapshot(t.path());
-    let (code, v) = run_json(&["status"], t.path());
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], t.path());
     assert_eq!(code, 2);
     let reason = v["report"]["support"]["reason"].as_str().unwrap();
     assert!(
@@ -271,7 +278,7 @@ fn release_with_another_eras_layout_is_refused() {
             && reason.contains("mixed tree"),
         "{reason}"
     );
-    let (code, _, err) = run(&["apply"], t.path());
+    let (code, _, err) = run(&["apply", "--only", "kvtuner"], t.path());
     assert_eq!(code, 2, "{err}");
     assert_same_tree(&before, &snapshot(t.path()));
 }
@@ -280,7 +287,7 @@ fn release_with_another_eras_layout_is_refused() {
 #[test]
 fn status_on_a_newer_release_reports_each_anchor() {
     let t = copy_tree(&fixture("mutated/newer-release"), "");
-    let (code, v) = run_json(&["status"], t.path());
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], t.path());
     assert_eq!(code, 2);
     let r = &v["report"];
     assert_eq!(r["support"]["supported"], false);
@@ -294,7 +301,7 @@ fn status_on_a_newer_release_reports_each_anchor() {
         r["anchors"][0]["file"],
         "sglang/srt/arg_groups/fields/memory.py"
     );
-    let (_, out, _) = run(&["status"], t.path());
+    let (_, out, _) = run(&["status", "--only", "kvtuner"], t.path());
     assert!(
         out.contains("found     kvtuner/memory-fields")
             && out.contains("sglang/srt/arg_groups/fields/memory.py"),
@@ -305,7 +312,7 @@ fn status_on_a_newer_release_reports_each_anchor() {
     let memory = t.path().join("sglang/srt/arg_groups/fields/memory.py");
     let text = fs::read_to_string(&memory).unwrap();
     fs::write(&memory, text.replace("class Memory(", "class MemoryArgs(")).unwrap();
-    let (code, v) = run_json(&["status"], t.path());
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], t.path());
     assert_eq!(code, 2);
     let a = &v["report"]["anchors"][0];
     assert_eq!(a["found"], false, "{a}");
@@ -313,6 +320,45 @@ fn status_on_a_newer_release_reports_each_anchor() {
         a["detail"].as_str().unwrap().contains("class `Memory`"),
         "{a}"
     );
-    let (_, out, _) = run(&["status"], t.path());
+    let (_, out, _) = run(&["status", "--only", "kvtuner"], t.path());
     assert!(out.contains("NOT FOUND kvtuner/memory-fields"), "{out}");
+}
+
+/// Without `--only`, a tree is refused when any registered group has no form for its era,
+/// naming each such group: never half-patched.
+#[test]
+fn all_groups_on_an_older_era_need_every_group_to_support_it() {
+    let missing: Vec<&str> = REGISTRY
+        .iter()
+        .filter(|e| !eras_of(e).contains(&Era::DataclassAddArgument))
+        .map(|e| e.id)
+        .collect();
+    let t = copy_tree(&fixture("sglang-0.5.13"), "");
+    let before = snapshot(t.path());
+    let (code, out, err) = run(&["apply"], t.path());
+    if missing.is_empty() {
+        assert_eq!(code, 0, "{err}");
+        return;
+    }
+    assert_eq!(code, 2, "{out}{err}");
+    for id in &missing {
+        assert!(
+            err.contains(&format!(
+                "group `{id}` has no form for era dataclass-add-argument yet"
+            )),
+            "{id}: {err}"
+        );
+    }
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_same_tree(&before, &snapshot(t.path()));
+    let (code, v) = run_json(&["status"], t.path());
+    assert_eq!(code, 2);
+    let listed: Vec<&str> = v["report"]["unsupported_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, missing);
+    assert_eq!(v["report"]["release_support"]["supported"], true);
 }

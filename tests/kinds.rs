@@ -304,3 +304,183 @@ fn list_item_in_an_add_argument_call() {
     plan.commit(&tree, &["toy"]).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Function-scoped kinds: `FunctionStart` and `AfterAssign`
+// ---------------------------------------------------------------------------------------------
+
+/// Two releases' shapes of the same chooser: the parameter was renamed, and one has a docstring.
+const CHOOSER_NEW: &str = "def choose(buffer_info) -> type:\n    if buffer_info.wide:\n        return Wide\n    return Narrow\n";
+const CHOOSER_OLD: &str =
+    "def choose(device_pool):\n    \"\"\"Pick the pool class.\"\"\"\n    return Narrow\n";
+const HOOK: &str = "def view(args):\n    return args\n\n\nclass Hooks:\n    @staticmethod\n    def on_start(args):\n        \"\"\"Startup.\"\"\"\n        cfg = view(args)\n        if cfg.ratio is None:\n            args.ratio = 2.0\n";
+
+fn fn_tree(chooser: &str, hook: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let srt = t.path().join("sglang/srt");
+    fs::create_dir_all(&srt).unwrap();
+    fs::write(
+        t.path().join("sglang/version.py"),
+        "__version__ = \"0.5.23\"\n",
+    )
+    .unwrap();
+    fs::write(srt.join("chooser.py"), chooser).unwrap();
+    fs::write(srt.join("hooks.py"), hook).unwrap();
+    t
+}
+
+fn fn_group() -> Group {
+    Group {
+        id: "toy",
+        summary: "function-scoped kinds",
+        patches: vec![
+            Patch {
+                id: "start",
+                what: "first statements of a module function",
+                kind: PatchKind::FunctionStart {
+                    function: FnRef::Module {
+                        file: "sglang/srt/chooser.py",
+                        name: "choose",
+                    },
+                    block: Snippet::Text(
+                        "picked = pick({first_param})\nif picked is not None:\n    return picked\n",
+                    ),
+                },
+            },
+            Patch {
+                id: "after-cfg",
+                what: "after an assignment in a method",
+                kind: PatchKind::AfterAssign {
+                    function: FnRef::Method {
+                        class: ClassRef {
+                            name: "Hooks",
+                            under: "sglang/srt",
+                        },
+                        name: "on_start",
+                    },
+                    target: "cfg",
+                    block: Snippet::Text("check(cfg)\n"),
+                },
+            },
+        ],
+    }
+}
+
+fn plan_err(tree: &SglangTree, g: &Group, id: &str) -> String {
+    let mut src = Sources::new(tree);
+    let p = g.patches.iter().find(|p| p.id == id).unwrap();
+    anchor::plan(&mut src, g, p).unwrap_err().to_string()
+}
+
+#[test]
+fn function_start_and_after_assign_apply_detect_and_revert() {
+    let t = fn_tree(CHOOSER_NEW, HOOK);
+    let original = snapshot(t.path());
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = fn_group();
+    assert!(states(&tree, &g)
+        .iter()
+        .all(|s| *s == PatchState::NotApplied));
+    let plan = plan_all(&tree, &g);
+    plan.validate(&Python::pick(None)).unwrap();
+    let diff = plan.diff(&tree);
+    insta::assert_snapshot!("toy_function_kinds_diff", diff);
+    git_apply(copy_tree(t.path(), "").path(), &diff, false);
+    plan.commit(&tree, &["toy"]).unwrap();
+    assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
+    let chooser = fs::read_to_string(t.path().join("sglang/srt/chooser.py")).unwrap();
+    assert!(
+        chooser.starts_with("def choose(buffer_info) -> type:\n    # >>> kvtuner-patch:toy/start sha256=")
+            && chooser.contains("    picked = pick(buffer_info)\n    if picked is not None:\n        return picked\n    # <<< kvtuner-patch:toy/start\n    if buffer_info.wide:\n"),
+        "{chooser}"
+    );
+    let hooks = fs::read_to_string(t.path().join("sglang/srt/hooks.py")).unwrap();
+    assert!(
+        hooks.contains("        cfg = view(args)\n        # >>> kvtuner-patch:toy/after-cfg sha256=")
+            && hooks.contains("        check(cfg)\n        # <<< kvtuner-patch:toy/after-cfg\n        if cfg.ratio is None:\n"),
+        "{hooks}"
+    );
+
+    // A hand edit inside a block is drift; revert gives the original bytes back.
+    let path = t.path().join("sglang/srt/hooks.py");
+    fs::write(
+        &path,
+        hooks.replace("check(cfg)", "check(cfg, strict=True)"),
+    )
+    .unwrap();
+    match &states(&tree, &g)[1] {
+        PatchState::Drifted(d) => assert!(d.contains("toy/after-cfg"), "{d}"),
+        s => panic!("{s:?}"),
+    }
+    fs::write(&path, &hooks).unwrap();
+    kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    assert_same_tree(&original, &snapshot(t.path()));
+}
+
+/// The older shape: the block names the release's own parameter, and goes after the docstring.
+#[test]
+fn function_start_uses_the_real_first_parameter_and_keeps_the_docstring_first() {
+    let t = fn_tree(CHOOSER_OLD, HOOK);
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = fn_group();
+    let plan = plan_all(&tree, &g);
+    plan.validate(&Python::pick(None)).unwrap();
+    let after = &plan
+        .changes
+        .iter()
+        .find(|c| c.rel == "sglang/srt/chooser.py")
+        .unwrap()
+        .after;
+    assert!(
+        after.starts_with("def choose(device_pool):\n    \"\"\"Pick the pool class.\"\"\"\n    # >>> kvtuner-patch:toy/start")
+            && after.contains("    picked = pick(device_pool)\n"),
+        "{after}"
+    );
+    plan.commit(&tree, &["toy"]).unwrap();
+    assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
+}
+
+/// Renamed function, no first parameter, two assignments, no assignment, a body on the
+/// `def` line: each refused, naming what was looked for and how often it was found.
+#[test]
+fn function_scoped_anchors_report_what_they_did_not_find() {
+    let g = fn_group();
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "def pick_class(buffer_info):\n    return Narrow\n",
+            HOOK,
+            "start",
+            "toy/start: sglang/srt/chooser.py: looked for function `choose`: found 0 matches",
+        ),
+        (
+            "def choose(*pools):\n    return Narrow\n",
+            HOOK,
+            "start",
+            "toy/start: sglang/srt/chooser.py: looked for a named first parameter of function `choose`: found 0 matches",
+        ),
+        (
+            "def choose(buffer_info): return Narrow\n",
+            HOOK,
+            "start",
+            "sglang/srt/chooser.py:1: the body of `choose` is on its `def` line",
+        ),
+        (
+            CHOOSER_NEW,
+            &HOOK.replace("        cfg = view(args)\n", "        cfg = view(args)\n        cfg = view(cfg)\n"),
+            "after-cfg",
+            "toy/after-cfg: sglang/srt/hooks.py: looked for assignment `cfg = ...` in function `on_start`: found 2 matches (expected exactly 1) at line 9, line 10",
+        ),
+        (
+            CHOOSER_NEW,
+            &HOOK.replace("cfg", "conf"),
+            "after-cfg",
+            "looked for assignment `cfg = ...` in function `on_start`: found 0 matches",
+        ),
+    ];
+    for (chooser, hook, id, want) in cases {
+        let t = fn_tree(chooser, hook);
+        let tree = SglangTree::resolve(t.path()).unwrap();
+        let err = plan_err(&tree, &g, id);
+        assert!(err.contains(want), "{id}: `{want}` not in: {err}");
+    }
+}

@@ -31,18 +31,18 @@ fn cycle(version: &str, era: &str, snapshot_name: &str, blocks: &[&str]) {
     let root = t.path();
     let original = snapshot(root);
 
-    let (code, v) = run_json(&["status"], root);
+    let (code, v) = run_json(&["status", "--only", "kvtuner"], root);
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["report"]["tree"]["version"], version);
     assert_eq!(v["report"]["tree"]["era"], era);
     assert_eq!(v["report"]["tree"]["layout"], era);
     assert_eq!(v["report"]["support"]["supported"], true);
 
-    let (code, diff, err) = run(&["diff"], root);
+    let (code, diff, err) = run(&["diff", "--only", "kvtuner"], root);
     assert_eq!(code, 1, "{err}");
     insta::assert_snapshot!(snapshot_name, diff);
 
-    let (code, out, err) = run(&["apply"], root);
+    let (code, out, err) = run(&["apply", "--only", "kvtuner"], root);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), format!("applied [kvtuner]: {SERVER_ARGS}"));
     let text = fs::read_to_string(root.join(SERVER_ARGS)).unwrap();
@@ -54,9 +54,9 @@ fn cycle(version: &str, era: &str, snapshot_name: &str, blocks: &[&str]) {
             "{b}"
         );
     }
-    assert_eq!(run(&["verify"], root).0, 0);
+    assert_eq!(run(&["verify", "--only", "kvtuner"], root).0, 0);
     let applied = snapshot(root);
-    let (code, out, _) = run(&["apply"], root);
+    let (code, out, _) = run(&["apply", "--only", "kvtuner"], root);
     assert!(code == 0 && out.contains("nothing to do"), "{out}");
     assert_same_tree(&applied, &snapshot(root));
     let (code, _, err) = run(&["revert"], root);

@@ -9,6 +9,10 @@ use std::time::Instant;
 
 const VERSION: &str = "0.5.23";
 const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
+const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
+const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
+const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
+const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
 
 fn release_tree() -> PathBuf {
     let script = repo().join("scripts/sglang-wheel.sh");
@@ -50,11 +54,27 @@ fn real_0_5_23_apply_verify_revert() {
         r["groups"][0]["patches"][0]["file"], MEMORY,
         "class Memory found where 0.5.23 declares it"
     );
+    let ids: Vec<&str> = r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["kvtuner", "hostpool", "juicefs"]);
+    for a in r["anchors"].as_array().unwrap() {
+        assert_eq!(a["found"], true, "{a}");
+    }
 
-    // The diff is stable (snapshot), touches only memory.py, and git accepts it.
+    // `juicefs` alone needs `hostpool` first.
+    let (code, _, err) = run(&["apply", "--only", "juicefs"], root);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("requires group `hostpool`"), "{err}");
+    assert_same_tree(&original, &snapshot(root));
+
+    // The diff is stable (snapshot; injected file bodies elided), and git accepts it.
     let (code, diff, err) = run(&["diff"], root);
     assert_eq!(code, 1, "{err}");
-    insta::assert_snapshot!("real_0_5_23_kvtuner_diff", diff);
+    insta::assert_snapshot!("real_0_5_23_diff", elide_new_files(&diff));
     git_apply(root, &diff, false);
     fs::remove_dir_all(root.join(".git")).unwrap();
     assert_same_tree(&original, &snapshot(root));
@@ -63,7 +83,22 @@ fn real_0_5_23_apply_verify_revert() {
     let (code, out, err) = run(&["apply"], root);
     eprintln!("apply on the real tree: {:?}", start.elapsed());
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), format!("applied [kvtuner]: {MEMORY}"));
+    let injected = [
+        "__init__.py",
+        "config.py",
+        "host_pool.py",
+        "juicefs_storage.py",
+        "page_format.py",
+        "selection.py",
+    ]
+    .map(|f| format!("{PACKAGE}/{f}"))
+    .join(", ");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "applied [kvtuner, hostpool, juicefs]: {MEMORY}, {HOOK}, {injected}, {MHA}, {FACTORY}"
+        )
+    );
     let text = fs::read_to_string(root.join(MEMORY)).unwrap();
     let class_at = text.find("class Memory(msgspec.Struct):").unwrap();
     let block_at = text
@@ -83,7 +118,11 @@ fn real_0_5_23_apply_verify_revert() {
     let (code, v) = run_json(&["verify"], root);
     eprintln!("verify on the real tree: {:?}", start.elapsed());
     assert_eq!(code, 0, "{v}");
-    assert_eq!(v["report"]["files"][0]["compiles"], true);
+    let files = v["report"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 10, "{v}");
+    for f in files {
+        assert!(f["parses"] == true && f["compiles"] == true, "{f}");
+    }
 
     let applied = snapshot(root);
     let (code, out, _) = run(&["apply"], root);

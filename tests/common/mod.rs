@@ -125,3 +125,40 @@ pub fn git_apply(root: &Path, diff: &str, really: bool) {
         git(&["apply", p]);
     }
 }
+
+/// `diff` with the bodies (and line counts) of created files left out: injected files are
+/// copies of `patches/` (tested there), and a snapshot holding them would go stale with every
+/// edit of that Python. Headers and edits of existing files stay, so the snapshot still pins
+/// what is created where and every in-place edit.
+pub fn elide_new_files(diff: &str) -> String {
+    let mut out = String::new();
+    let mut new_file = false;
+    for line in diff.split_inclusive('\n') {
+        if line.starts_with("diff --git ") {
+            new_file = false;
+        } else if line.starts_with("new file mode ") {
+            new_file = true;
+        } else if new_file && line.starts_with("@@ ") {
+            out.push_str("@@ -0,0 +1,N @@\n[added lines elided: embedded from patches/]\n");
+            continue;
+        } else if new_file && line.starts_with('+') && !line.starts_with("+++ ") {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// Run `python3 -B -c script` with `PYTHONPATH=root`: Ok(stdout) or Err(stderr).
+pub fn python_in(root: &Path, script: &str) -> Result<String, String> {
+    let out = std::process::Command::new("python3")
+        .args(["-B", "-c", script])
+        .env("PYTHONPATH", root)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
