@@ -285,6 +285,23 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
             )?;
             Ok((file.to_string(), list.start_byte()))
         }
+        ListRef::ContainingItem { function, has_item } => {
+            let (rel, start) = function_node(src, tag, function)?;
+            let pf = src.get(&rel).expect("loaded");
+            let func = the_function(pf, start);
+            let list = exactly_one(
+                tag,
+                pf,
+                || {
+                    format!(
+                        "list literal containing `{has_item}` in function `{}`",
+                        fn_name(function)
+                    )
+                },
+                syntax::lists_with_item(pf, func, has_item),
+            )?;
+            Ok((rel, list.start_byte()))
+        }
     }
 }
 

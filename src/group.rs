@@ -42,9 +42,16 @@ pub enum ListRef {
         first_arg: &'static str,
         keyword: &'static str,
     },
+    /// The one list literal anywhere inside `function` that has `has_item` (Python source,
+    /// e.g. `"hf3fs"`) among its items, such as the `x in ["hf3fs", ...]` test that picks the
+    /// zero-copy storage path: a list with no name of its own is known by what it holds.
+    ContainingItem {
+        function: FnRef,
+        has_item: &'static str,
+    },
 }
 
-/// A function holding an if/elif chain.
+/// A function: the one holding an if/elif chain, a list, a block.
 #[derive(Debug, Clone, Copy)]
 pub enum FnRef {
     /// Module-level `def name` in `file`.

@@ -276,6 +276,25 @@ pub fn keyword_values<'t>(file: &'t PyFile, scope: Node<'t>, keyword: &str) -> V
         .collect()
 }
 
+/// List literals anywhere under `scope` with an item whose source text is `item` (e.g.
+/// `"hf3fs"`); nested lists are searched too, but only a list's own items count.
+pub fn lists_with_item<'t>(file: &'t PyFile, scope: Node<'t>, item: &str) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
+    collect(
+        scope,
+        &mut |n| {
+            if n.kind() != "list" {
+                return false;
+            }
+            let mut cursor = n.walk();
+            let found = n.named_children(&mut cursor).any(|c| file.text(c) == item);
+            found
+        },
+        &mut out,
+    );
+    out
+}
+
 /// The value of a plain (non-f, single-part) string literal, quotes stripped.
 pub fn string_value(file: &PyFile, node: Node) -> Option<String> {
     if node.kind() != "string" {
@@ -450,6 +469,23 @@ register_backend("file", "mod", "Cls")
         assert_eq!(assignments(&f, a, "x").len(), 0);
         assert!(is_docstring(body_statements(a)[0]));
         assert!(!is_docstring(body_statements(a)[1]));
+    }
+
+    #[test]
+    fn lists_are_found_by_an_item_of_their_own() {
+        let src = "def f(x):\n    a = [\"hf3fs\", [\"nested\"]]\n    b = (\"hf3fs\",)\n    c = [\"x\", [\"hf3fs\"]]\n    return x in [\n        \"hf3fs\",  # comment\n    ]\n";
+        let f = PyFile::parse("m.py", src.to_string()).unwrap();
+        assert!(f.syntax_error().is_none());
+        let rows = |item: &str| -> Vec<usize> {
+            lists_with_item(&f, f.root(), item)
+                .iter()
+                .map(|n| n.start_position().row + 1)
+                .collect()
+        };
+        // The tuple on line 3 is not a list; the outer list on line 4 does not hold it itself.
+        assert_eq!(rows("\"hf3fs\""), vec![2, 4, 5]);
+        assert_eq!(rows("\"nested\""), vec![2]);
+        assert_eq!(rows("'hf3fs'"), Vec::<usize>::new());
     }
 
     #[test]

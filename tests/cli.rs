@@ -6,11 +6,12 @@ use std::fs;
 
 const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
 const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
+const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
 const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
 const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
 /// Every existing file the three groups edit, in manifest (path) order.
-const EDITED: [&str; 4] = [MEMORY, HOOK, MHA, FACTORY];
+const EDITED: [&str; 5] = [MEMORY, HOOK, CONTROLLER, MHA, FACTORY];
 
 #[test]
 fn status_of_a_fresh_tree() {
@@ -283,6 +284,16 @@ fn mutated_trees_are_refused_and_untouched() {
                 "call `register_backend(\"file\", ...)`: found 2 matches (expected exactly 1) at line 24, line 34",
             ],
         ),
+        (
+            "mutated/juicefs-zero-copy-list-duplicated",
+            ALL,
+            1,
+            &[
+                "juicefs/zero-copy",
+                CONTROLLER,
+                "list literal containing `\"hf3fs\"` in function `attach_storage_backend`: found 2 matches (expected exactly 1) at line 25, line 36",
+            ],
+        ),
     ];
     for (name, only, want, parts) in cases {
         let t = copy_tree(&fixture(name), "");
@@ -491,7 +502,9 @@ fn juicefs_alone_needs_hostpool() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
-        format!("applied [juicefs]: {MEMORY}, {PACKAGE}/juicefs_storage.py, {FACTORY}")
+        format!(
+            "applied [juicefs]: {MEMORY}, {CONTROLLER}, {PACKAGE}/juicefs_storage.py, {FACTORY}"
+        )
     );
     let (code, v) = run_json(
         &["status", "--only", "hostpool", "--only", "juicefs"],
@@ -504,6 +517,7 @@ fn juicefs_alone_needs_hostpool() {
 
 /// The patched fixture, run: the host pool chooser falls through to the stock class without
 /// the flag, the factory knows `juicefs` and builds it like the other third-party stores,
+/// the cache controller gives `juicefs` the zero-copy page path (and still not `file`),
 /// and the startup hook rejects the flag without `--enable-hierarchical-cache`.
 #[test]
 fn patched_fixture_runs() {
@@ -521,6 +535,11 @@ class Store:
     def __init__(self, *args):
         self.args = args
 print(F._create_builtin_backend("juicefs", Store, "config", "pool").args)
+from sglang.srt.managers.cache_controller import HiCacheController
+c = HiCacheController(page_size=64)
+for backend in ("juicefs", "file"):
+    c.attach_storage_backend(backend)
+    print(backend, c.page_get_func([]), c.page_set_func([]))
 from sglang.srt.arg_groups.hicache_hook import handle_hicache_ratio_default as hook
 args = NS(hicache_ratio=None, enable_kvtuner_hicache=False)
 hook(args)
@@ -539,10 +558,12 @@ except ValueError as e:
         "{'module_path': 'sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage', 'class_name': 'JuiceFSStorage'}"
     );
     assert_eq!(lines[2], "('config', 'pool')");
-    assert_eq!(lines[3], "2.0");
+    assert_eq!(lines[3], "juicefs zero-copy zero-copy");
+    assert_eq!(lines[4], "file generic generic");
+    assert_eq!(lines[5], "2.0");
     assert!(
-        lines[4].starts_with("refused: --enable-kvtuner-hicache")
-            && lines[4].contains("--enable-hierarchical-cache"),
+        lines[6].starts_with("refused: --enable-kvtuner-hicache")
+            && lines[6].contains("--enable-hierarchical-cache"),
         "{out}"
     );
 }

@@ -305,6 +305,124 @@ fn list_item_in_an_add_argument_call() {
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 }
 
+/// A controller whose method tests membership in an unnamed list; decoys hold `"fast"` in a
+/// list in another method and at module level, and in a tuple and a set in the method.
+const CONTROLLER: &str = r#"FAST = ["fast"]
+
+
+class Controller:
+    def attach(self, kind):
+        self.kind = kind
+        self.modes = ("fast", {"fast"})
+        if self.kind in [
+            "fast",
+            "quick",  # already zero-copy
+        ]:
+            self.path = "zero-copy"
+
+    def describe(self):
+        return ["fast"]
+"#;
+
+fn controller_group() -> Group {
+    Group {
+        id: "toy",
+        summary: "",
+        patches: vec![Patch {
+            id: "zero-copy",
+            what: "",
+            kind: PatchKind::ListItem {
+                list: ListRef::ContainingItem {
+                    function: FnRef::Method {
+                        class: ClassRef {
+                            name: "Controller",
+                            under: "sglang/srt",
+                        },
+                        name: "attach",
+                    },
+                    has_item: "\"fast\"",
+                },
+                item: "\"toy\"",
+            },
+        }],
+    }
+}
+
+fn controller_tree(text: &str) -> tempfile::TempDir {
+    let t = toy_tree();
+    fs::write(t.path().join("sglang/srt/controller.py"), text).unwrap();
+    t
+}
+
+#[test]
+fn list_item_in_the_list_of_a_method_holding_an_item() {
+    let t = controller_tree(CONTROLLER);
+    let original = snapshot(t.path());
+    let tree = SglangTree::resolve(t.path()).unwrap();
+    let g = controller_group();
+    assert_eq!(states(&tree, &g), vec![PatchState::NotApplied]);
+    let plan = plan_all(&tree, &g);
+    plan.validate(&Python::pick(None)).unwrap();
+    let after = &plan.changes[0].after;
+    assert!(
+        after.contains("            \"quick\",  # already zero-copy\n            # >>> kvtuner-patch:toy/zero-copy sha256=")
+            && after.contains("            \"toy\",\n            # <<< kvtuner-patch:toy/zero-copy\n        ]:\n"),
+        "{after}"
+    );
+    // Only the one list changed (the decoys are byte-for-byte as before).
+    assert_eq!(after.matches("\"toy\"").count(), 1);
+    assert!(
+        after.starts_with("FAST = [\"fast\"]\n") && after.ends_with("        return [\"fast\"]\n")
+    );
+    plan.commit(&tree, &["toy"]).unwrap();
+    assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
+
+    // The item without its markers is drift, not "applied".
+    let path = t.path().join("sglang/srt/controller.py");
+    let applied = fs::read_to_string(&path).unwrap();
+    let unmarked: String = applied
+        .lines()
+        .filter(|l| !l.contains("kvtuner-patch:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&path, unmarked).unwrap();
+    match &states(&tree, &g)[0] {
+        PatchState::Drifted(d) => assert!(d.contains("without kvtuner-patch markers"), "{d}"),
+        s => panic!("{s:?}"),
+    }
+    fs::write(&path, &applied).unwrap();
+    kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    assert_same_tree(&original, &snapshot(t.path()));
+}
+
+/// No list in the method holding the item, or two: refused with the count (and where), for
+/// planning and for detection alike.
+#[test]
+fn list_holding_an_item_must_be_unique_in_its_method() {
+    let g = controller_group();
+    let cases = [
+        (
+            CONTROLLER.replace("            \"fast\",\n", ""),
+            "toy/zero-copy: sglang/srt/controller.py: looked for list literal containing `\"fast\"` in function `attach`: found 0 matches",
+        ),
+        (
+            CONTROLLER.replace("(\"fast\", {\"fast\"})", "[\"fast\", {\"fast\"}]"),
+            "toy/zero-copy: sglang/srt/controller.py: looked for list literal containing `\"fast\"` in function `attach`: found 2 matches (expected exactly 1) at line 7, line 8",
+        ),
+    ];
+    for (text, want) in cases {
+        let t = controller_tree(&text);
+        let tree = SglangTree::resolve(t.path()).unwrap();
+        let err = plan_err(&tree, &g, "zero-copy");
+        assert!(err.contains(want), "`{want}` not in: {err}");
+        let mut src = Sources::new(&tree);
+        let err = anchor::detect(&mut src, &g, &g.patches[0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "`{want}` not in: {err}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Function-scoped kinds: `FunctionStart` and `AfterAssign`
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use std::time::Instant;
 const VERSION: &str = "0.5.23";
 const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
 const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
+const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
 const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
 const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
@@ -96,7 +97,7 @@ fn real_0_5_23_apply_verify_revert() {
     assert_eq!(
         out.trim(),
         format!(
-            "applied [kvtuner, hostpool, juicefs]: {MEMORY}, {HOOK}, {injected}, {MHA}, {FACTORY}"
+            "applied [kvtuner, hostpool, juicefs]: {MEMORY}, {HOOK}, {CONTROLLER}, {injected}, {MHA}, {FACTORY}"
         )
     );
     let text = fs::read_to_string(root.join(MEMORY)).unwrap();
@@ -114,12 +115,25 @@ fn real_0_5_23_apply_verify_revert() {
         "appended at the end of class Memory"
     );
 
+    // `juicefs` joins the backends `attach_storage_backend` gives the zero-copy page path:
+    // the list it was added to is the one holding `"hf3fs"`, in that method.
+    let text = fs::read_to_string(root.join(CONTROLLER)).unwrap();
+    let method_at = text.find("    def attach_storage_backend(").unwrap();
+    let hf3fs_at = method_at + text[method_at..].find("\"hf3fs\",\n").unwrap();
+    let juicefs_at = text
+        .find("                    \"juicefs\",\n                    # <<< kvtuner-patch:juicefs/zero-copy\n                ]\n")
+        .unwrap();
+    assert!(hf3fs_at < juicefs_at);
+    assert!(text[hf3fs_at..juicefs_at].contains("\"seaweedfs\","));
+    assert!(!text[hf3fs_at..juicefs_at].contains(']'));
+    assert!(text[juicefs_at..].contains("self.page_get_func = self._page_get_zero_copy"));
+
     let start = Instant::now();
     let (code, v) = run_json(&["verify"], root);
     eprintln!("verify on the real tree: {:?}", start.elapsed());
     assert_eq!(code, 0, "{v}");
     let files = v["report"]["files"].as_array().unwrap();
-    assert_eq!(files.len(), 10, "{v}");
+    assert_eq!(files.len(), 11, "{v}");
     for f in files {
         assert!(f["parses"] == true && f["compiles"] == true, "{f}");
     }

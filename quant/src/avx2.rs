@@ -89,10 +89,8 @@ unsafe fn up8<E: Elem>(v: __m256) -> (__m256i, __m256) {
         }
         DType::BF16 => {
             let r = bf16_rne(v);
-            let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(r)),
-                v,
-            ));
+            let lt =
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(r)), v));
             let r = _mm256_sub_epi32(r, lt);
             (r, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(r)))
         }
@@ -329,7 +327,15 @@ unsafe fn dec8<const ASYM: bool>(ci: __m256i, s: __m256, m: __m256, off: __m256)
 /// Per-group (finite, min, max) of `ng` contiguous groups of `g` (multiple of 8) elements, also
 /// writing the elements as f32 to `xf` for the code pass.
 #[inline(always)]
-unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, xf: &mut [f32], lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
+unsafe fn stats_rows<E: Elem>(
+    x: *const E,
+    g: usize,
+    ng: usize,
+    xf: &mut [f32],
+    lo: &mut [f32],
+    hi: &mut [f32],
+    fin: &mut [f32],
+) {
     let zero = _mm256_setzero_ps();
     for gi in 0..ng {
         let p = x.add(gi * g);
@@ -355,7 +361,14 @@ unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, xf: &mut [f32], 
 
 /// Per-channel (finite, min, max) over `g` rows of `c` (multiple of 8) elements.
 #[inline(always)]
-pub(crate) unsafe fn stats_cols<E: Elem>(x: *const E, c: usize, g: usize, lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
+pub(crate) unsafe fn stats_cols<E: Elem>(
+    x: *const E,
+    c: usize,
+    g: usize,
+    lo: &mut [f32],
+    hi: &mut [f32],
+    fin: &mut [f32],
+) {
     let zero = _mm256_setzero_ps();
     let one = _mm256_set1_ps(1.0);
     let mut cb = 0;
@@ -381,7 +394,14 @@ pub(crate) unsafe fn stats_cols<E: Elem>(x: *const E, c: usize, g: usize, lo: &m
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; slices are sized as `quant_chunk` documents.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scales: &mut [u8], mins: &mut [u8]) {
+pub unsafe fn quant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    x: &[E],
+    codes: &mut [u8],
+    scales: &mut [u8],
+    mins: &mut [u8],
+) {
     macro_rules! go {
         ($b:literal, $a:literal) => {
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
@@ -435,7 +455,18 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
                 let ng = n / g;
                 let g0 = e0 / g;
                 stats_rows(x.as_ptr().add(e0), g, ng, xf, lo, hi, fin);
-                params::<E>(cfg, ng, lo, hi, fin, sp.add(g0 * E::DTYPE.nbytes()), mp.add(g0 * E::DTYPE.nbytes()), pdiv, prcp, pm);
+                params::<E>(
+                    cfg,
+                    ng,
+                    lo,
+                    hi,
+                    fin,
+                    sp.add(g0 * E::DTYPE.nbytes()),
+                    mp.add(g0 * E::DTYPE.nbytes()),
+                    pdiv,
+                    prcp,
+                    pm,
+                );
                 let ob = op.add(e0 * bpe / 8);
                 if !per_vec {
                     for gi in 0..ng {
@@ -483,7 +514,18 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
             for u in 0..units {
                 let xu = x.as_ptr().add(u * g * c);
                 stats_cols(xu, c, g, lo, hi, fin);
-                params::<E>(cfg, c, lo, hi, fin, sp.add(u * c * E::DTYPE.nbytes()), mp.add(u * c * E::DTYPE.nbytes()), pdiv, prcp, pm);
+                params::<E>(
+                    cfg,
+                    c,
+                    lo,
+                    hi,
+                    fin,
+                    sp.add(u * c * E::DTYPE.nbytes()),
+                    mp.add(u * c * E::DTYPE.nbytes()),
+                    pdiv,
+                    prcp,
+                    pm,
+                );
                 for r in 0..g {
                     let xr = xu.add(r * c);
                     let orow = op.add((u * g + r) * c * bpe / 8);
@@ -513,7 +555,15 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; slices are sized as `dequant_chunk` documents.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], mins: &[u8], out: &mut [E], nt: bool) {
+pub unsafe fn dequant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    codes: &[u8],
+    scales: &[u8],
+    mins: &[u8],
+    out: &mut [E],
+    nt: bool,
+) {
     // non-temporal stores need 16-byte aligned output (every 8-element store is then aligned)
     let nt = nt && out.as_ptr() as usize % 16 == 0;
     macro_rules! go {
@@ -539,7 +589,15 @@ pub unsafe fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scale
 
 /// Metadata of `n` groups starting at group `g0` widened to f32 (scale, min).
 #[inline(always)]
-pub(crate) unsafe fn load_meta<E: Elem>(scales: &[u8], mins: &[u8], asym: bool, g0: usize, n: usize, ps: &mut [f32], pm: &mut [f32]) {
+pub(crate) unsafe fn load_meta<E: Elem>(
+    scales: &[u8],
+    mins: &[u8],
+    asym: bool,
+    g0: usize,
+    n: usize,
+    ps: &mut [f32],
+    pm: &mut [f32],
+) {
     let es = E::DTYPE.nbytes();
     let wid = |p: *const u8| -> __m256 {
         match E::DTYPE {
@@ -586,7 +644,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                 let mut e = gi * g;
                 while e < (gi + 1) * g {
                     let y = dec8::<ASYM>(codes8::<BITS>(cp, e), sv, mv, off);
-                    if NT { store8_nt(outp.add(e), y) } else { store8(outp.add(e), y) }
+                    if NT {
+                        store8_nt(outp.add(e), y)
+                    } else {
+                        store8(outp.add(e), y)
+                    }
                     e += 8;
                 }
             }
@@ -603,7 +665,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                     while e < c {
                         let (sv, mv) = (_mm256_loadu_ps(ps.as_ptr().add(e)), _mm256_loadu_ps(pm.as_ptr().add(e)));
                         let y = dec8::<ASYM>(codes8::<BITS>(cp, row + e), sv, mv, off);
-                        if NT { store8_nt(outp.add(row + e), y) } else { store8(outp.add(row + e), y) }
+                        if NT {
+                            store8_nt(outp.add(row + e), y)
+                        } else {
+                            store8(outp.add(row + e), y)
+                        }
                         e += 8;
                     }
                 }

@@ -12,9 +12,9 @@ use std::arch::x86_64::*;
 unsafe fn load16<E: Elem>(p: *const E) -> __m512 {
     match E::DTYPE {
         DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-        DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            p as *const __m256i,
-        )))),
+        DType::BF16 => {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
+        }
         DType::F32 => _mm512_loadu_ps(p as *const f32),
     }
 }
@@ -89,6 +89,7 @@ unsafe fn code16<const ASYM: bool>(v: __m512, d: __m512, rc: __m512, m: __m512, 
 }
 
 /// Packs 16 codes (i32 lanes < 2^BITS) into 16 * BITS / 8 bytes, least significant bits first.
+/// (Non-temporal stores were tried here and measured slower: the writes are partial cache lines.)
 #[inline(always)]
 unsafe fn pack16<const BITS: u8>(q: __m512i, out: *mut u8) {
     match BITS {
@@ -138,7 +139,15 @@ unsafe fn codes16<const BITS: u8>(codes: *const u8, e: usize) -> __m512i {
 
 /// Per-group (finite, min, max) of `ng` groups of `g` (multiple of 16) elements; f32 copy to `xf`.
 #[inline(always)]
-unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, xf: &mut [f32], lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
+unsafe fn stats_rows<E: Elem>(
+    x: *const E,
+    g: usize,
+    ng: usize,
+    xf: &mut [f32],
+    lo: &mut [f32],
+    hi: &mut [f32],
+    fin: &mut [f32],
+) {
     for gi in 0..ng {
         let p = x.add(gi * g);
         let (mut mn, mut mx, mut acc) =
@@ -212,7 +221,14 @@ pub fn fits(cfg: &Config, c: usize) -> bool {
 /// # Safety
 /// CPU with AVX-512 F/BW/VL, AVX2, FMA, F16C; `fits(cfg, c)`; slices as for `kernel::quant_chunk`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scales: &mut [u8], mins: &mut [u8]) {
+pub unsafe fn quant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    x: &[E],
+    codes: &mut [u8],
+    scales: &mut [u8],
+    mins: &mut [u8],
+) {
     macro_rules! go {
         ($b:literal, $a:literal) => {
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
@@ -308,7 +324,15 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
 /// # Safety
 /// As for `quant_chunk`; slices as for `kernel::dequant_chunk`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], mins: &[u8], out: &mut [E], nt: bool) {
+pub unsafe fn dequant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    codes: &[u8],
+    scales: &[u8],
+    mins: &[u8],
+    out: &mut [E],
+    nt: bool,
+) {
     let nt = nt && out.as_ptr() as usize % 16 == 0;
     macro_rules! go {
         ($b:literal, $a:literal) => {
@@ -362,7 +386,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                 let mut e = gi * g;
                 while e < (gi + 1) * g {
                     let y = dec16::<ASYM>(codes16::<BITS>(cp, e), sv, mv, off);
-                    if NT { store16_nt(outp.add(e), y) } else { store16(outp.add(e), y) }
+                    if NT {
+                        store16_nt(outp.add(e), y)
+                    } else {
+                        store16(outp.add(e), y)
+                    }
                     e += 16;
                 }
             }
@@ -379,7 +407,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                     while e < c {
                         let (sv, mv) = (_mm512_loadu_ps(ps.as_ptr().add(e)), _mm512_loadu_ps(pm.as_ptr().add(e)));
                         let y = dec16::<ASYM>(codes16::<BITS>(cp, row + e), sv, mv, off);
-                        if NT { store16_nt(outp.add(row + e), y) } else { store16(outp.add(row + e), y) }
+                        if NT {
+                            store16_nt(outp.add(row + e), y)
+                        } else {
+                            store16(outp.add(row + e), y)
+                        }
                         e += 16;
                     }
                 }

@@ -74,9 +74,7 @@ impl DType {
             "float16" | "f16" | "half" => Ok(DType::F16),
             "bfloat16" | "bf16" => Ok(DType::BF16),
             "float32" | "f32" | "float" => Ok(DType::F32),
-            _ => Err(QuantError::type_(format!(
-                "dtype must be one of 'float16', 'bfloat16', 'float32', got {s:?}"
-            ))),
+            _ => Err(QuantError::type_(format!("dtype must be one of 'float16', 'bfloat16', 'float32', got {s:?}"))),
         }
     }
     pub fn from_code(c: u8) -> Option<DType> {
@@ -126,16 +124,10 @@ impl Config {
             return Err(QuantError::value(format!("bits must be 2, 4 or 8, got {}", self.bits)));
         }
         if self.axis > 1 {
-            return Err(QuantError::value(format!(
-                "axis must be 0 (per-token) or 1 (per-channel), got {}",
-                self.axis
-            )));
+            return Err(QuantError::value(format!("axis must be 0 (per-token) or 1 (per-channel), got {}", self.axis)));
         }
         if self.group_size == 0 || self.group_size > u32::MAX as usize {
-            return Err(QuantError::value(format!(
-                "group_size must be in 1..=4294967295, got {}",
-                self.group_size
-            )));
+            return Err(QuantError::value(format!("group_size must be in 1..=4294967295, got {}", self.group_size)));
         }
         if self.residual_length > u32::MAX as usize {
             return Err(QuantError::value(format!(
@@ -304,11 +296,7 @@ impl Header {
             )));
         }
         if buf[0..4] != MAGIC {
-            return Err(QuantError::value(format!(
-                "magic: expected {:?}, got {:?}",
-                MAGIC,
-                &buf[0..4]
-            )));
+            return Err(QuantError::value(format!("magic: expected {:?}, got {:?}", MAGIC, &buf[0..4])));
         }
         let version = rd_u16(buf, 4);
         if version != VERSION {

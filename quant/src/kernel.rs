@@ -31,12 +31,19 @@ pub fn simd_level() -> u8 {
     let cap = MAX_LEVEL.load(Ordering::Relaxed);
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         let avx512 = avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl");
-        let have = if avx512 { AVX512 } else if avx2 { AVX2 } else { SCALAR };
+        let have = if avx512 {
+            AVX512
+        } else if avx2 {
+            AVX2
+        } else {
+            SCALAR
+        };
         have.min(cap)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -152,7 +159,16 @@ fn fast_ok(cfg: &Config, c: usize) -> u8 {
 
 /// Quantizes `x` (whole rows, or whole token groups for axis 1) into the chunk's codes and metadata
 /// (`codes` starts on a byte boundary; `scales`/`mins` hold exactly the chunk's groups).
-fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scales: &mut [u8], mins: &mut [u8], fast: u8) {
+#[allow(clippy::too_many_arguments)]
+fn quant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    x: &[E],
+    codes: &mut [u8],
+    scales: &mut [u8],
+    mins: &mut [u8],
+    fast: u8,
+) {
     // SAFETY: `fast` comes from fast_ok: the CPU features are present and the shape fits.
     #[cfg(target_arch = "x86_64")]
     match fast {
@@ -217,7 +233,16 @@ fn quant_chunk<E: Elem>(cfg: &Config, c: usize, x: &[E], codes: &mut [u8], scale
 }
 
 #[allow(clippy::too_many_arguments)]
-fn dequant_chunk<E: Elem>(cfg: &Config, c: usize, codes: &[u8], scales: &[u8], mins: &[u8], out: &mut [E], fast: u8, nt: bool) {
+fn dequant_chunk<E: Elem>(
+    cfg: &Config,
+    c: usize,
+    codes: &[u8],
+    scales: &[u8],
+    mins: &[u8],
+    out: &mut [E],
+    fast: u8,
+    nt: bool,
+) {
     // SAFETY: as in quant_chunk.
     #[cfg(target_arch = "x86_64")]
     match fast {
@@ -280,7 +305,8 @@ impl Plan {
         let units = nq / unit_rows;
         let unit_el = unit_rows * c;
         // Chunks must start on a byte boundary of the code stream; otherwise one chunk does it all.
-        let per_chunk = if (unit_el * cfg.bits as usize) % 8 == 0 { (64 * 1024 / unit_el.max(1)).max(1) } else { units.max(1) };
+        let per_chunk =
+            if (unit_el * cfg.bits as usize) % 8 == 0 { (64 * 1024 / unit_el.max(1)).max(1) } else { units.max(1) };
         Plan { unit_rows, units, per_chunk }
     }
     fn chunks(&self) -> usize {
@@ -339,6 +365,7 @@ fn quant_body<E: Elem>(cfg: &Config, c: usize, qx: &[E], lay: &Layout, out: &mut
     let (bits, g, es) = (cfg.bits as usize, cfg.group_size, E::DTYPE.nbytes());
     let lay = *lay;
     let run = |i: usize| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let base = base;
         let (r0, r1) = plan.rows(i);
         let (cb0, cb1) = (r0 * c * bits / 8, (r1 * c * bits).div_ceil(8));
@@ -402,6 +429,7 @@ fn dequant_body<E: Elem>(h: &Header, blob: &[u8], out: &mut [E], nt: bool) {
     let (bits, g, es) = (cfg.bits as usize, cfg.group_size, E::DTYPE.nbytes());
     let obase = SendPtr(qo.as_mut_ptr() as *mut u8);
     let run = |i: usize| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let obase = obase;
         let (r0, r1) = plan.rows(i);
         let (cb0, cb1) = (r0 * c * bits / 8, (r1 * c * bits).div_ceil(8));
@@ -470,7 +498,9 @@ fn check_ids(ids: &[i64], rows: usize) -> Result<Vec<usize>> {
             }
             let id = id as usize;
             if std::mem::replace(&mut seen[id], true) {
-                return Err(QuantError::value(format!("page_ids[{i}] = {id} is repeated: each page id may appear once")));
+                return Err(QuantError::value(format!(
+                    "page_ids[{i}] = {id} is repeated: each page id may appear once"
+                )));
             }
             Ok(id)
         })
@@ -517,7 +547,13 @@ pub fn quantize_pages<E: Elem>(x: &[E], shape: &Shape, cfg: &Config, dst: &PageR
 
 /// Dequantizes the pages at rows `ids` of `src` into `out` (`shape` = out's shape). Every header is
 /// checked before anything is written.
-pub fn dequantize_pages<E: Elem>(src: &PageRows, ids: &[i64], cfg: &Config, shape: &Shape, out: &mut [E]) -> Result<()> {
+pub fn dequantize_pages<E: Elem>(
+    src: &PageRows,
+    ids: &[i64],
+    cfg: &Config,
+    shape: &Shape,
+    out: &mut [E],
+) -> Result<()> {
     let ps = page_shape(shape.tokens, ids.len(), shape.heads, shape.head_dim)?;
     check_len("out", out.len(), shape.numel().unwrap_or(usize::MAX))?;
     cfg.validate(&ps)?;
@@ -534,6 +570,7 @@ pub fn dequantize_pages<E: Elem>(src: &PageRows, ids: &[i64], cfg: &Config, shap
     let nt = std::mem::size_of_val(out) >= NT_BYTES;
     let obase = SendPtr(out.as_mut_ptr() as *mut u8);
     let one = |(i, (&id, h)): (usize, (&usize, &Header))| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let obase = obase;
         let blob = unsafe { std::slice::from_raw_parts(src.row_ptr(id) as *const u8, h.total) };
         // SAFETY: page i owns out[i*pel..(i+1)*pel].

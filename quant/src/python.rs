@@ -92,7 +92,11 @@ impl Buf {
         let (mut lo, mut hi) = (self.ptr() as isize, self.ptr() as isize + self.itemsize() as isize);
         for i in 0..sh.len() {
             let d = st[i] * (sh[i] as isize - 1);
-            if d < 0 { lo += d } else { hi += d }
+            if d < 0 {
+                lo += d
+            } else {
+                hi += d
+            }
         }
         (lo as usize, hi as usize)
     }
@@ -149,7 +153,11 @@ impl Buf {
             )));
         }
         if self.ndim() != 2 {
-            return Err(verr(format!("{name} must be 2-D [pages, row_bytes], got {}-D shape {:?}", self.ndim(), self.shape())));
+            return Err(verr(format!(
+                "{name} must be 2-D [pages, row_bytes], got {}-D shape {:?}",
+                self.ndim(),
+                self.shape()
+            )));
         }
         let (sh, st) = (self.shape(), self.strides());
         if sh[1] > 1 && st[1] != 1 {
@@ -358,7 +366,10 @@ impl QuantizedTensor {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 
     /// Testing aid: (codes as int32 bytes, scale bit patterns as uint32 bytes, min bit patterns as uint32 bytes).
-    fn _unpack<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    fn _unpack<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let u = kernel::unpack(&self.data).map_err(err)?;
         let le32 = |v: Vec<u32>| v.into_iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let codes: Vec<u8> = u.codes.into_iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -387,6 +398,7 @@ fn quantize(
     let mut data = vec![0u8; header.total];
     let (p, n) = (SendPtr(b.ptr()), shape.numel().unwrap_or(0));
     dispatch!(py, dtype, n, |E| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let p = p;
         let xs: &[E] = if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(p.0 as *const E, n) } };
         kernel::quantize_into(xs, &shape, &cfg, &mut data)
@@ -410,6 +422,7 @@ fn dequantize_into(py: Python<'_>, q: &Bound<'_, QuantizedTensor>, out: &Bound<'
     let (p, n) = (SendPtr(o.ptr()), shape.numel().unwrap_or(0));
     let data = &qt.data;
     dispatch!(py, h.dtype, n, |E| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let p = p;
         let ys: &mut [E] = if n == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(p.0 as *mut E, n) } };
         kernel::dequantize_into(data, ys).map(|_| ())
@@ -481,6 +494,7 @@ fn quantize_pages(
     }
     let (p, n) = (SendPtr(xb.ptr()), shape.numel().unwrap_or(0));
     dispatch!(py, dtype, n, |E| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let p = p;
         let xs: &[E] = if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(p.0 as *const E, n) } };
         kernel::quantize_pages(xs, &shape, &cfg, &rows, ids)
@@ -518,6 +532,7 @@ fn dequantize_pages(
     }
     let (p, n) = (SendPtr(ob.ptr()), shape.numel().unwrap_or(0));
     dispatch!(py, dtype, n, |E| {
+        #[allow(clippy::redundant_locals)] // capture the whole Send wrapper, not its raw-pointer field
         let p = p;
         let ys: &mut [E] = if n == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(p.0 as *mut E, n) } };
         kernel::dequantize_pages(&rows, ids, &cfg, &shape, ys)

@@ -33,9 +33,7 @@ fn pool() -> Arc<ThreadPool> {
     if let Some(p) = g.as_ref() {
         return p.clone();
     }
-    let p = build(default_threads())
-        .or_else(|_| build(1))
-        .expect("a one-thread rayon pool can always be built");
+    let p = build(default_threads()).or_else(|_| build(1)).expect("a one-thread rayon pool can always be built");
     *g = Some(p.clone());
     p
 }

@@ -29,7 +29,11 @@ fn reference<E: Elem>(x: &[E], sh: &Shape, c: &Config) -> Ref {
     let bits_of = |v: E| -> u32 {
         let mut b = [0u8; 4];
         v.put(&mut b);
-        if E::DTYPE == DType::F32 { u32::from_le_bytes(b) } else { u16::from_le_bytes([b[0], b[1]]) as u32 }
+        if E::DTYPE == DType::F32 {
+            u32::from_le_bytes(b)
+        } else {
+            u16::from_le_bytes([b[0], b[1]]) as u32
+        }
     };
     // members of group gi, in natural element order
     let ngroups = nq * row / c.group_size;

@@ -10,7 +10,11 @@
 //!   every registered backend: like the other third-party stores there it gets
 //!   `(storage_config, mem_pool_host)`; its options come from `storage_config.extra_config`
 //!   (`--hicache-storage-backend-extra-config`), and the cache controller calls
-//!   `register_mem_pool_host` on it afterwards as on every backend.
+//!   `register_mem_pool_host` on it afterwards as on every backend;
+//! - `"juicefs"` in the list of backends `HiCacheController.attach_storage_backend` sends
+//!   down the zero-copy path (`_page_get_zero_copy` / `_page_set_zero_copy`, which call the
+//!   backend's `batch_get_v1` / `batch_set_v1` with host indices); the list has no name, so
+//!   it is found as the one list in that method holding `"hf3fs"`.
 
 use crate::group::{ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
 
@@ -82,6 +86,23 @@ pub fn group() -> Group {
                     body: Snippet::Text("return backend_class(storage_config, mem_pool_host)"),
                 },
             },
+            Patch {
+                id: "zero-copy",
+                what: "\"juicefs\" among the zero-copy (v1) backends of attach_storage_backend",
+                kind: PatchKind::ListItem {
+                    list: ListRef::ContainingItem {
+                        function: FnRef::Method {
+                            class: ClassRef {
+                                name: "HiCacheController",
+                                under: "sglang/srt",
+                            },
+                            name: "attach_storage_backend",
+                        },
+                        has_item: "\"hf3fs\"",
+                    },
+                    item: "\"juicefs\"",
+                },
+            },
         ],
     }
 }
@@ -104,5 +125,18 @@ mod tests {
         );
         assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
         assert!(REGISTER.contains("\"JuiceFSStorage\""));
+    }
+
+    /// The zero-copy path calls `batch_get_v1` / `batch_set_v1`: the backend must have both.
+    #[test]
+    fn zero_copy_backend_has_the_v1_batch_methods() {
+        let g = group();
+        let PatchKind::InjectFile { source, .. } = g.patches[0].kind else {
+            panic!("first patch injects the backend")
+        };
+        assert!(g.patches.iter().any(|p| p.id == "zero-copy"));
+        for m in ["batch_get_v1", "batch_set_v1"] {
+            assert!(source.contains(&format!("\n    def {m}(self,")), "{m}");
+        }
     }
 }
