@@ -10,8 +10,10 @@ cd "$HERE"
 echo "== cargo test (release: proptests run faster)"
 cargo test --release --quiet
 echo "== pip install ./quant into $("$PY" -c 'import sys; print(sys.prefix)')"
-# --force-reinstall --no-cache-dir: never test a stale wheel of the same version
-"$PY" -m pip install --quiet --no-deps --force-reinstall --no-cache-dir "$HERE"
+# --force-reinstall --no-cache-dir: never test a stale wheel of the same version.
+# Own target dir: maturin moves the .so out of target/release, which confuses cargo's freshness
+# check when `cargo test` shares that directory.
+CARGO_TARGET_DIR="$HERE/target/wheel" "$PY" -m pip install --quiet --no-deps --force-reinstall --no-cache-dir "$HERE"
 echo "== pytest"
 cd "$HERE/tests"
 "$PY" -m pytest -q -p no:cacheprovider "$@" .

@@ -15,7 +15,7 @@
 # A release whose era some selected group has no form for yet is checked with the groups that
 # do have one and marked partial ("not yet: ..."); partial rows fail unless --allow-partial.
 # Prints one row per release and writes the markdown table between the release-matrix markers
-# of FILE (default docs/compat.md; created if missing). Exits 1 if any release fails.
+# of FILE (default README.md; created if missing). Exits 1 if any release fails.
 #
 # The functional column comes from --functional FILE (default: $KVTUNER_FUNCTIONAL_RESULTS,
 # else target/functional-results.tsv), written by the Python functional tests: one line per
@@ -101,7 +101,7 @@ print(r["tree"]["era"] or "unknown", groups, missing, r["support"]["supported"],
 fi
 
 # ---- the matrix --------------------------------------------------------------------------------
-out="$here/docs/compat.md"
+out="$here/README.md"
 functional="${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}"
 jobs=$(nproc 2>/dev/null || echo 2)
 only=()

@@ -14,6 +14,8 @@ repo=$(pwd)
 cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 step() { printf '\n==== %s\n' "$*"; }
 
+rm -f target/functional-results.tsv   # only this run's functional results reach the table
+
 step "cargo test: kvtuner-patch CLI"
 cargo test --locked
 
@@ -37,6 +39,8 @@ target/release/kvtuner-patch verify --sglang-root "$patched" --python "$py"
 
 step "pytest: host pool, patched SGLang, JuiceFS (real FUSE mount)"
 KVTUNER_PATCHED_SGLANG="$patched" "$py" -m pytest -q -rs -p no:cacheprovider tests/python
+# Reached only when pytest passed (set -e): the release matrix's "functional" column reads this.
+mkdir -p target && printf '0.5.23\tpass\n' >> target/functional-results.tsv
 
 step "release matrix"
-scripts/release-matrix.sh
+scripts/release-matrix.sh --allow-partial

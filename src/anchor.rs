@@ -207,6 +207,28 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
             )?;
             Ok((file.to_string(), node.start_byte()))
         }
+        FnRef::ModuleUnder { under, name } => {
+            let candidates = src.files_containing(under, &format!("def {name}"))?;
+            let mut found = Vec::new();
+            for rel in &candidates {
+                let pf = src.load(rel)?.expect("listed files exist");
+                for node in syntax::functions(pf, name) {
+                    found.push((rel.clone(), node.start_byte(), node.start_position().row + 1));
+                }
+            }
+            if found.len() != 1 {
+                let locations = found.iter().map(|(r, _, l)| format!("{r}:{l}")).collect();
+                return Err(drift(
+                    tag,
+                    &format!("{under}/"),
+                    format!("function `{name}`"),
+                    found.len(),
+                    locations,
+                ));
+            }
+            let (rel, start, _) = found.remove(0);
+            Ok((rel, start))
+        }
         FnRef::Method { class, name } => {
             let rel = resolve_class(src, tag, class)?;
             let pf = src.get(&rel).expect("loaded");
@@ -326,7 +348,9 @@ fn chain_node<'t>(
 
 fn fn_name(f: FnRef) -> &'static str {
     match f {
-        FnRef::Module { name, .. } | FnRef::Method { name, .. } => name,
+        FnRef::Module { name, .. }
+        | FnRef::ModuleUnder { name, .. }
+        | FnRef::Method { name, .. } => name,
     }
 }
 

@@ -59,6 +59,13 @@ pub enum FnRef {
         file: &'static str,
         name: &'static str,
     },
+    /// The one module-level `def name` in any `.py` file below `under`, for a function
+    /// upstream moved between modules (`get_mha_host_pool_cls`: `memory_pool_host.py`, then
+    /// `pool_host/mha.py`).
+    ModuleUnder {
+        under: &'static str,
+        name: &'static str,
+    },
     /// `def name` inside a class found by [`ClassRef`].
     Method { class: ClassRef, name: &'static str },
 }

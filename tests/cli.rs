@@ -260,8 +260,8 @@ fn mutated_trees_are_refused_and_untouched() {
             1,
             &[
                 "hostpool/select-host-pool",
-                MHA,
-                "looked for function `get_mha_host_pool_cls`: found 0 matches",
+                // Found under a folder (it moved between modules across releases).
+                "sglang/srt/mem_cache/: looked for function `get_mha_host_pool_cls`: found 0 matches",
             ],
         ),
         (

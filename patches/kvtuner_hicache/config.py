@@ -111,8 +111,8 @@ def _as_int(args: Any, name: str) -> int:
 
 
 def current_server_config() -> KVTunerHiCacheConfig:
-    """The config of the running server, read the way SGLang 0.5.23 reads memory
-    flags (the resolved ``memory`` namespace bag), falling back to the raw
+    """The config of the running server, read the way SGLang reads memory flags
+    (the resolved ``memory`` namespace bag, 0.5.17+), falling back to the raw
     ``ServerArgs``. Nothing published (unit tests, tools) -> feature off."""
     source = _published_memory_args()
     return config_from_args(source, load_preset=source is not None)
@@ -120,20 +120,27 @@ def current_server_config() -> KVTunerHiCacheConfig:
 
 def _published_memory_args() -> Any:
     try:
-        from sglang.srt.runtime_context import get_memory
-    except ImportError:  # not inside SGLang (standalone install without it)
-        return None
+        import sglang.srt.runtime_context as rc
+    except ImportError:  # standalone install without SGLang, or 0.5.14 (no runtime context)
+        rc = None
+    bag = None
+    get_memory = getattr(rc, "get_memory", None)  # 0.5.17+
+    if get_memory is not None:
+        try:
+            bag = get_memory()
+        except (ValueError, RuntimeError, AttributeError, AssertionError):
+            bag = None
+        if bag is not None and "enable_kvtuner_hicache" in bag:
+            return _BagView(bag)
+    getter = getattr(rc, "get_server_args", None)  # 0.5.15+
+    if getter is None:
+        try:  # 0.5.14: the module-level global of server_args.py
+            from sglang.srt.server_args import get_global_server_args as getter
+        except ImportError:
+            return bag
     try:
-        bag = get_memory()
-    except (ValueError, RuntimeError, AttributeError):
-        bag = None
-    if bag is not None and "enable_kvtuner_hicache" in bag:
-        return _BagView(bag)
-    try:
-        from sglang.srt.runtime_context import get_server_args
-
-        return get_server_args()
-    except (ValueError, RuntimeError, AttributeError, ImportError):
+        return getter()
+    except (ValueError, RuntimeError, AttributeError, AssertionError):
         return bag
 
 

@@ -1,4 +1,4 @@
-"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.23).
+"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.14 - 0.5.23).
 
 ``KVTunerMHATokenToKVPoolHost`` subclasses the release's ``MHATokenToKVPoolHost``
 and replaces its fp16/bf16 host buffer with one ``uint8`` row per host page. A row
@@ -68,10 +68,30 @@ Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
     rows refilled any other way (zero-copy storage reads, pool wrappers with their
     own allocator). With a fixed token capacity (``host_token_capacity``) there is no byte
     budget to carve from, so the overlay is off.
+
+Releases
+    One class serves every release that builds dense MHA host pools through
+    ``get_mha_host_pool_cls``; the constructor looks at what it was given:
+
+    - an ``MHABufferInfo`` (0.5.23: ``buffer_info.buffers.k`` ...) -> the 0.5.23
+      constructor (geometry from the buffer info, keyword-only base ``__init__``);
+    - a device pool (``k_buffer`` / ``v_buffer`` lists; 0.5.14 - 0.5.22, MTP draft
+      pools as ``mtp_draft_device_pools`` from 0.5.18) -> geometry from the device
+      pool, then the release's own ``HostKVCache.__init__`` in whichever form it has:
+      positional ``(device_pool, ratio, size, ...)`` up to 0.5.21, keyword-only
+      ``(dtype=, device_capacity_tokens=, size_per_token=, ...)`` in 0.5.22 (the
+      signature is read, not the version). The stock ``MHATokenToKVPoolHost.__init__``
+      is skipped there: it builds fp16 views of the host buffer this pool does not have.
+
+    Base classes before 0.5.22 size the pool and call ``init_kv_buffer()``
+    directly (there is no ``_allocate_host_buffer``), so the overlay is carved and
+    allocated from ``init_kv_buffer``; ``is_draft`` (0.5.18+) and the ``_physical``
+    wrappers (0.5.21+, which call the plain methods) need nothing release-specific.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -80,9 +100,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
+from sglang.srt.mem_cache.pool_host.base import HostKVCache
 from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
-from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+try:  # 0.5.16+
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+except ImportError:  # 0.5.14 - 0.5.15: still in memory_pool_host.py
+    from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
+try:  # 0.5.19+ (takes the requested bytes from 0.5.21)
+    from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
+except ImportError:
+    host_memory_budget_bytes = None
 
 from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
@@ -127,20 +155,62 @@ def _model_layer_num(end_layer: int) -> Optional[int]:
     return end_layer if pp_rank == pp_size - 1 else None
 
 
-def _stock_bytes_per_token(buffer_info, draft_layer_num: int) -> int:
-    layers = len(buffer_info.buffers.k) + draft_layer_num
-    return (
-        (buffer_info.head_dim + buffer_info.v_head_dim)
-        * buffer_info.head_num
-        * layers
-        * buffer_info.dtype.itemsize
+def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
+    """What the stock pool stores per token: K and V (same head_dim, checked), fp16/bf16/fp32."""
+    return 2 * head_dim * head_num * layers * dtype.itemsize
+
+
+def _is_buffer_info(source) -> bool:
+    """0.5.23 passes host pools an ``MHABufferInfo`` (device buffers under
+    ``.buffers``); earlier releases pass the device pool itself."""
+    return hasattr(source, "buffers") and not hasattr(source, "k_buffer")
+
+
+def _host_budget_bytes(requested: int) -> int:
+    """Host RAM this rank may claim, asked the way the release asks it."""
+    if host_memory_budget_bytes is None:  # 0.5.14 - 0.5.18
+        import psutil
+
+        return psutil.virtual_memory().available
+    if inspect.signature(host_memory_budget_bytes).parameters:  # 0.5.21+
+        return host_memory_budget_bytes(requested)
+    return host_memory_budget_bytes()
+
+
+def _alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
+    """The release's host allocator for the pool's transfer device; the
+    registration granularity (0.5.19+) only where the allocator takes it."""
+    alloc = ALLOC_MEMORY_FUNCS[pool._transfer_device.type]
+    kwargs = dict(
+        dtype=dtype, device=pool.device, pin_memory=pool.pin_memory, allocator=pool.allocator
     )
+    if granularity is not None and "registration_granularity_bytes" in inspect.signature(
+        alloc
+    ).parameters:
+        kwargs["registration_granularity_bytes"] = granularity
+    return alloc(shape, **kwargs)
 
 
 class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
     """Host pool storing pages quantized (see module docstring)."""
 
-    def __init__(
+    def __init__(self, source, *args, **kwargs):
+        # What the release hands its dense MHA host pool (see "Releases" above).
+        if _is_buffer_info(source):
+            self._kvt_init_from_buffer_info(source, *args, **kwargs)
+        else:
+            self._kvt_init_from_device_pool(source, *args, **kwargs)
+        logger.info(
+            "KVTuner HiCache host pool: %s, %d B/token (stock %d B/token), %d pages, "
+            "residual overlay %d pages",
+            self.storage_format_tag,
+            self.size_per_token,
+            self.stock_size_per_token(),
+            self.page_num,
+            self._ovl_slots,
+        )
+
+    def _kvt_init_from_buffer_info(
         self,
         buffer_info,
         host_to_device_ratio: float,
@@ -162,62 +232,24 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
-        if layout not in SUPPORTED_LAYOUTS:
-            raise ValueError(
-                f"--enable-kvtuner-hicache stores page-major quantized rows; "
-                f"--hicache-mem-layout {layout!r} is not supported (use one of "
-                f"{', '.join(SUPPORTED_LAYOUTS)})"
-            )
+        _check_layout(layout)
         check_buffer_info(buffer_info)
-        self._kq = _import_quant()
-        cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
-        start = int(start_layer or 0)
-        plan = resolve_layer_plan(
-            cfg,
-            start_layer=start,
-            target_layer_num=len(buffer_info.buffers.k),
-            draft_layer_num=len(draft_buffer_infos),
+        self._kvt_prepare(
+            kvtuner_config,
             head_num=buffer_info.head_num,
             head_dim=buffer_info.head_dim,
+            dtype=buffer_info.dtype,
+            target_layer_num=len(buffer_info.buffers.k),
+            draft_layer_num=len(draft_buffer_infos),
             page_size=page_size,
-            dtype_name=_dtype_name(buffer_info.dtype),
-            model_layer_num=(
-                model_layer_num
-                if model_layer_num is not None
-                else _model_layer_num(int(end_layer))
-            ),
+            start_layer=start_layer,
+            end_layer=end_layer,
+            model_layer_num=model_layer_num,
+            fixed_capacity=host_token_capacity is not None,
         )
-        # Everything get_size_per_token() and init_kv_buffer() need exists before
-        # the base __init__ calls them.
-        self.kvtuner_plan = plan
-        self.kvtuner_layout = PageLayout(plan, self._kq.packed_nbytes)
-        self.storage_format_tag = self.kvtuner_layout.tag
-        self._kvt_cfg = cfg
-        self._kvt_fixed_capacity = host_token_capacity is not None
-        self._kvt_header = torch.frombuffer(
-            bytearray(self.kvtuner_layout.header), dtype=torch.uint8
-        )
-        self._ovl: Optional[torch.Tensor] = None
-        # Per-page backup stamps: a random 64-bit base per pool plus a counter.
-        self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
-        self._ovl_slots = 0
-        self._ovl_lock = threading.Lock()
-        self._backup_lock = threading.Lock()
-        self._dummy_lock = threading.Lock()
-        self._dummy_free: List[torch.Tensor] = []
-        self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
-            weakref.WeakValueDictionary()
-        )
-        if host_token_capacity is None and not (host_size and host_size > 0) and host_to_device_ratio:
-            # --hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
-            # byte budget and the device pool's fp16 bytes) is read as a memory
-            # ratio: the pool gets the bytes the stock pool would, and so holds
-            # stock/quantized times more tokens.
-            host_size = (
-                device_capacity_tokens
-                * host_to_device_ratio
-                * _stock_bytes_per_token(buffer_info, len(draft_buffer_infos))
-                / 1e9
+        if host_token_capacity is None:
+            host_size = self._kvt_memory_ratio_as_size(
+                host_size, host_to_device_ratio, device_capacity_tokens
             )
         super().__init__(
             buffer_info,
@@ -237,15 +269,164 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             head_group_num=head_group_num,
             host_token_capacity=host_token_capacity,
         )
-        logger.info(
-            "KVTuner HiCache host pool: %s, %d B/token (stock %d B/token), %d pages, "
-            "residual overlay %d pages",
-            self.storage_format_tag,
-            self.size_per_token,
-            self.stock_size_per_token(),
-            self.page_num,
-            self._ovl_slots,
+
+    def _kvt_init_from_device_pool(
+        self,
+        device_pool,
+        host_to_device_ratio: float,
+        host_size: int,
+        page_size: int,
+        layout: str,
+        pin_memory: bool = True,
+        device: str = "cpu",
+        allocator_type: str = "default",
+        *,
+        mtp_draft_device_pools: Sequence = (),
+        pool_label: str = "kv",
+        kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
+        model_layer_num: Optional[int] = None,
+    ):
+        """0.5.14 - 0.5.22: the release passes its device pool (and, from 0.5.18,
+        MTP draft device pools whose layers are packed after the target layers)."""
+        _check_layout(layout)
+        check_device_pool(device_pool)
+        drafts = tuple(mtp_draft_device_pools)
+        for draft in drafts:
+            check_device_pool(draft)
+        first = device_pool.k_buffer[0]
+        head_dim = int(device_pool.head_dim)
+        # Heads as the buffers hold them (rows of head_num x head_dim elements).
+        head_num = first[0].numel() // head_dim if first.shape[0] else int(device_pool.head_num)
+        self.device_pool = device_pool
+        self.mtp_draft_device_pools = drafts
+        self.target_layer_num = int(device_pool.layer_num)
+        self.layer_num = self.target_layer_num + len(drafts)
+        self.head_num = head_num
+        self.head_dim = head_dim
+        self.v_head_dim = head_dim
+        self.dtype = device_pool.store_dtype
+        self._transfer_device = torch.device(device_pool.device)
+        pools = (device_pool, *drafts)
+        self.device_k_buffers = tuple(b for pool in pools for b in pool.k_buffer)
+        self.device_v_buffers = tuple(b for pool in pools for b in pool.v_buffer)
+        self._kvt_prepare(
+            kvtuner_config,
+            head_num=head_num,
+            head_dim=head_dim,
+            dtype=self.dtype,
+            target_layer_num=self.target_layer_num,
+            draft_layer_num=len(drafts),
+            page_size=page_size,
+            start_layer=device_pool.start_layer,
+            end_layer=device_pool.end_layer,
+            model_layer_num=model_layer_num,
+            fixed_capacity=False,
         )
+        capacity = getattr(device_pool, "host_capacity_tokens", None) or device_pool.size
+        host_size = self._kvt_memory_ratio_as_size(host_size, host_to_device_ratio, capacity)
+        params = inspect.signature(HostKVCache.__init__).parameters
+        if "device_pool" in params:
+            # Up to 0.5.21: the base sizes the pool from the device pool and calls
+            # get_size_per_token() / init_kv_buffer() itself.
+            extra = {"pool_label": pool_label} if "pool_label" in params else {}
+            HostKVCache.__init__(
+                self,
+                device_pool,
+                host_to_device_ratio,
+                host_size,
+                page_size,
+                layout,
+                pin_memory,
+                device,
+                allocator_type,
+                **extra,
+            )
+        else:
+            # 0.5.22: keyword-only geometry, computed by the concrete pool first.
+            HostKVCache.__init__(
+                self,
+                dtype=self.dtype,
+                device_capacity_tokens=capacity,
+                size_per_token=self.get_size_per_token(),
+                start_layer=device_pool.start_layer,
+                end_layer=device_pool.end_layer,
+                host_to_device_ratio=host_to_device_ratio,
+                host_size=host_size,
+                page_size=page_size,
+                layout=layout,
+                pin_memory=pin_memory,
+                device=device,
+                allocator_type=allocator_type,
+                pool_label=pool_label,
+            )
+        self._initialize_transfer_views()
+
+    def _kvt_prepare(
+        self,
+        kvtuner_config: Optional[KVTunerHiCacheConfig],
+        *,
+        head_num: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        target_layer_num: int,
+        draft_layer_num: int,
+        page_size: int,
+        start_layer,
+        end_layer,
+        model_layer_num: Optional[int],
+        fixed_capacity: bool,
+    ) -> None:
+        """Everything get_size_per_token() and init_kv_buffer() need, set before
+        the base __init__ calls them."""
+        self._kq = _import_quant()
+        cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
+        plan = resolve_layer_plan(
+            cfg,
+            start_layer=int(start_layer or 0),
+            target_layer_num=target_layer_num,
+            draft_layer_num=draft_layer_num,
+            head_num=head_num,
+            head_dim=head_dim,
+            page_size=page_size,
+            dtype_name=_dtype_name(dtype),
+            model_layer_num=(
+                model_layer_num
+                if model_layer_num is not None
+                else _model_layer_num(int(end_layer))
+            ),
+        )
+        self.kvtuner_plan = plan
+        self.kvtuner_layout = PageLayout(plan, self._kq.packed_nbytes)
+        self.storage_format_tag = self.kvtuner_layout.tag
+        self._kvt_stock_bytes = _stock_bytes_per_token(
+            head_num, head_dim, target_layer_num + draft_layer_num, dtype
+        )
+        self._kvt_cfg = cfg
+        self._kvt_fixed_capacity = fixed_capacity
+        self._kvt_header = torch.frombuffer(
+            bytearray(self.kvtuner_layout.header), dtype=torch.uint8
+        )
+        self._ovl: Optional[torch.Tensor] = None
+        self._kvt_carved = False
+        # Per-page backup stamps: a random 64-bit base per pool plus a counter.
+        self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
+        self._ovl_slots = 0
+        self._ovl_lock = threading.Lock()
+        self._backup_lock = threading.Lock()
+        self._dummy_lock = threading.Lock()
+        self._dummy_free: List[torch.Tensor] = []
+        self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _kvt_memory_ratio_as_size(self, host_size, ratio, device_tokens) -> float:
+        """--hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
+        byte budget and the device pool's fp16 bytes) is read as a memory ratio:
+        the pool gets the bytes the stock pool would, and so holds stock/quantized
+        times more tokens. An explicit --hicache-size (GB) is kept."""
+        if (host_size and host_size > 0) or not ratio:
+            return host_size
+        return device_tokens * ratio * self._kvt_stock_bytes / 1e9
 
     # ------------------------------------------------------------ geometry ---
 
@@ -254,7 +435,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     def stock_size_per_token(self) -> int:
         """Bytes per token the stock pool would use for the same layers."""
-        return super().get_size_per_token()
+        return self._kvt_stock_bytes
 
     @property
     def kvtuner_page_nbytes(self) -> int:
@@ -275,6 +456,16 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return 0 if r <= 0 else -(-r // self.page_size)
 
     def _allocate_host_buffer(self) -> None:
+        # 0.5.22+: the base checks the budget and then calls init_kv_buffer().
+        self._kvt_carve_overlay()
+        super()._allocate_host_buffer()
+
+    def _kvt_carve_overlay(self) -> None:
+        """Take the overlay's pages out of the sized pool (once; before the rows
+        are allocated, from whichever of the base's hooks runs first)."""
+        if self._kvt_carved:
+            return
+        self._kvt_carved = True
         window = self._window_pages()
         row = self.kvtuner_layout.row_nbytes
         exact = self._exact_page_nbytes()
@@ -298,48 +489,48 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             self.page_num -= take
             self.size = self.page_num * self.page_size
             self._ovl_slots = slots
-        super()._allocate_host_buffer()
-        if self._ovl_slots:
-            ovl_bytes = self._ovl_slots * exact
-            available = host_memory_budget_bytes(ovl_bytes)
-            if ovl_bytes > available:
-                raise ValueError(
-                    f"Not enough host memory for the KVTuner residual overlay: "
-                    f"{ovl_bytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
-                )
-            alloc = ALLOC_MEMORY_FUNCS[self._transfer_device.type]
-            self._ovl = alloc(
-                (self._ovl_slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim),
-                dtype=self.dtype,
-                device=self.device,
-                pin_memory=self.pin_memory,
-                allocator=self.allocator,
+
+    def _kvt_alloc_overlay(self) -> None:
+        if not self._ovl_slots or self._ovl is not None:
+            return
+        exact = self._exact_page_nbytes()
+        ovl_bytes = self._ovl_slots * exact
+        available = _host_budget_bytes(ovl_bytes)
+        if ovl_bytes > available:
+            raise ValueError(
+                f"Not enough host memory for the KVTuner residual overlay: "
+                f"{ovl_bytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
             )
-            self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
-            self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
-            self._slot_stamp = torch.zeros((self._ovl_slots,), dtype=torch.int64)
-            self._ovl_next = 0
+        self._ovl = _alloc_host(
+            self,
+            (self._ovl_slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim),
+            self.dtype,
+            None,
+        )
+        self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
+        self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
+        self._slot_stamp = torch.zeros((self._ovl_slots,), dtype=torch.int64)
+        self._ovl_next = 0
 
     def init_kv_buffer(self):
+        # Bases before 0.5.22 call this right after sizing the pool.
+        self._kvt_carve_overlay()
         # Kept for code that reads them; they describe the device rows.
         self.token_stride_size = self.head_num * self.head_dim * self.dtype.itemsize
         self.layout_dim = self.token_stride_size * self.layer_num
         row = self.kvtuner_layout.row_nbytes
-        alloc = ALLOC_MEMORY_FUNCS[self._transfer_device.type]
-        return alloc(
-            (self.page_num, row),
-            dtype=torch.uint8,
-            device=self.device,
-            pin_memory=self.pin_memory,
-            allocator=self.allocator,
-            registration_granularity_bytes=row,
-        )
+        rows = _alloc_host(self, (self.page_num, row), torch.uint8, row)
+        self._kvt_alloc_overlay()
+        return rows
 
-    def _initialize_transfer_views(self, buffer_info, write_back_staging) -> None:
+    def _initialize_transfer_views(self, *_release_args) -> None:
         # The release's copy kernels and their pointer tables address fp16 host
-        # rows; none of them applies to quantized rows.
+        # rows; none of them applies to quantized rows. (0.5.23 calls this with
+        # (buffer_info, write_back_staging), 0.5.22 with nothing; earlier releases
+        # never: the device-pool constructor calls it.)
         self.element_dim = self.head_num * self.head_dim
-        self._init_device_row_stride((*self.device_k_buffers, *self.device_v_buffers))
+        if hasattr(self, "_init_device_row_stride"):  # 0.5.22+
+            self._init_device_row_stride((*self.device_k_buffers, *self.device_v_buffers))
         self.can_use_jit = False
         self.can_use_write_back_jit = False
         self.k_data_refs = []
@@ -676,6 +867,45 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return (
             self.kv_buffer.data_ptr() % page_size_bytes == 0
             and self.kvtuner_layout.row_nbytes % page_size_bytes == 0
+        )
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in SUPPORTED_LAYOUTS:
+        raise ValueError(
+            f"--enable-kvtuner-hicache stores page-major quantized rows; "
+            f"--hicache-mem-layout {layout!r} is not supported (use one of "
+            f"{', '.join(SUPPORTED_LAYOUTS)})"
+        )
+
+
+def check_pool_source(source) -> None:
+    """Refuse what the release passes (buffer info or device pool) when the
+    quantizing pool cannot mirror it, with the reason."""
+    if _is_buffer_info(source):
+        check_buffer_info(source)
+    else:
+        check_device_pool(source)
+
+
+def check_device_pool(device_pool) -> None:
+    """0.5.14 - 0.5.22: refuse device pools the quantizing pool cannot mirror."""
+    head_dim = getattr(device_pool, "head_dim", None)
+    v_head_dim = getattr(device_pool, "v_head_dim", None) or head_dim
+    if head_dim != v_head_dim:
+        raise ValueError(
+            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
+            f"model has K {head_dim} and V {v_head_dim}"
+        )
+    dtype = getattr(device_pool, "store_dtype", None)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            "--enable-kvtuner-hicache needs a plain fp16/bf16/fp32 device KV cache; "
+            f"this one stores {dtype}"
+        )
+    if getattr(device_pool, "layer_shard_enabled", False):
+        raise ValueError(
+            "--enable-kvtuner-hicache does not support layer-sharded device pools"
         )
 
 

@@ -1,11 +1,14 @@
 """Which dense-MHA host pool class SGLang builds.
 
 The patch calls :func:`select_mha_host_pool_cls` first thing in
-``sglang/srt/mem_cache/pool_host/mha.py::get_mha_host_pool_cls`` (the one place
-0.5.23 chooses the dense MHA host pool; ``build_kv_host_pool`` reaches it through
-``_mha_host_inputs``)::
+``get_mha_host_pool_cls``, the one place SGLang chooses the dense MHA host pool
+class (``mem_cache/pool_host/mha.py`` from 0.5.16, ``mem_cache/memory_pool_host.py``
+in 0.5.14 - 0.5.15; 0.5.23's ``build_kv_host_pool`` reaches it through
+``_mha_host_inputs``, earlier releases from ``HiRadixCache``, ``build_kv_host_pool``
+and the draft / decode-offload builders). Its argument is the ``MHABufferInfo`` in
+0.5.23 and the device pool before; the call passes whichever it is::
 
-    _kvtuner_cls = select_mha_host_pool_cls(buffer_info, None)
+    _kvtuner_cls = select_mha_host_pool_cls(buffer_info, None)   # device_pool before 0.5.23
     if _kvtuner_cls is not None:
         return _kvtuner_cls
 
@@ -20,15 +23,17 @@ from typing import Any, Optional
 from .config import is_enabled
 
 
-def select_mha_host_pool_cls(buffer_info: Any, default_cls: Optional[type]) -> Optional[type]:
+def select_mha_host_pool_cls(source: Any, default_cls: Optional[type]) -> Optional[type]:
     """The quantizing host pool class when the flag is on, else ``default_cls``.
 
     With the flag on, a device pool the quantizing pool cannot mirror (scaled
     MXFP8 KV, K/V of different head_dim, relocatable buffers) is a startup error
-    naming the reason, never a silent fall back to full precision."""
+    naming the reason, never a silent fall back to full precision. ``source``
+    is what the release passes ``get_mha_host_pool_cls``: an ``MHABufferInfo``
+    (0.5.23) or the device pool (0.5.14 - 0.5.22)."""
     if not is_enabled():
         return default_cls
-    from .host_pool import KVTunerMHATokenToKVPoolHost, check_buffer_info
+    from .host_pool import KVTunerMHATokenToKVPoolHost, check_pool_source
 
-    check_buffer_info(buffer_info)
+    check_pool_source(source)
     return KVTunerMHATokenToKVPoolHost

@@ -155,7 +155,7 @@ unsafe fn stats_rows<E: Elem>(
         let mut i = 0;
         while i < g {
             // the hardware prefetcher alone leaves the core waiting on memory: ask for 4 KiB ahead
-            _mm_prefetch::<_MM_HINT_T0>((p.add(i) as *const i8).add(4096));
+            _mm_prefetch::<_MM_HINT_T0>((p.add(i) as *const i8).wrapping_add(4096));
             let v = load16(p.add(i));
             _mm512_storeu_ps(xf.as_mut_ptr().add(gi * g + i), v);
             acc = _mm512_add_ps(acc, v); // non-finite iff some element is (or a float32 sum overflowed)

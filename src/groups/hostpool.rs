@@ -1,15 +1,25 @@
-//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.20 - 0.5.23 (`memory-struct` era).
+//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.14 - 0.5.23 (eras
+//! `annotated-server-args`, `namespaced-server-args`, `memory-struct`).
 //!
 //! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
-//! - `get_mha_host_pool_cls` in `mem_cache/pool_host/mha.py`, the one place the release picks
-//!   the dense MHA host pool class, first asks `select_mha_host_pool_cls`, which answers only
-//!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool);
-//! - `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which runs at startup on
-//!   the resolved server arguments, checks the kvtuner flags right after it takes its view of
-//!   them (`cfg = resolving_view(server_args)`), so bad combinations fail before any model load.
+//! - `get_mha_host_pool_cls`, the one place these releases pick the dense MHA host pool class
+//!   (module-level in `mem_cache/memory_pool_host.py` in 0.5.14 - 0.5.15, in
+//!   `mem_cache/pool_host/mha.py` from 0.5.16; found as the one such `def` under `mem_cache`),
+//!   first asks `select_mha_host_pool_cls`, which answers only with `--enable-kvtuner-hicache`
+//!   (so without the flag SGLang builds its stock pool). Its parameter is the device pool up to
+//!   0.5.22 and the `MHABufferInfo` in 0.5.23: the call passes `{first_param}`, and the
+//!   injected class tells the two apart;
+//! - the startup check of the kvtuner flags, where the era validates server arguments:
+//!   - 0.5.20 - 0.5.23: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
+//!     runs on the resolved arguments during resolution, right after it takes its view of them
+//!     (`cfg = resolving_view(server_args)`);
+//!   - 0.5.14 - 0.5.19: first thing in `ServerArgs.check_server_args`, which the engine calls
+//!     at startup on the resolved arguments before any model load (0.5.19 also has the hook
+//!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all six share).
 
-use crate::group::{FnRef, Group, Patch, PatchKind, Snippet};
+use crate::group::{ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
+use crate::tree::Era;
 
 pub const ID: &str = "hostpool";
 
@@ -46,8 +56,49 @@ from sglang.srt.mem_cache.kvtuner_hicache.config import check_server_args
 check_server_args(cfg)
 ";
 
-pub fn group() -> Group {
-    Group {
+/// The same check as the first statements of `ServerArgs.check_server_args(self)`; imported
+/// under another name so the method's own name is not shadowed in its body.
+const CHECK_METHOD: &str = "
+from sglang.srt.mem_cache.kvtuner_hicache.config import (
+    check_server_args as _kvtuner_check_server_args,
+)
+
+_kvtuner_check_server_args({first_param})
+";
+
+/// The group's form for `era`; `None` before 0.5.14 (pool chosen inside
+/// `HiRadixCache.__init__`, not written yet).
+pub fn group(era: Era) -> Option<Group> {
+    let check = match era {
+        Era::MemoryStruct => Patch {
+            id: "check-server-args",
+            what: "startup check of the kvtuner flags in handle_hicache_ratio_default",
+            kind: PatchKind::AfterAssign {
+                function: FnRef::Module {
+                    file: "sglang/srt/arg_groups/hicache_hook.py",
+                    name: "handle_hicache_ratio_default",
+                },
+                target: "cfg",
+                block: Snippet::Text(CHECK),
+            },
+        },
+        Era::NamespacedServerArgs | Era::AnnotatedServerArgs => Patch {
+            id: "check-server-args",
+            what: "startup check of the kvtuner flags in ServerArgs.check_server_args",
+            kind: PatchKind::FunctionStart {
+                function: FnRef::Method {
+                    class: ClassRef {
+                        name: "ServerArgs",
+                        under: "sglang/srt",
+                    },
+                    name: "check_server_args",
+                },
+                block: Snippet::Text(CHECK_METHOD),
+            },
+        },
+        Era::DataclassAddArgument => return None,
+    };
+    Some(Group {
         id: ID,
         summary: "quantizing HiCache host pool (sglang.srt.mem_cache.kvtuner_hicache)",
         patches: vec![
@@ -60,27 +111,16 @@ pub fn group() -> Group {
                 id: "select-host-pool",
                 what: "get_mha_host_pool_cls returns the quantizing pool with --enable-kvtuner-hicache",
                 kind: PatchKind::FunctionStart {
-                    function: FnRef::Module {
-                        file: "sglang/srt/mem_cache/pool_host/mha.py",
+                    function: FnRef::ModuleUnder {
+                        under: "sglang/srt/mem_cache",
                         name: "get_mha_host_pool_cls",
                     },
                     block: Snippet::Text(SELECT),
                 },
             },
-            Patch {
-                id: "check-server-args",
-                what: "startup check of the kvtuner flags in handle_hicache_ratio_default",
-                kind: PatchKind::AfterAssign {
-                    function: FnRef::Module {
-                        file: "sglang/srt/arg_groups/hicache_hook.py",
-                        name: "handle_hicache_ratio_default",
-                    },
-                    target: "cfg",
-                    block: Snippet::Text(CHECK),
-                },
-            },
+            check,
         ],
-    }
+    })
 }
 
 #[cfg(test)]
@@ -98,7 +138,8 @@ mod tests {
             .filter(|n| n.ends_with(".py") && n != "juicefs_storage.py")
             .collect();
         on_disk.sort();
-        let mut injected: Vec<String> = group()
+        let mut injected: Vec<String> = group(Era::MemoryStruct)
+            .unwrap()
             .patches
             .iter()
             .filter_map(|p| match p.kind {

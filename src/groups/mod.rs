@@ -38,7 +38,7 @@ pub const REGISTRY: &[Entry] = &[
     },
     Entry {
         id: hostpool::ID,
-        for_era: |era| newest_only(era, hostpool::group),
+        for_era: hostpool::group,
         requires: &[],
     },
     Entry {

@@ -1,4 +1,8 @@
-"""Shared fixtures for the suites that import SGLang 0.5.23 for real (CPU is enough).
+"""Shared fixtures for the suites that import SGLang for real (CPU is enough).
+
+The suites run against any release the host pool supports (0.5.23 and the releases
+whose host pools take the device pool, e.g. 0.5.19): :func:`host_pool_args` gives
+what that release passes its dense MHA host pools.
 
 Run in the cached venv (see README):
     $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest tests/python
@@ -13,6 +17,7 @@ otherwise. Without it the installed (stock) SGLang is imported and
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -42,17 +47,45 @@ def sgl():
     mods = {}
     for name in (
         "sglang.srt.mem_cache.memory_pool",
-        "sglang.srt.mem_cache.pool_host.mha",
         "sglang.srt.mem_cache.hicache_storage",
         "sglang.srt.managers.cache_controller",
     ):
         mods[name.rsplit(".", 1)[-1]] = importlib.import_module(name)
+    mods["mha"] = mha_module()
     if PATCHED:
         mods["sglang_file"] = mods["mha"].__file__
         assert mods["mha"].__file__.startswith(PATCHED), (
             f"KVTUNER_PATCHED_SGLANG={PATCHED} but sglang came from {mods['mha'].__file__}"
         )
     return mods
+
+
+def mha_module():
+    """The module defining MHATokenToKVPoolHost and get_mha_host_pool_cls:
+    pool_host/mha.py from 0.5.16, memory_pool_host.py in 0.5.14 - 0.5.15."""
+    try:
+        return importlib.import_module("sglang.srt.mem_cache.pool_host.mha")
+    except ImportError:
+        return importlib.import_module("sglang.srt.mem_cache.memory_pool_host")
+
+
+def takes_buffer_info() -> bool:
+    """0.5.23's host pools take an MHABufferInfo; earlier ones the device pool."""
+    params = inspect.signature(mha_module().MHATokenToKVPoolHost.__init__).parameters
+    return "buffer_info" in params
+
+
+def host_pool_args(dev):
+    """(first argument, keywords) the release passes a dense MHA host pool built for
+    device pool ``dev``: 0.5.23 the device pool's MHABufferInfo plus the geometry
+    keywords it lacks, 0.5.14 - 0.5.22 the device pool itself. Also what
+    ``get_mha_host_pool_cls`` is called with."""
+    if takes_buffer_info():
+        info = dev.get_device_pool_infos()[0].buffer_info
+        return info, dict(
+            device_capacity_tokens=dev.size, start_layer=0, end_layer=len(dev.k_buffer)
+        )
+    return dev, {}
 
 
 @pytest.fixture(scope="session")

@@ -167,12 +167,31 @@ def make_volume():
 def make_mha_host_pool(layout: str = "page_first", *, layers: int = 4, heads: int = 2,
                        head_dim: int = 64, page_size: int = 16, tokens: int = 256,
                        dtype=None):
-    """SGLang's stock MHATokenToKVPoolHost on CPU; CPU tensors stand in for the device K/V."""
+    """SGLang's stock MHATokenToKVPoolHost on CPU; CPU tensors stand in for the device K/V.
+    Built from what the release passes host pools: an MHABufferInfo (0.5.23) or, before,
+    a real MHATokenToKVPool on CPU."""
+    import inspect
+
     import torch
-    from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    try:
+        from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+    except ImportError:  # 0.5.14 - 0.5.15
+        from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
 
     dtype = dtype or torch.bfloat16
+    if "buffer_info" not in inspect.signature(MHATokenToKVPoolHost.__init__).parameters:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        dev = MHATokenToKVPool(size=tokens, page_size=page_size, dtype=dtype, head_num=heads,
+                               head_dim=head_dim, layer_num=layers, device="cpu",
+                               enable_memory_saver=False, start_layer=0, end_layer=layers)
+        pool = MHATokenToKVPoolHost(dev, 2.0, 0, page_size, layout, pin_memory=False,
+                                    device="cpu")
+        pool._device_keepalive = dev
+        return pool
+    from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo
+
     k = [torch.zeros(tokens + page_size, heads, head_dim, dtype=dtype) for _ in range(layers)]
     v = [torch.zeros(tokens + page_size, heads, head_dim, dtype=dtype) for _ in range(layers)]
     info = MHABufferInfo(

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
+from conftest import host_pool_args  # noqa: E402
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
 
 if str(REPO / "patches") not in sys.path:
@@ -60,10 +61,10 @@ def device_pool(seed=0):
 
 
 def quant_pool(dev, cfg):
-    info = dev.get_device_pool_infos()[0].buffer_info
+    source, geometry = host_pool_args(dev)
     return kvhost.KVTunerMHATokenToKVPoolHost(
-        info, 0.0, 0.004, PAGE, "page_first", pin_memory=False, device="cpu",
-        device_capacity_tokens=dev.size, start_layer=0, end_layer=LAYERS, kvtuner_config=cfg)
+        source, 0.0, 0.004, PAGE, "page_first", pin_memory=False, device="cpu",
+        kvtuner_config=cfg, **geometry)
 
 
 def backend(mnt, pool):

@@ -1,17 +1,21 @@
-"""The quantizing host pool built through SGLang 0.5.23's own classes on CPU.
+"""The quantizing host pool built through SGLang's own classes on CPU.
 
 Device side: a real ``MHATokenToKVPool`` constructed with ``device="cpu"``; its CPU
-tensors stand for the GPU buffers and its ``get_device_pool_infos()`` gives the
-``MHABufferInfo`` the release passes to host pools.
+tensors stand for the GPU buffers. The host pool gets what the release passes it
+(``conftest.host_pool_args``): the ``MHABufferInfo`` from ``get_device_pool_infos()``
+in 0.5.23, the device pool itself before.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
 import pytest
 import torch
+
+from conftest import host_pool_args
 
 PAGE = 32
 HEADS = 2
@@ -44,11 +48,10 @@ def device_pool(sgl, dtype=torch.float16, layers=LAYERS, size=512, seed=0):
 
 
 def host_pool(sgl, kvh, dev, cfg, host_size=0.004, layout="page_first", **kw):
-    info = dev.get_device_pool_infos()[0].buffer_info
+    source, geometry = host_pool_args(dev)
     return kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        info, 0.0, host_size, PAGE, layout, pin_memory=False, device="cpu",
-        device_capacity_tokens=dev.size, start_layer=0, end_layer=len(dev.k_buffer),
-        kvtuner_config=cfg, **kw,
+        source, 0.0, host_size, PAGE, layout, pin_memory=False, device="cpu",
+        kvtuner_config=cfg, **geometry, **kw,
     )
 
 
@@ -125,8 +128,10 @@ def roundtrip(host, dev, ntok, dev_start=PAGE):
     host.backup_from_device_all_layer(dev, hidx, didx, "kernel")
     for b in (*dev.k_buffer, *dev.v_buffer):
         b[didx] = 0
+    # The controller's entry point: the _physical wrapper from 0.5.21, the method before.
+    load = getattr(host, "load_to_device_per_layer_physical", host.load_to_device_per_layer)
     for layer in range(len(dev.k_buffer)):
-        host.load_to_device_per_layer_physical(dev, hidx, didx, layer, "kernel")
+        load(dev, hidx, didx, layer, "kernel")
     got_k = [b[didx].clone() for b in dev.k_buffer]
     got_v = [b[didx].clone() for b in dev.v_buffer]
     return hidx, didx, ref_k, ref_v, got_k, got_v
@@ -259,14 +264,12 @@ def test_bytes_per_token_match_format(sgl, kvh, kq, bits):
 def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
     """--hicache-ratio buys the stock pool's bytes, so more tokens."""
     dev = device_pool(sgl, size=4096)
-    info = dev.get_device_pool_infos()[0].buffer_info
+    source, geometry = host_pool_args(dev)
     stock = sgl["mha"].MHATokenToKVPoolHost(
-        info, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu",
-        device_capacity_tokens=dev.size, start_layer=0, end_layer=LAYERS,
+        source, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu", **geometry,
     )
     ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        info, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu",
-        device_capacity_tokens=dev.size, start_layer=0, end_layer=LAYERS,
+        source, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu", **geometry,
         kvtuner_config=make_cfg(kvh),
     )
     stock_bytes = stock.kv_buffer.numel() * stock.kv_buffer.element_size()
@@ -320,14 +323,26 @@ def test_load_refuses_foreign_blob(sgl, kvh, kq):
 
 # -------------------------------------------------------------- storage L3 ---
 
+def names_storage_by_format(sgl) -> bool:
+    """0.5.22+ controllers put the pool's storage_format_tag into the model name
+    storage backends key pages on; earlier ones pass the model name unchanged."""
+    return hasattr(sgl["cache_controller"], "storage_model_name")
+
+
 def storage(sgl, host, path, model="org/model"):
+    """SGLang's file backend configured the way the release's controller does it."""
     hs = sgl["hicache_storage"]
-    name = sgl["cache_controller"].storage_model_name(model, host)
+    if names_storage_by_format(sgl):
+        name = sgl["cache_controller"].storage_model_name(model, host)
+    else:
+        name = model
     cfg = hs.HiCacheStorageConfig(
         tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
         is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
         model_name=name, extra_config={"file_storage_path": str(path)},
     )
+    if "file_path" in inspect.signature(hs.HiCacheFile.__init__).parameters:
+        return hs.HiCacheFile(cfg, file_path=str(path))  # releases taking it as an argument
     return hs.HiCacheFile(cfg)
 
 
@@ -355,7 +370,9 @@ def test_l3_roundtrip_through_hicachefile(sgl, kvh, kq, tmp_path):
     fa = storage(sgl, a, tmp_path)
     assert ctl._generic_page_set(controller_view(sgl, a, fa), keys, hidx)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert all(a.storage_format_tag in f for f in files) and len(files) == 3
+    assert len(files) == 3
+    if names_storage_by_format(sgl):
+        assert all(a.storage_format_tag in f for f in files)
     assert all((tmp_path / f).stat().st_size == a.kvtuner_layout.row_nbytes for f in files)
 
     # A fresh pool with the same config reads them back through SGLang's generic path.
@@ -387,9 +404,11 @@ def test_l3_other_config_refused(sgl, kvh, kq, tmp_path):
     a.backup_from_device_all_layer(dev, hidx, torch.arange(PAGE), "kernel")
     fa = storage(sgl, a, tmp_path)
     assert ctl._generic_page_set(controller_view(sgl, a, fa), ["k0"], hidx)
-    # 1) namespace: b's storage keys differ, so the page is simply absent.
+    # 1) namespace: b's storage keys differ, so the page is simply absent (where the
+    #    release's controller names storage by page format; before 0.5.22 the keys are
+    #    shared and the header check below is what refuses the page).
     fb = storage(sgl, b, tmp_path)
-    assert fb.batch_exists(["k0"]) == 0
+    assert fb.batch_exists(["k0"]) == (0 if names_storage_by_format(sgl) else 1)
     # 2) header: even handed a's bytes, b refuses them (the controller counts a miss).
     hb = b.alloc(PAGE)
     with pytest.raises(ValueError, match="another quantization config"):
@@ -435,7 +454,7 @@ def test_page_buffer_meta_spans_whole_rows(sgl, kvh, kq):
 
 def test_without_flag_stock_pool_is_selected(sgl, kvh):
     dev = device_pool(sgl)
-    info = dev.get_device_pool_infos()[0].buffer_info
+    info, _ = host_pool_args(dev)
     mha = sgl["mha"]
     stock = mha.MHATokenToKVPoolHost
     assert kvh.selection.select_mha_host_pool_cls(info, stock) is stock
@@ -445,7 +464,7 @@ def test_without_flag_stock_pool_is_selected(sgl, kvh):
 
 def test_with_flag_our_pool_is_selected(sgl, kvh, monkeypatch):
     dev = device_pool(sgl)
-    info = dev.get_device_pool_infos()[0].buffer_info
+    info, _ = host_pool_args(dev)
     monkeypatch.setattr(kvh.selection, "is_enabled", lambda: True)
     cls = kvh.selection.select_mha_host_pool_cls(info, sgl["mha"].MHATokenToKVPoolHost)
     assert cls is kvh.host_pool.KVTunerMHATokenToKVPoolHost

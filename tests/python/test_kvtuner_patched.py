@@ -1,4 +1,4 @@
-"""Through a patched SGLang 0.5.23 tree (KVTUNER_PATCHED_SGLANG): its own argument
+"""Through a patched SGLang tree (KVTUNER_PATCHED_SGLANG): its own argument
 parser accepts the kvtuner flags and rejects bad values with the message users see,
 and its host-pool selection builds the quantizing pool only with the flag."""
 
@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import requires_patched
+from conftest import host_pool_args, requires_patched
 
 pytestmark = requires_patched
 
@@ -83,7 +83,7 @@ def _info(sgl):
         size=128, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
         layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
     )
-    return pool.get_device_pool_infos()[0].buffer_info
+    return host_pool_args(pool)[0]
 
 
 def test_selection_follows_the_flag(sgl, kvh):
@@ -107,13 +107,36 @@ def test_selection_follows_the_flag(sgl, kvh):
           kvtuner_hicache_layer_config="/nonexistent.yaml"), "no such file"),
 ])
 def test_resolution_rejects_bad_combinations(sgl, kw, msg):
-    """SGLang's own resolution pipeline (what `sglang serve` runs) raises the message."""
+    """SGLang's own startup validation (what `sglang serve` runs before loading a model)
+    raises the message."""
     from sglang.srt.server_args import ServerArgs
 
     with pytest.raises(ValueError, match=msg):
-        ServerArgs(model_path="dummy", **kw).resolve_once()
-    ServerArgs(model_path="dummy", enable_kvtuner_hicache=True,
-               enable_hierarchical_cache=True, page_size=64).resolve_once()
+        startup_checks(ServerArgs(model_path="dummy", **kw))
+    startup_checks(ServerArgs(model_path="dummy", enable_kvtuner_hicache=True,
+                              enable_hierarchical_cache=True, page_size=64))
+
+
+def startup_checks(server_args):
+    """The release's startup validation, through the kvtuner check: resolution (0.5.20+:
+    the check runs in handle_hicache_ratio_default) and, where the patch put the check at
+    the start of ServerArgs.check_server_args (0.5.14 - 0.5.19; the engine calls it before
+    any model load), that method. Its own later checks need a resolved model (a dummy path
+    has none); only what the kvtuner check raises (ValueError) counts there."""
+    import inspect
+
+    resolve = getattr(server_args, "resolve_once", None)  # 0.5.19+; earlier __post_init__
+    if resolve is not None:
+        resolve()
+    method = type(server_args).check_server_args
+    if "_kvtuner_check_server_args" not in inspect.getsource(method):
+        return
+    try:
+        method(server_args)
+    except ValueError:
+        raise
+    except Exception:  # the release's model-dependent checks, after ours
+        pass
 
 
 def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
@@ -127,14 +150,13 @@ def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
         size=256, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
         layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
     )
-    info = pool.get_device_pool_infos()[0].buffer_info
+    info, geometry = host_pool_args(pool)
     with get_context().override_server_args(
         enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
         kvtuner_hicache_nbits_key=8, kvtuner_hicache_layer_config=str(preset),
         kvtuner_hicache_residual_length=0,
     ):
         cls = sgl["mha"].get_mha_host_pool_cls(info)
-        host = cls(info, 2.0, 0, 64, "page_first", pin_memory=False,
-                   device_capacity_tokens=pool.size, start_layer=0, end_layer=2)
+        host = cls(info, 2.0, 0, 64, "page_first", pin_memory=False, **geometry)
     assert host.kvtuner_plan.layer_bits == ((8, 4), (2, 2))
     assert host._ovl is None
