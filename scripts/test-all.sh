@@ -2,9 +2,10 @@
 # Every test of the project, cheapest first; stops at the first failure.
 #   1. Rust: the kvtuner-patch CLI (unit, fixture snapshot, CLI, real-release tests).
 #   2. kvtuner_quant: cargo tests of the core, then pytest against the numpy oracle and real KV.
-#   3. SGLang 0.5.23 for real (cached venv with the full install): a fresh copy of the release is
-#      patched by the CLI, then pytest drives the quantizing host pool, the patched argument parser
-#      and backend factory, and the JuiceFS backend on a real FUSE mount.
+#   3. SGLang 0.5.23 for real (cached venv with the full install; scripts/functional-matrix.sh): a
+#      fresh copy of the release is patched by the CLI, then pytest drives the quantizing host pool,
+#      the patched argument parser and backend factory, and the JuiceFS backend on a real FUSE mount.
+#      With KVTUNER_FULL_MATRIX=1 also on the newest release of each older era (0.5.19, 0.5.16).
 #   4. The release matrix: apply / verify / apply-again / revert on every release in
 #      scripts/releases.txt; writes docs/compat.md.
 # Caches (wheels, venvs, captured KV) live under ${KVTUNER_CACHE:-~/.cache/kvtuner-patch}.
@@ -26,21 +27,14 @@ py="$venv/bin/python"
 step "kvtuner_quant: cargo test, install, pytest"
 quant/run-tests.sh "$py"
 
-step "kvtuner_hicache: install the injected package standalone (the unpatched 'dynamic' path uses it)"
-"$py" -m pip install --quiet --no-deps --force-reinstall --no-cache-dir ./patches
+step "SGLang 0.5.23 for real: patch a fresh copy with the CLI, pytest host pool, patched SGLang, JuiceFS (real FUSE mount)"
+# Records `0.5.23<TAB>pass|fail` in target/functional-results.tsv (the matrix's functional column).
+scripts/functional-matrix.sh 0.5.23
 
-step "patch a fresh copy of sglang 0.5.23 with the CLI"
-cargo build --locked --release --quiet
-patched=$(mktemp -d "${TMPDIR:-/tmp}/kvtuner-sglang-0.5.23.XXXXXX")
-trap 'rm -rf "$patched"' EXIT
-cp -a "$(scripts/sglang-wheel.sh 0.5.23)/." "$patched/"
-target/release/kvtuner-patch apply --sglang-root "$patched" --python "$py"
-target/release/kvtuner-patch verify --sglang-root "$patched" --python "$py"
-
-step "pytest: host pool, patched SGLang, JuiceFS (real FUSE mount)"
-KVTUNER_PATCHED_SGLANG="$patched" "$py" -m pytest -q -rs -p no:cacheprovider tests/python
-# Reached only when pytest passed (set -e): the release matrix's "functional" column reads this.
-mkdir -p target && printf '0.5.23\tpass\n' >> target/functional-results.tsv
+if [ "${KVTUNER_FULL_MATRIX:-0}" = 1 ]; then
+    step "functional tests on the newest release of each older era (KVTUNER_FULL_MATRIX=1; full installs, ~10 min each the first time)"
+    scripts/functional-matrix.sh 0.5.19 0.5.16
+fi
 
 step "release matrix"
 scripts/release-matrix.sh --allow-partial

@@ -213,7 +213,11 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
             for rel in &candidates {
                 let pf = src.load(rel)?.expect("listed files exist");
                 for node in syntax::functions(pf, name) {
-                    found.push((rel.clone(), node.start_byte(), node.start_position().row + 1));
+                    found.push((
+                        rel.clone(),
+                        node.start_byte(),
+                        node.start_position().row + 1,
+                    ));
                 }
             }
             if found.len() != 1 {

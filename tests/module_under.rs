@@ -2,8 +2,6 @@
 //! it (upstream moved `get_mha_host_pool_cls` from `memory_pool_host.py` to `pool_host/mha.py`),
 //! exactly once, and the patch lands in that file.
 
-mod common;
-use common::*;
 use kvtuner_patch::anchor::{self, PatchState};
 use kvtuner_patch::group::{FnRef, Group, Patch, PatchKind, Snippet};
 use kvtuner_patch::plan::Plan;
@@ -44,7 +42,9 @@ fn group() -> Group {
                     under: "sglang/srt/mem",
                     name: "choose",
                 },
-                block: Snippet::Text("picked = pick({first_param})\nif picked is not None:\n    return picked\n"),
+                block: Snippet::Text(
+                    "picked = pick({first_param})\nif picked is not None:\n    return picked\n",
+                ),
             },
         }],
     }

@@ -1,5 +1,6 @@
-//! The engine on the real SGLang 0.5.23 release tree (the wheel, downloaded once and cached by
-//! `scripts/sglang-wheel.sh`). No network means this test FAILS, loudly: it is never skipped.
+//! The engine on real SGLang release trees (0.5.23, and 0.5.19 for the older server-args and
+//! host-pool shapes; the wheels, downloaded once and cached by `scripts/sglang-wheel.sh`). No
+//! network means these tests FAIL, loudly: they are never skipped.
 
 mod common;
 use common::*;
@@ -16,15 +17,19 @@ const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
 
 fn release_tree() -> PathBuf {
+    release_tree_of(VERSION)
+}
+
+fn release_tree_of(version: &str) -> PathBuf {
     let script = repo().join("scripts/sglang-wheel.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)
-        .arg(VERSION)
+        .arg(version)
         .output()
         .expect("bash runs");
     assert!(
         out.status.success(),
-        "downloading SGLang {VERSION} with {} failed (network or PyPI unreachable?): {}",
+        "downloading SGLang {version} with {} failed (network or PyPI unreachable?): {}",
         script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -144,6 +149,81 @@ fn real_0_5_23_apply_verify_revert() {
     assert!(out.contains("nothing to do"));
     assert_same_tree(&applied, &snapshot(root));
     assert_eq!(run(&["status"], root).0, 0);
+
+    let (code, _, err) = run(&["revert"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&original, &snapshot(root));
+}
+
+/// 0.5.19 (`namespaced-server-args`): the host pool is chosen by
+/// `get_mha_host_pool_cls(device_pool)`, the kvtuner check goes first in
+/// `ServerArgs.check_server_args`, `juicefs` is a choice of the `ServerArgs` field and its
+/// zero-copy choice an `elif` of the `if` testing the one-line list.
+#[test]
+fn real_0_5_19_apply_verify_revert() {
+    const SERVER_ARGS: &str = "sglang/srt/server_args.py";
+    let t = copy_tree(&release_tree_of("0.5.19"), "");
+    let root = t.path();
+    let original = snapshot(root);
+
+    let (code, v) = run_json(&["status"], root);
+    assert_eq!(code, 1, "{v}");
+    let r = &v["report"];
+    assert_eq!(r["tree"]["version"], "0.5.19");
+    assert_eq!(r["tree"]["era"], "namespaced-server-args");
+    assert_eq!(r["support"]["supported"], true, "{v}");
+    for a in r["anchors"].as_array().unwrap() {
+        assert_eq!(a["found"], true, "{a}");
+    }
+
+    let (code, diff, err) = run(&["diff"], root);
+    assert_eq!(code, 1, "{err}");
+    insta::assert_snapshot!("real_0_5_19_diff", elide_new_files(&diff));
+    git_apply(root, &diff, false);
+    fs::remove_dir_all(root.join(".git")).unwrap();
+
+    let (code, out, err) = run(&["apply"], root);
+    assert_eq!(code, 0, "{err}");
+    let injected = [
+        "__init__.py",
+        "config.py",
+        "host_pool.py",
+        "juicefs_storage.py",
+        "page_format.py",
+        "selection.py",
+    ]
+    .map(|f| format!("{PACKAGE}/{f}"))
+    .join(", ");
+    assert_eq!(
+        out.trim(),
+        format!("applied [kvtuner, hostpool, juicefs]: {CONTROLLER}, {injected}, {MHA}, {FACTORY}, {SERVER_ARGS}")
+    );
+    let text = fs::read_to_string(root.join(SERVER_ARGS)).unwrap();
+    assert!(text.contains(
+        "    def check_server_args(self):\n        # >>> kvtuner-patch:hostpool/check-server-args sha256="
+    ));
+    assert!(text.contains("        _kvtuner_check_server_args(self)\n        # <<< kvtuner-patch:hostpool/check-server-args\n        from sglang.srt.arg_groups.validation_hook import check_server_args\n"));
+    let text = fs::read_to_string(root.join(MHA)).unwrap();
+    assert!(text.contains("    _kvtuner_cls = select_mha_host_pool_cls(device_pool, None)\n"));
+    let text = fs::read_to_string(root.join(CONTROLLER)).unwrap();
+    let list_at = text
+        .find("in [\"hf3fs\", \"mooncake\", \"eic\", \"nixl\", \"simm\", \"mori\"]")
+        .unwrap();
+    let branch_at = text
+        .find("            elif self.storage_backend_type == \"juicefs\":\n                self.page_get_func = self._page_get_zero_copy\n                self.page_set_func = self._page_set_zero_copy\n            # <<< kvtuner-patch:juicefs/zero-copy\n")
+        .unwrap();
+    assert!(list_at < branch_at);
+
+    let (code, v) = run_json(&["verify"], root);
+    assert_eq!(code, 0, "{v}");
+    for f in v["report"]["files"].as_array().unwrap() {
+        assert!(f["parses"] == true && f["compiles"] == true, "{f}");
+    }
+    let applied = snapshot(root);
+    let (code, out, _) = run(&["apply"], root);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to do"));
+    assert_same_tree(&applied, &snapshot(root));
 
     let (code, _, err) = run(&["revert"], root);
     assert_eq!(code, 0, "{err}");

@@ -1,9 +1,12 @@
 //! `juicefs`: the JuiceFS HiCache storage backend as a built-in `--hicache-storage-backend`
-//! choice, SGLang 0.5.20 - 0.5.23 (`memory-struct` era). Needs `hostpool` (see `REGISTRY`):
-//! the backend module lives in the package that group injects.
+//! choice, SGLang 0.5.14 - 0.5.23 (eras `annotated-server-args`, `namespaced-server-args`,
+//! `memory-struct`). Needs `hostpool` (see `REGISTRY`): the backend module lives in the package
+//! that group injects.
 //!
 //! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
-//! - `"juicefs"` in the `choices` of `Memory.hicache_storage_backend` (argparse accepts it);
+//! - `"juicefs"` in the `choices` of the `hicache_storage_backend` field (argparse accepts it):
+//!   declared in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19 (the only
+//!   difference between the eras' forms);
 //! - `StorageBackendFactory.register_backend("juicefs", ...)` next to the `"file"` one (the
 //!   factory's registry knows it);
 //! - an `elif backend_name == "juicefs":` branch in `_create_builtin_backend`, which builds
@@ -14,9 +17,13 @@
 //! - `"juicefs"` in the list of backends `HiCacheController.attach_storage_backend` sends
 //!   down the zero-copy path (`_page_get_zero_copy` / `_page_set_zero_copy`, which call the
 //!   backend's `batch_get_v1` / `batch_set_v1` with host indices); the list has no name, so
-//!   it is found as the one list in that method holding `"hf3fs"`.
+//!   it is found as the one list in that method holding `"hf3fs"`. In 0.5.14 - 0.5.19 that list
+//!   sits on one line inside the condition (`in ["hf3fs", ...]`), where a marked block of whole
+//!   lines cannot go; there the same choice is an `elif self.storage_backend_type == "juicefs":`
+//!   branch of that `if`, setting the same two zero-copy functions.
 
 use crate::group::{ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
+use crate::tree::Era;
 
 pub const ID: &str = "juicefs";
 
@@ -25,6 +32,13 @@ const FACTORY: ClassRef = ClassRef {
     name: "StorageBackendFactory",
     under: "sglang/srt",
 };
+
+/// The zero-copy choice for `juicefs` as a branch of the `if` testing the one-line list
+/// (0.5.14 - 0.5.19): what that `if` does for the listed backends.
+const ZERO_COPY_BRANCH: &str = "
+self.page_get_func = self._page_get_zero_copy
+self.page_set_func = self._page_set_zero_copy
+";
 
 /// Written in the file's own style for registrations that do not fit one line.
 const REGISTER: &str = r#"
@@ -35,8 +49,38 @@ StorageBackendFactory.register_backend(
 )
 "#;
 
-pub fn group() -> Group {
-    Group {
+/// The group's form for `era`; `None` before 0.5.14 (no `hostpool` form there to build on).
+pub fn group(era: Era) -> Option<Group> {
+    let attach = FnRef::Method {
+        class: ClassRef {
+            name: "HiCacheController",
+            under: "sglang/srt",
+        },
+        name: "attach_storage_backend",
+    };
+    let (choices_class, zero_copy) = match era {
+        Era::MemoryStruct => (
+            "Memory",
+            PatchKind::ListItem {
+                list: ListRef::ContainingItem {
+                    function: attach,
+                    has_item: "\"hf3fs\"",
+                },
+                item: "\"juicefs\"",
+            },
+        ),
+        Era::NamespacedServerArgs | Era::AnnotatedServerArgs => (
+            "ServerArgs",
+            PatchKind::ElifBranch {
+                function: attach,
+                chain_has: "\"hf3fs\"",
+                condition: "self.storage_backend_type == \"juicefs\"",
+                body: Snippet::Text(ZERO_COPY_BRANCH),
+            },
+        ),
+        Era::DataclassAddArgument => return None,
+    };
+    Some(Group {
         id: ID,
         summary: "JuiceFS HiCache storage backend (--hicache-storage-backend juicefs)",
         patches: vec![
@@ -54,7 +98,7 @@ pub fn group() -> Group {
                 kind: PatchKind::ListItem {
                     list: ListRef::FieldKeyword {
                         class: ClassRef {
-                            name: "Memory",
+                            name: choices_class,
                             under: "sglang/srt",
                         },
                         field: "hicache_storage_backend",
@@ -89,22 +133,10 @@ pub fn group() -> Group {
             Patch {
                 id: "zero-copy",
                 what: "\"juicefs\" among the zero-copy (v1) backends of attach_storage_backend",
-                kind: PatchKind::ListItem {
-                    list: ListRef::ContainingItem {
-                        function: FnRef::Method {
-                            class: ClassRef {
-                                name: "HiCacheController",
-                                under: "sglang/srt",
-                            },
-                            name: "attach_storage_backend",
-                        },
-                        has_item: "\"hf3fs\"",
-                    },
-                    item: "\"juicefs\"",
-                },
+                kind: zero_copy,
             },
         ],
-    }
+    })
 }
 
 #[cfg(test)]
@@ -115,7 +147,7 @@ mod tests {
     /// really defines.
     #[test]
     fn backend_file_sits_in_the_hostpool_package_and_names_its_class() {
-        let g = group();
+        let g = group(Era::MemoryStruct).unwrap();
         let PatchKind::InjectFile { dest, source } = g.patches[0].kind else {
             panic!("first patch injects the backend")
         };
@@ -130,7 +162,7 @@ mod tests {
     /// The zero-copy path calls `batch_get_v1` / `batch_set_v1`: the backend must have both.
     #[test]
     fn zero_copy_backend_has_the_v1_batch_methods() {
-        let g = group();
+        let g = group(Era::MemoryStruct).unwrap();
         let PatchKind::InjectFile { source, .. } = g.patches[0].kind else {
             panic!("first patch injects the backend")
         };

@@ -44,7 +44,7 @@ pub const REGISTRY: &[Entry] = &[
     Entry {
         // Its backend module lives in the package `hostpool` injects.
         id: juicefs::ID,
-        for_era: |era| newest_only(era, juicefs::group),
+        for_era: juicefs::group,
         requires: &[hostpool::ID],
     },
 ];

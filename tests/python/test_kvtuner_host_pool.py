@@ -347,16 +347,36 @@ def storage(sgl, host, path, model="org/model"):
 
 
 class _Op:
+    """The prefetch operation the generic read path reports to: newer controllers ask
+    ``is_terminated()`` and return the pages read; older ones (0.5.16) call
+    ``increment(tokens)`` per page read and return nothing."""
+
     request_id = "t"
+
+    def __init__(self):
+        self.tokens = 0
 
     @staticmethod
     def is_terminated():
         return False
 
+    def increment(self, tokens):
+        self.tokens += tokens
+        return True
+
+
+def generic_get(ctl, view, keys, host_indices) -> int:
+    """Pages SGLang's generic storage read path brought into the host pool."""
+    op = _Op()
+    got = ctl._generic_page_get(view, op, keys, host_indices)
+    return got if got is not None else op.tokens // PAGE
+
 
 def controller_view(sgl, host, backend):
-    """What HiCacheController's generic page get/set read from self."""
-    return types.SimpleNamespace(storage_host_pool=host, storage_backend=backend, page_size=PAGE)
+    """What HiCacheController's generic page get/set read from self (the host pool is
+    ``storage_host_pool`` in newer controllers, ``mem_pool_host`` in older ones)."""
+    return types.SimpleNamespace(storage_host_pool=host, mem_pool_host=host,
+                                 storage_backend=backend, page_size=PAGE)
 
 
 def test_l3_roundtrip_through_hicachefile(sgl, kvh, kq, tmp_path):
@@ -382,7 +402,7 @@ def test_l3_roundtrip_through_hicachefile(sgl, kvh, kq, tmp_path):
     hb = b.alloc(3 * PAGE)
     fb = storage(sgl, b, tmp_path)
     assert fb.batch_exists(keys) == 3
-    assert ctl._generic_page_get(controller_view(sgl, b, fb), _Op(), keys, hb) == 3
+    assert generic_get(ctl, controller_view(sgl, b, fb), keys, hb) == 3
     for i in range(3):
         assert torch.equal(b.get_data_page(int(hb[i * PAGE])), a.get_data_page(int(hidx[i * PAGE])))
     for layer in range(LAYERS):
@@ -419,7 +439,7 @@ def test_l3_other_config_refused(sgl, kvh, kq, tmp_path):
     # catches and counts as zero hits for the batch.
     fb_alias = storage(sgl, a, tmp_path)
     with pytest.raises(ValueError, match="another quantization config"):
-        ctl._generic_page_get(controller_view(sgl, b, fb_alias), _Op(), ["k0"], hb)
+        generic_get(ctl, controller_view(sgl, b, fb_alias), ["k0"], hb)
 
 
 def test_dummy_pages_distinct_and_recycled(sgl, kvh, kq):
