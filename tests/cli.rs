@@ -195,7 +195,7 @@ fn without_manifest_revert_refuses_and_force_strips_markers() {
     assert_same_tree(&original, &snapshot(t.path()));
 }
 
-/// Each mutated fixture is refused with the given exit code and message parts; nothing is
+/// Each mutated fixture (`fixtures/mutated/NAME.toml`) is refused with the given exit code and message parts; nothing is
 /// written. The fixtures aimed at `kvtuner` predate the other groups' files, so they select
 /// it alone (`--only kvtuner`); the others run every group.
 #[test]
@@ -204,7 +204,7 @@ fn mutated_trees_are_refused_and_untouched() {
     const ALL: &[&str] = &[];
     let cases: &[(&str, &[&str], i32, &[&str])] = &[
         (
-            "mutated/anchor-renamed",
+            "anchor-renamed",
             KVTUNER,
             1,
             &[
@@ -215,7 +215,7 @@ fn mutated_trees_are_refused_and_untouched() {
             ],
         ),
         (
-            "mutated/anchor-duplicated",
+            "anchor-duplicated",
             KVTUNER,
             1,
             &[
@@ -226,7 +226,7 @@ fn mutated_trees_are_refused_and_untouched() {
             ],
         ),
         (
-            "mutated/odd-indent",
+            "odd-indent",
             KVTUNER,
             2,
             &[
@@ -237,25 +237,25 @@ fn mutated_trees_are_refused_and_untouched() {
             ],
         ),
         (
-            "mutated/missing-import",
+            "missing-import",
             KVTUNER,
             1,
             &[MEMORY, "`Optional`", "found 0 matches"],
         ),
         (
-            "mutated/newer-release",
+            "newer-release",
             ALL,
             2,
             &["0.5.24", "newer than the newest release"],
         ),
         (
-            "mutated/older-release",
+            "older-release",
             ALL,
             2,
             &["0.5.2", "older than the oldest release", "0.5.3"],
         ),
         (
-            "mutated/hostpool-fn-renamed",
+            "hostpool-fn-renamed",
             ALL,
             1,
             &[
@@ -265,7 +265,7 @@ fn mutated_trees_are_refused_and_untouched() {
             ],
         ),
         (
-            "mutated/juicefs-chain-no-file",
+            "juicefs-chain-no-file",
             ALL,
             1,
             &[
@@ -275,28 +275,28 @@ fn mutated_trees_are_refused_and_untouched() {
             ],
         ),
         (
-            "mutated/juicefs-register-duplicated",
+            "juicefs-register-duplicated",
             ALL,
             1,
             &[
                 "juicefs/register",
                 FACTORY,
-                "call `register_backend(\"file\", ...)`: found 2 matches (expected exactly 1) at line 24, line 34",
+                "call `register_backend(\"file\", ...)`: found 2 matches (expected exactly 1) at line 24, line 28",
             ],
         ),
         (
-            "mutated/juicefs-zero-copy-list-duplicated",
+            "juicefs-zero-copy-list-duplicated",
             ALL,
             1,
             &[
                 "juicefs/zero-copy",
                 CONTROLLER,
-                "list literal containing `\"hf3fs\"` in function `attach_storage_backend`: found 2 matches (expected exactly 1) at line 25, line 36",
+                "list literal containing `\"hf3fs\"` in function `attach_storage_backend`: found 2 matches (expected exactly 1) at line 25, line 34",
             ],
         ),
     ];
     for (name, only, want, parts) in cases {
-        let t = copy_tree(&fixture(name), "");
+        let t = mutated_fixture(name);
         let before = snapshot(t.path());
         for args in [&["apply"][..], &["apply", "--dry-run"], &["diff"]] {
             let args: Vec<&str> = args.iter().chain(only.iter()).copied().collect();
@@ -318,7 +318,7 @@ fn mutated_trees_are_refused_and_untouched() {
 
 #[test]
 fn unsupported_status_says_why() {
-    let t = copy_tree(&fixture("mutated/older-release"), "");
+    let t = mutated_fixture("older-release");
     let (code, v) = run_json(&["status"], t.path());
     assert_eq!(code, 2);
     assert_eq!(v["report"]["support"]["supported"], false);
@@ -331,7 +331,7 @@ fn unsupported_status_says_why() {
 
 #[test]
 fn indentation_is_taken_from_the_anchor() {
-    let t = copy_tree(&fixture("mutated/indent-tabs"), "");
+    let t = mutated_fixture("indent-tabs");
     let original = snapshot(t.path());
     let only = ["--only", "kvtuner"];
     assert_eq!(run(&[&["apply"][..], &only].concat(), t.path()).0, 0);

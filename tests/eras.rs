@@ -214,7 +214,7 @@ fn dataclass_era_half_removed_is_drift() {
 fn older_era_mutations_and_out_of_range_releases_are_refused() {
     let cases: &[(&str, i32, &[&str])] = &[
         (
-            "mutated/dataclass-flag-renamed",
+            "dataclass-flag-renamed",
             1,
             &[
                 "kvtuner/cli-arguments",
@@ -224,16 +224,16 @@ fn older_era_mutations_and_out_of_range_releases_are_refused() {
             ],
         ),
         (
-            "mutated/annotated-field-duplicated",
+            "annotated-field-duplicated",
             1,
             &[
                 "kvtuner/server-args-fields",
                 "field `hicache_storage_backend_extra_config` in class `ServerArgs`",
-                "found 2 matches (expected exactly 1) at line 26, line 34",
+                "found 2 matches (expected exactly 1) at line 26, line 31",
             ],
         ),
         (
-            "mutated/older-release",
+            "older-release",
             2,
             &[
                 "SGLang 0.5.2 is older than the oldest release",
@@ -242,7 +242,7 @@ fn older_era_mutations_and_out_of_range_releases_are_refused() {
         ),
     ];
     for (name, want, parts) in cases {
-        let t = copy_tree(&fixture(name), "");
+        let t = mutated_fixture(name);
         let before = snapshot(t.path());
         for args in [
             &["apply", "--only", "kvtuner"][..],
@@ -286,7 +286,7 @@ fn release_with_another_eras_layout_is_refused() {
 /// On a release newer than the list, `status` is a report of which anchors still match.
 #[test]
 fn status_on_a_newer_release_reports_each_anchor() {
-    let t = copy_tree(&fixture("mutated/newer-release"), "");
+    let t = mutated_fixture("newer-release");
     let (code, v) = run_json(&["status", "--only", "kvtuner"], t.path());
     assert_eq!(code, 2);
     let r = &v["report"];

@@ -30,6 +30,65 @@ pub fn copy_tree(from: &Path, sub: &str) -> tempfile::TempDir {
     tmp
 }
 
+/// A fixture tree with a mutation applied, in a fresh temporary directory.
+///
+/// `fixtures/mutated/NAME.toml` names a `base` fixture and the edits that turn it into a tree
+/// the tool must refuse (or handle specially): `[[replace]]` (`file`, `find`, `with`; `find`
+/// must occur exactly once unless `all = true`) and `[[create]]` (`file`, `text`). Keeping the
+/// mutation as a few lines over a shared base, instead of a full copy of the tree, shows what
+/// is different and keeps the base the single place to change.
+pub fn mutated_fixture(name: &str) -> tempfile::TempDir {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Mutation {
+        base: String,
+        #[serde(default)]
+        replace: Vec<Replace>,
+        #[serde(default)]
+        create: Vec<Create>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Replace {
+        file: String,
+        find: String,
+        with: String,
+        #[serde(default)]
+        all: bool,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        file: String,
+        text: String,
+    }
+    let spec_path = fixture("mutated").join(format!("{name}.toml"));
+    let spec = fs::read_to_string(&spec_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
+    let m: Mutation =
+        toml::from_str(&spec).unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
+    let t = copy_tree(&fixture(&m.base), "");
+    for r in &m.replace {
+        let path = t.path().join(&r.file);
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {}: {e}", r.file));
+        let n = text.matches(&r.find).count();
+        assert!(
+            n > 0 && (r.all || n == 1),
+            "{name}: `{}` occurs {n} times in {} (want {})",
+            r.find,
+            r.file,
+            if r.all { "at least once" } else { "exactly once" }
+        );
+        fs::write(&path, text.replace(&r.find, &r.with)).unwrap();
+    }
+    for c in &m.create {
+        let path = t.path().join(&c.file);
+        assert!(!path.exists(), "{name}: {} exists in {}", c.file, m.base);
+        fs::write(&path, c.text.trim_start()).unwrap();
+    }
+    t
+}
+
 /// Every file's bytes (and every folder), keyed by relative path: "the tree" for equality checks.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
     let mut out = BTreeMap::new();
