@@ -4,13 +4,6 @@ mod common;
 use common::*;
 use std::fs;
 
-const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
-const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
-const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
-const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
-const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
-const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
-/// Every existing file the three groups edit, in manifest (path) order.
 const EDITED: [&str; 5] = [MEMORY, HOOK, CONTROLLER, MHA, FACTORY];
 
 #[test]

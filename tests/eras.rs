@@ -9,8 +9,6 @@ use kvtuner_patch::tree::Era;
 use std::fs;
 use std::path::Path;
 
-const SERVER_ARGS: &str = "sglang/srt/server_args.py";
-
 /// Parse flags with the fixture's own `ServerArgs` (the fixtures run on the standard library),
 /// printing the resulting dataclass; `Err(stderr)` when argparse or the import fails.
 fn parse_flags(root: &Path, args: &[&str]) -> Result<String, String> {
@@ -19,16 +17,7 @@ fn parse_flags(root: &Path, args: &[&str]) -> Result<String, String> {
          p = argparse.ArgumentParser()\nServerArgs.add_cli_args(p)\n\
          print(ServerArgs.from_cli_args(p.parse_args({args:?})))\n"
     );
-    let out = std::process::Command::new("python3")
-        .args(["-B", "-c", &script])
-        .env("PYTHONPATH", root)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
+    python_in(root, &script)
 }
 
 /// The whole cycle on one era's fixture: snapshot of the diff (git accepts it), apply, the

@@ -6,25 +6,6 @@
 mod common;
 use common::*;
 use std::fs;
-use std::path::PathBuf;
-
-const SERVER_ARGS: &str = "sglang/srt/server_args.py";
-
-fn release_tree(version: &str) -> PathBuf {
-    let script = repo().join("scripts/sglang-wheel.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(version)
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "downloading SGLang {version} with {} failed (network or PyPI unreachable?): {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn cycle(version: &str, era: &str, snapshot_name: &str, blocks: &[&str]) {
     let t = copy_tree(&release_tree(version), "");

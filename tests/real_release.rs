@@ -5,46 +5,13 @@
 mod common;
 use common::*;
 use std::fs;
-use std::path::PathBuf;
 use std::time::Instant;
 
 const VERSION: &str = "0.5.23";
-const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
-const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
-const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
-const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
-const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
-const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
-
-fn release_tree() -> PathBuf {
-    release_tree_of(VERSION)
-}
-
-fn release_tree_of(version: &str) -> PathBuf {
-    let script = repo().join("scripts/sglang-wheel.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(version)
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "downloading SGLang {version} with {} failed (network or PyPI unreachable?): {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    assert!(
-        dir.join("sglang/srt").is_dir(),
-        "{} holds no sglang/srt",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn real_0_5_23_apply_verify_revert() {
-    let t = copy_tree(&release_tree(), "");
+    let t = copy_tree(&release_tree(VERSION), "");
     let root = t.path();
     let original = snapshot(root);
 
@@ -89,16 +56,7 @@ fn real_0_5_23_apply_verify_revert() {
     let (code, out, err) = run(&["apply"], root);
     eprintln!("apply on the real tree: {:?}", start.elapsed());
     assert_eq!(code, 0, "{err}");
-    let injected = [
-        "__init__.py",
-        "config.py",
-        "host_pool.py",
-        "juicefs_storage.py",
-        "page_format.py",
-        "selection.py",
-    ]
-    .map(|f| format!("{PACKAGE}/{f}"))
-    .join(", ");
+    let injected = injected_package_files();
     assert_eq!(
         out.trim(),
         format!(
@@ -162,7 +120,7 @@ fn real_0_5_23_apply_verify_revert() {
 #[test]
 fn real_0_5_19_apply_verify_revert() {
     const SERVER_ARGS: &str = "sglang/srt/server_args.py";
-    let t = copy_tree(&release_tree_of("0.5.19"), "");
+    let t = copy_tree(&release_tree("0.5.19"), "");
     let root = t.path();
     let original = snapshot(root);
 
@@ -184,16 +142,7 @@ fn real_0_5_19_apply_verify_revert() {
 
     let (code, out, err) = run(&["apply"], root);
     assert_eq!(code, 0, "{err}");
-    let injected = [
-        "__init__.py",
-        "config.py",
-        "host_pool.py",
-        "juicefs_storage.py",
-        "page_format.py",
-        "selection.py",
-    ]
-    .map(|f| format!("{PACKAGE}/{f}"))
-    .join(", ");
+    let injected = injected_package_files();
     assert_eq!(
         out.trim(),
         format!("applied [kvtuner, hostpool, juicefs]: {CONTROLLER}, {injected}, {MHA}, {FACTORY}, {SERVER_ARGS}")

@@ -7,6 +7,51 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use walkdir::WalkDir;
 
+/// Files the groups edit or create, relative to the folder holding `sglang/`.
+pub const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
+pub const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
+pub const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
+pub const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
+pub const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
+pub const SERVER_ARGS: &str = "sglang/srt/server_args.py";
+pub const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
+
+/// The files `hostpool` injects into [`PACKAGE`], as `apply` lists them (comma-separated).
+pub fn injected_package_files() -> String {
+    let mut files: Vec<String> = fs::read_dir(repo().join("patches/kvtuner_hicache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|f| f.ends_with(".py"))
+        .map(|f| format!("{PACKAGE}/{f}"))
+        .collect();
+    files.sort();
+    files.join(", ")
+}
+
+/// The unpacked wheel of a real SGLang release (downloaded once and cached by
+/// `scripts/sglang-wheel.sh`). No network means the calling test FAILS, loudly: never skipped.
+pub fn release_tree(version: &str) -> PathBuf {
+    let script = repo().join("scripts/sglang-wheel.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(version)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "downloading SGLang {version} with {} failed (network or PyPI unreachable?): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(
+        dir.join("sglang/srt").is_dir(),
+        "{} holds no sglang/srt",
+        dir.display()
+    );
+    dir
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
