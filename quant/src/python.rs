@@ -580,6 +580,8 @@ fn _simd_level() -> u8 {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The crate version is the wheel's version (maturin takes it from Cargo.toml).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("HEADER_NBYTES", HEADER_NBYTES)?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_class::<QuantizedTensor>()?;

@@ -101,6 +101,12 @@ def test_matches_oracle(path, dtype, bits, asym, axis, group_size, residual_leng
     check(x, dtype, bits=bits, asym=asym, axis=axis, group_size=group_size, residual_length=residual_length)
 
 
+def test_version_is_the_installed_distributions():
+    import importlib.metadata
+
+    assert kq.__version__ == importlib.metadata.version("kvtuner_quant")
+
+
 def test_ties_round_half_even():
     # asym 2-bit group [0, 3]: scale 1, quotients 0.5, 1.5, 2.5 are exact ties -> 0, 2, 2
     x = np.array([0, 0.5, 1.5, 2.5, 3, 0, 0, 0], np.float32).reshape(1, 1, 8)

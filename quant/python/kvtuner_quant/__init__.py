@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._native import HEADER_NBYTES, FORMAT_VERSION, QuantizedTensor, get_num_threads, set_num_threads
+from ._native import __version__, HEADER_NBYTES, FORMAT_VERSION, QuantizedTensor, get_num_threads, set_num_threads
 
 __all__ = [
+    "__version__",
     "HEADER_NBYTES",
     "FORMAT_VERSION",
     "QuantizedTensor",

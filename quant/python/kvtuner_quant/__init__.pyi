@@ -1,5 +1,6 @@
 from typing import Any, Literal
 
+__version__: str
 HEADER_NBYTES: int
 FORMAT_VERSION: int
 
