@@ -245,6 +245,34 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
             )?;
             Ok((rel, node.start_byte()))
         }
+        FnRef::FirstMethodOf { class, names } => {
+            let rel = resolve_class(src, tag, class)?;
+            let pf = src.get(&rel).expect("loaded");
+            let cls = the_class(pf, class.name);
+            let Some(name) = names
+                .iter()
+                .find(|n| !syntax::methods(pf, cls, n).is_empty())
+            else {
+                return Err(drift(
+                    tag,
+                    &rel,
+                    format!(
+                        "one of the methods `{}` in class `{}`",
+                        names.join("`, `"),
+                        class.name
+                    ),
+                    0,
+                    Vec::new(),
+                ));
+            };
+            let node = exactly_one(
+                tag,
+                pf,
+                || format!("method `{name}` in class `{}`", class.name),
+                syntax::methods(pf, cls, name),
+            )?;
+            Ok((rel, node.start_byte()))
+        }
     }
 }
 
@@ -350,11 +378,12 @@ fn chain_node<'t>(
     )
 }
 
-fn fn_name(f: FnRef) -> &'static str {
+fn fn_name(f: FnRef) -> String {
     match f {
         FnRef::Module { name, .. }
         | FnRef::ModuleUnder { name, .. }
-        | FnRef::Method { name, .. } => name,
+        | FnRef::Method { name, .. } => name.to_string(),
+        FnRef::FirstMethodOf { names, .. } => names.join("` or `"),
     }
 }
 

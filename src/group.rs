@@ -68,6 +68,14 @@ pub enum FnRef {
     },
     /// `def name` inside a class found by [`ClassRef`].
     Method { class: ClassRef, name: &'static str },
+    /// The first of `names` that the class defines, for code upstream moved out of one
+    /// method into a newer one: list the newest home first (the zero-copy choice of
+    /// `HiCacheController`: `attach_storage_backend` from 0.5.9, `__init__` before). Only
+    /// that method is searched, so an anchor gone from it is drift, never found elsewhere.
+    FirstMethodOf {
+        class: ClassRef,
+        names: &'static [&'static str],
+    },
 }
 
 /// In the block of a function-scoped patch ([`PatchKind::FunctionStart`],

@@ -351,3 +351,124 @@ fn all_groups_on_an_older_era_need_every_group_to_support_it() {
     assert_eq!(listed, missing);
     assert_eq!(v["report"]["release_support"]["supported"], true);
 }
+
+/// Every group on the oldest era's fixture: the diff (snapshot; git accepts it), apply, the
+/// patched tree at work with the standard library (the `juicefs` choice parses, the scheduler
+/// entry point hands its arguments to the package, the stock host pool class still builds
+/// its own pool through the injected `__new__` without the flag), verify, apply again
+/// changes nothing, revert is byte-identical.
+#[test]
+fn dataclass_era_all_groups_full_cycle() {
+    let t = copy_tree(&fixture("sglang-0.5.13"), "");
+    let root = t.path();
+    let original = snapshot(root);
+    let (code, v) = run_json(&["status"], root);
+    assert_eq!(code, 1, "fresh tree: supported, not applied: {v}");
+    let ids: Vec<&str> = v["report"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["kvtuner", "hostpool", "juicefs"]);
+
+    let (code, diff, err) = run(&["diff"], root);
+    assert_eq!(code, 1, "{err}");
+    insta::assert_snapshot!("fixture_0_5_13_all_groups_diff", elide_new_files(&diff));
+    git_apply(root, &diff, false);
+    fs::remove_dir_all(root.join(".git")).unwrap();
+
+    let (code, _, err) = run(&["apply"], root);
+    assert_eq!(code, 0, "{err}");
+    let out = python_in(
+        root,
+        "import argparse\n\
+         from sglang.srt.server_args import ServerArgs\n\
+         from sglang.srt.managers.scheduler import run_scheduler_process\n\
+         from sglang.srt.mem_cache.kvtuner_hicache import config\n\
+         from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost\n\
+         p = argparse.ArgumentParser()\nServerArgs.add_cli_args(p)\n\
+         a = ServerArgs.from_cli_args(p.parse_args(['--hicache-storage-backend', 'juicefs']))\n\
+         run_scheduler_process(a)\n\
+         dev = type('Dev', (), {'size': 8, 'head_num': 2})()\n\
+         pool = MHATokenToKVPoolHost(dev, 2.0, 0, 4, 'page_first')\n\
+         print(a.hicache_storage_backend, config._scheduler_server_args is a,\n\
+               '__new__' in vars(MHATokenToKVPoolHost), type(pool).__name__, pool.size)\n",
+    );
+    assert_eq!(
+        out.unwrap().trim(),
+        "juicefs True True MHATokenToKVPoolHost 16"
+    );
+
+    let (code, v) = run_json(&["verify"], root);
+    assert_eq!(code, 0, "{v}");
+    let applied = snapshot(root);
+    let (code, out, _) = run(&["apply"], root);
+    assert!(code == 0 && out.contains("nothing to do"), "{out}");
+    assert_same_tree(&applied, &snapshot(root));
+    let (code, _, err) = run(&["revert"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&original, &snapshot(root));
+}
+
+/// The zero-copy choice is looked for in the first of `attach_storage_backend` (0.5.9+) and
+/// `__init__` (0.5.3 - 0.5.8) that `HiCacheController` defines, and only there: in `__init__`
+/// when that is its home, drift (nothing written) when the method that exists lacks it or
+/// neither exists.
+#[test]
+fn zero_copy_choice_is_looked_for_in_its_one_method() {
+    const ATTACH: &str = "        if storage_backend is not None:\n            self.attach_storage_backend(storage_backend)\n\n    def attach_storage_backend(self, storage_backend):\n        self.storage_backend_type = storage_backend\n";
+    let edited = |from: &str, to: &str| {
+        let t = copy_tree(&fixture("sglang-0.5.13"), "");
+        let path = t.path().join(CONTROLLER);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "fixture changed: {from}");
+        fs::write(&path, text.replace(from, to)).unwrap();
+        t
+    };
+
+    // 0.5.3 - 0.5.8: the choice is made in `__init__`, and the branch goes there.
+    let t = edited(
+        ATTACH,
+        "        if storage_backend is not None:\n            self.storage_backend_type = storage_backend\n",
+    );
+    let (code, _, err) = run(&["apply"], t.path());
+    assert_eq!(code, 0, "{err}");
+    let text = fs::read_to_string(t.path().join(CONTROLLER)).unwrap();
+    let init = text.find("def __init__").unwrap();
+    let branch = text
+        .find("elif self.storage_backend_type == \"juicefs\":")
+        .unwrap();
+    assert!(branch > init && !text.contains("def attach_storage_backend"));
+
+    // Refused, nothing written: the method that exists lost the chain (never looked for in
+    // another method), or neither method exists.
+    let lost = edited(
+        "self.storage_backend_type in [\"hf3fs\", \"mooncake\"]",
+        "self.storage_backend_type in [\"mooncake\"]",
+    );
+    let neither = edited("def __init__(self,", "def setup(self,");
+    let path = neither.path().join(CONTROLLER);
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replace("def attach_storage_backend(", "def attach_backend("),
+    )
+    .unwrap();
+    for (t, want) in [
+        (
+            &lost,
+            "juicefs/zero-copy: sglang/srt/managers/cache_controller.py: looked for if/elif chain mentioning `\"hf3fs\"`: found 0 matches",
+        ),
+        (
+            &neither,
+            "juicefs/zero-copy: sglang/srt/managers/cache_controller.py: looked for one of the methods `attach_storage_backend`, `__init__` in class `HiCacheController`: found 0 matches",
+        ),
+    ] {
+        let before = snapshot(t.path());
+        let (code, _, err) = run(&["apply"], t.path());
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(want), "`{want}` not in: {err}");
+        assert_same_tree(&before, &snapshot(t.path()));
+    }
+}

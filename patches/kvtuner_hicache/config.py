@@ -118,10 +118,27 @@ def current_server_config() -> KVTunerHiCacheConfig:
     return config_from_args(source, load_preset=source is not None)
 
 
+# The server args `run_scheduler_process` hands over (the patch does so in 0.5.3 -
+# 0.5.13.post1): 0.5.3 and 0.5.3.post1 have no process-wide slot of their own to read.
+_scheduler_server_args: Any = None
+
+
+def publish_server_args(args: Any) -> None:
+    """Called first thing in the scheduler process with its ``ServerArgs``."""
+    global _scheduler_server_args
+    _scheduler_server_args = args
+
+
 def _published_memory_args() -> Any:
+    """The release's own published arguments, else what the scheduler handed over."""
+    found = _release_memory_args()
+    return found if found is not None else _scheduler_server_args
+
+
+def _release_memory_args() -> Any:
     try:
         import sglang.srt.runtime_context as rc
-    except ImportError:  # standalone install without SGLang, or 0.5.14 (no runtime context)
+    except ImportError:  # standalone install without SGLang, or before 0.5.15 (no runtime context)
         rc = None
     bag = None
     get_memory = getattr(rc, "get_memory", None)  # 0.5.17+
@@ -134,9 +151,9 @@ def _published_memory_args() -> Any:
             return _BagView(bag)
     getter = getattr(rc, "get_server_args", None)  # 0.5.15+
     if getter is None:
-        try:  # 0.5.14: the module-level global of server_args.py
+        try:  # 0.5.3.post2 - 0.5.14: the module-level global of server_args.py
             from sglang.srt.server_args import get_global_server_args as getter
-        except ImportError:
+        except ImportError:  # 0.5.3, 0.5.3.post1
             return bag
     try:
         return getter()

@@ -1,4 +1,4 @@
-"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.14 - 0.5.23).
+"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.3 - 0.5.23).
 
 ``KVTunerMHATokenToKVPoolHost`` subclasses the release's ``MHATokenToKVPoolHost``
 and replaces its fp16/bf16 host buffer with one ``uint8`` row per host page. A row
@@ -70,15 +70,17 @@ Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
     budget to carve from, so the overlay is off.
 
 Releases
-    One class serves every release that builds dense MHA host pools through
-    ``get_mha_host_pool_cls``; the constructor looks at what it was given:
+    One class serves every release (chosen by ``get_mha_host_pool_cls`` from 0.5.14,
+    by the stock class's patched ``__new__`` before); the constructor looks at what
+    it was given:
 
     - an ``MHABufferInfo`` (0.5.23: ``buffer_info.buffers.k`` ...) -> the 0.5.23
       constructor (geometry from the buffer info, keyword-only base ``__init__``);
-    - a device pool (``k_buffer`` / ``v_buffer`` lists; 0.5.14 - 0.5.22, MTP draft
+    - a device pool (``k_buffer`` / ``v_buffer`` lists; 0.5.3 - 0.5.22, MTP draft
       pools as ``mtp_draft_device_pools`` from 0.5.18) -> geometry from the device
       pool, then the release's own ``HostKVCache.__init__`` in whichever form it has:
-      positional ``(device_pool, ratio, size, ...)`` up to 0.5.21, keyword-only
+      positional ``(device_pool, ratio, size, ...)`` up to 0.5.21 (``allocator_type``
+      from 0.5.7, ``pool_label`` from 0.5.20), keyword-only
       ``(dtype=, device_capacity_tokens=, size_per_token=, ...)`` in 0.5.22 (the
       signature is read, not the version). The stock ``MHATokenToKVPoolHost.__init__``
       is skipped there: it builds fp16 views of the host buffer this pool does not have.
@@ -100,12 +102,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from sglang.srt.mem_cache.pool_host.base import HostKVCache
-from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
+try:  # 0.5.14+
+    from sglang.srt.mem_cache.pool_host.base import HostKVCache
+    from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
+except ImportError:  # 0.5.3 - 0.5.13.post1: everything in memory_pool_host.py
+    from sglang.srt.mem_cache.memory_pool_host import HostKVCache
 
+    try:  # 0.5.6.post1+
+        from sglang.srt.mem_cache.memory_pool_host import ALLOC_MEMORY_FUNCS
+    except ImportError:  # the stock pool allocates with torch.empty(pin_memory=...)
+        ALLOC_MEMORY_FUNCS = None
 try:  # 0.5.16+
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-except ImportError:  # 0.5.14 - 0.5.15: still in memory_pool_host.py
+except ImportError:  # up to 0.5.15: in memory_pool_host.py
     from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
 try:  # 0.5.19+ (takes the requested bytes from 0.5.21)
     from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
@@ -168,7 +177,7 @@ def _is_buffer_info(source) -> bool:
 
 def _host_budget_bytes(requested: int) -> int:
     """Host RAM this rank may claim, asked the way the release asks it."""
-    if host_memory_budget_bytes is None:  # 0.5.14 - 0.5.18
+    if host_memory_budget_bytes is None:  # up to 0.5.18
         import psutil
 
         return psutil.virtual_memory().available
@@ -178,15 +187,18 @@ def _host_budget_bytes(requested: int) -> int:
 
 
 def _alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
-    """The release's host allocator for the pool's transfer device; the
-    registration granularity (0.5.19+) only where the allocator takes it."""
+    """The release's host allocator for the pool's transfer device, given what its
+    signature takes: the pool's allocator (0.5.7+) and the registration granularity
+    (0.5.19+). Before 0.5.6.post1 there is none: plain ``torch.empty``, as the stock
+    pool does."""
+    if ALLOC_MEMORY_FUNCS is None:
+        return torch.empty(shape, dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
     alloc = ALLOC_MEMORY_FUNCS[pool._transfer_device.type]
-    kwargs = dict(
-        dtype=dtype, device=pool.device, pin_memory=pool.pin_memory, allocator=pool.allocator
-    )
-    if granularity is not None and "registration_granularity_bytes" in inspect.signature(
-        alloc
-    ).parameters:
+    params = inspect.signature(alloc).parameters
+    kwargs = dict(dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
+    if "allocator" in params:
+        kwargs["allocator"] = pool.allocator
+    if granularity is not None and "registration_granularity_bytes" in params:
         kwargs["registration_granularity_bytes"] = granularity
     return alloc(shape, **kwargs)
 
@@ -286,7 +298,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
-        """0.5.14 - 0.5.22: the release passes its device pool (and, from 0.5.18,
+        """0.5.3 - 0.5.22: the release passes its device pool (and, from 0.5.18,
         MTP draft device pools whose layers are packed after the target layers)."""
         _check_layout(layout)
         check_device_pool(device_pool)
@@ -327,8 +339,13 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         params = inspect.signature(HostKVCache.__init__).parameters
         if "device_pool" in params:
             # Up to 0.5.21: the base sizes the pool from the device pool and calls
-            # get_size_per_token() / init_kv_buffer() itself.
-            extra = {"pool_label": pool_label} if "pool_label" in params else {}
+            # get_size_per_token() / init_kv_buffer() itself. It takes the allocator
+            # from 0.5.7 and a label from 0.5.20.
+            extra = {
+                name: value
+                for name, value in (("allocator_type", allocator_type), ("pool_label", pool_label))
+                if name in params
+            }
             HostKVCache.__init__(
                 self,
                 device_pool,
@@ -338,7 +355,6 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 layout,
                 pin_memory,
                 device,
-                allocator_type,
                 **extra,
             )
         else:
@@ -889,7 +905,7 @@ def check_pool_source(source) -> None:
 
 
 def check_device_pool(device_pool) -> None:
-    """0.5.14 - 0.5.22: refuse device pools the quantizing pool cannot mirror."""
+    """0.5.3 - 0.5.22: refuse device pools the quantizing pool cannot mirror."""
     head_dim = getattr(device_pool, "head_dim", None)
     v_head_dim = getattr(device_pool, "v_head_dim", None) or head_dim
     if head_dim != v_head_dim:

@@ -1,24 +1,35 @@
-//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.14 - 0.5.23 (eras
-//! `annotated-server-args`, `namespaced-server-args`, `memory-struct`).
+//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.3 - 0.5.23 (every era).
 //!
 //! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
-//! - `get_mha_host_pool_cls`, the one place these releases pick the dense MHA host pool class
-//!   (module-level in `mem_cache/memory_pool_host.py` in 0.5.14 - 0.5.15, in
-//!   `mem_cache/pool_host/mha.py` from 0.5.16; found as the one such `def` under `mem_cache`),
-//!   first asks `select_mha_host_pool_cls`, which answers only with `--enable-kvtuner-hicache`
-//!   (so without the flag SGLang builds its stock pool). Its parameter is the device pool up to
-//!   0.5.22 and the `MHABufferInfo` in 0.5.23: the call passes `{first_param}`, and the
-//!   injected class tells the two apart;
+//! - the dense MHA host pool class is chosen by `select_mha_host_pool_cls`, which answers only
+//!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool):
+//!   - 0.5.14 - 0.5.23: first thing in `get_mha_host_pool_cls`, the one place these releases
+//!     pick the class (module-level in `mem_cache/memory_pool_host.py` in 0.5.14 - 0.5.15, in
+//!     `mem_cache/pool_host/mha.py` from 0.5.16; found as the one such `def` under
+//!     `mem_cache`). Its parameter is the device pool up to 0.5.22 and the `MHABufferInfo` in
+//!     0.5.23: the call passes `{first_param}`, and the injected class tells the two apart;
+//!   - 0.5.3 - 0.5.13.post1 have no such function: `HiRadixCache.__init__`, the decode
+//!     offload manager, the MTP draft pools (0.5.11+) and `build_kv_host_pool` (0.5.11+, through
+//!     a conditional expression, not a call) each name `MHATokenToKVPoolHost` themselves, all
+//!     passing the device pool first. The choice goes into that class instead: a `__new__`
+//!     (the class has none in these releases) that, for the stock class itself, asks the
+//!     selection and returns an instance of the quantizing subclass, whose `__init__` Python
+//!     then runs with the same arguments. One anchor serves every call site, and the class is
+//!     chosen before any buffer is allocated;
+//! - where the scheduler process finds the server arguments: 0.5.3 and 0.5.3.post1 have no
+//!   process-wide slot for them (`get_global_server_args` appears in 0.5.3.post2), so the
+//!   oldest era's form also hands `run_scheduler_process`'s `server_args` to the package
+//!   first thing in that function (in all 26 releases of the era, one form);
 //! - the startup check of the kvtuner flags, where the era validates server arguments:
 //!   - 0.5.20 - 0.5.23: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
 //!     runs on the resolved arguments during resolution, right after it takes its view of them
 //!     (`cfg = resolving_view(server_args)`);
-//!   - 0.5.14 - 0.5.19: first thing in `ServerArgs.check_server_args`, which the engine calls
+//!   - 0.5.3 - 0.5.19: first thing in `ServerArgs.check_server_args`, which the engine calls
 //!     at startup on the resolved arguments before any model load (0.5.19 also has the hook
-//!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all six share).
+//!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all share).
 
-use crate::group::{ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
+use crate::group::{BodyAt, ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
 use crate::tree::Era;
 
 pub const ID: &str = "hostpool";
@@ -66,9 +77,56 @@ from sglang.srt.mem_cache.kvtuner_hicache.config import (
 _kvtuner_check_server_args({first_param})
 ";
 
-/// The group's form for `era`; `None` before 0.5.14 (pool chosen inside
-/// `HiRadixCache.__init__`, not written yet).
+/// 0.5.3 - 0.5.13.post1: the class choice inside the stock class (see the module docs). Only
+/// the stock class itself is redirected (the quantizing subclass is built as it is asked).
+const NEW: &str = "
+def __new__(cls, *args, **kwargs):
+    chosen = cls
+    if cls is MHATokenToKVPoolHost:
+        from sglang.srt.mem_cache.kvtuner_hicache.selection import (
+            select_mha_host_pool_cls,
+        )
+
+        device_pool = args[0] if args else kwargs.get(\"device_pool\")
+        chosen = select_mha_host_pool_cls(device_pool, None) or cls
+    return super().__new__(chosen)
+";
+
+const PUBLISH: &str = "
+from sglang.srt.mem_cache.kvtuner_hicache.config import publish_server_args
+
+publish_server_args({first_param})
+";
+
+/// The group's form for `era` (every era has one).
 pub fn group(era: Era) -> Option<Group> {
+    let select = match era {
+        Era::DataclassAddArgument => Patch {
+            id: "select-host-pool",
+            what:
+                "MHATokenToKVPoolHost(...) builds the quantizing pool with --enable-kvtuner-hicache",
+            kind: PatchKind::ClassBody {
+                class: ClassRef {
+                    name: "MHATokenToKVPoolHost",
+                    under: "sglang/srt/mem_cache",
+                },
+                at: BodyAt::AfterMethod("__init__"),
+                block: Snippet::Text(NEW),
+                needs: &[],
+            },
+        },
+        Era::AnnotatedServerArgs | Era::NamespacedServerArgs | Era::MemoryStruct => Patch {
+            id: "select-host-pool",
+            what: "get_mha_host_pool_cls returns the quantizing pool with --enable-kvtuner-hicache",
+            kind: PatchKind::FunctionStart {
+                function: FnRef::ModuleUnder {
+                    under: "sglang/srt/mem_cache",
+                    name: "get_mha_host_pool_cls",
+                },
+                block: Snippet::Text(SELECT),
+            },
+        },
+    };
     let check = match era {
         Era::MemoryStruct => Patch {
             id: "check-server-args",
@@ -82,7 +140,7 @@ pub fn group(era: Era) -> Option<Group> {
                 block: Snippet::Text(CHECK),
             },
         },
-        Era::NamespacedServerArgs | Era::AnnotatedServerArgs => Patch {
+        Era::NamespacedServerArgs | Era::AnnotatedServerArgs | Era::DataclassAddArgument => Patch {
             id: "check-server-args",
             what: "startup check of the kvtuner flags in ServerArgs.check_server_args",
             kind: PatchKind::FunctionStart {
@@ -96,30 +154,33 @@ pub fn group(era: Era) -> Option<Group> {
                 block: Snippet::Text(CHECK_METHOD),
             },
         },
-        Era::DataclassAddArgument => return None,
     };
+    let mut patches = vec![
+        module!("package-init", "__init__.py"),
+        module!("package-config", "config.py"),
+        module!("package-page-format", "page_format.py"),
+        module!("package-host-pool", "host_pool.py"),
+        module!("package-selection", "selection.py"),
+        select,
+        check,
+    ];
+    if era == Era::DataclassAddArgument {
+        patches.push(Patch {
+            id: "publish-server-args",
+            what: "run_scheduler_process hands its server_args to kvtuner_hicache",
+            kind: PatchKind::FunctionStart {
+                function: FnRef::Module {
+                    file: "sglang/srt/managers/scheduler.py",
+                    name: "run_scheduler_process",
+                },
+                block: Snippet::Text(PUBLISH),
+            },
+        });
+    }
     Some(Group {
         id: ID,
         summary: "quantizing HiCache host pool (sglang.srt.mem_cache.kvtuner_hicache)",
-        patches: vec![
-            module!("package-init", "__init__.py"),
-            module!("package-config", "config.py"),
-            module!("package-page-format", "page_format.py"),
-            module!("package-host-pool", "host_pool.py"),
-            module!("package-selection", "selection.py"),
-            Patch {
-                id: "select-host-pool",
-                what: "get_mha_host_pool_cls returns the quantizing pool with --enable-kvtuner-hicache",
-                kind: PatchKind::FunctionStart {
-                    function: FnRef::ModuleUnder {
-                        under: "sglang/srt/mem_cache",
-                        name: "get_mha_host_pool_cls",
-                    },
-                    block: Snippet::Text(SELECT),
-                },
-            },
-            check,
-        ],
+        patches,
     })
 }
 

@@ -1,12 +1,16 @@
 //! `juicefs`: the JuiceFS HiCache storage backend as a built-in `--hicache-storage-backend`
-//! choice, SGLang 0.5.14 - 0.5.23 (eras `annotated-server-args`, `namespaced-server-args`,
-//! `memory-struct`). Needs `hostpool` (see `REGISTRY`): the backend module lives in the package
-//! that group injects.
+//! choice, SGLang 0.5.3 - 0.5.23 (every era). Needs `hostpool` (see `REGISTRY`): the backend
+//! module lives in the package that group injects.
 //!
 //! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
-//! - `"juicefs"` in the `choices` of the `hicache_storage_backend` field (argparse accepts it):
-//!   declared in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19 (the only
-//!   difference between the eras' forms);
+//! - `"juicefs"` among the choices of `--hicache-storage-backend` (argparse accepts it):
+//!   - 0.5.14 - 0.5.23: in the `choices=[...]` of the `hicache_storage_backend` field, declared
+//!     in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19;
+//!   - 0.5.3 - 0.5.13.post1: the CLI is `parser.add_argument("--hicache-storage-backend",
+//!     choices=[...])` in `ServerArgs.add_cli_args(parser)`, and up to 0.5.10.post1 that list
+//!     sits on one line, where a marked block of whole lines cannot go; the form appends the
+//!     choice to the argparse action that call created, right after it (the same statement in
+//!     all 26 releases, one-line list or not);
 //! - `StorageBackendFactory.register_backend("juicefs", ...)` next to the `"file"` one (the
 //!   factory's registry knows it);
 //! - an `elif backend_name == "juicefs":` branch in `_create_builtin_backend`, which builds
@@ -14,13 +18,14 @@
 //!   `(storage_config, mem_pool_host)`; its options come from `storage_config.extra_config`
 //!   (`--hicache-storage-backend-extra-config`), and the cache controller calls
 //!   `register_mem_pool_host` on it afterwards as on every backend;
-//! - `"juicefs"` in the list of backends `HiCacheController.attach_storage_backend` sends
-//!   down the zero-copy path (`_page_get_zero_copy` / `_page_set_zero_copy`, which call the
-//!   backend's `batch_get_v1` / `batch_set_v1` with host indices); the list has no name, so
-//!   it is found as the one list in that method holding `"hf3fs"`. In 0.5.14 - 0.5.19 that list
-//!   sits on one line inside the condition (`in ["hf3fs", ...]`), where a marked block of whole
-//!   lines cannot go; there the same choice is an `elif self.storage_backend_type == "juicefs":`
-//!   branch of that `if`, setting the same two zero-copy functions.
+//! - `"juicefs"` among the backends `HiCacheController` sends down the zero-copy path
+//!   (`_page_get_zero_copy` / `_page_set_zero_copy`, which call the backend's `batch_get_v1` /
+//!   `batch_set_v1` with host indices). The choice is an unnamed list holding `"hf3fs"`:
+//!   multi-line from 0.5.20, where `"juicefs"` joins it; in 0.5.3 - 0.5.19 it sits on one line
+//!   inside an `if` condition (`in ["hf3fs", ...]`), so there the same choice is an
+//!   `elif self.storage_backend_type == "juicefs":` branch of that `if`, setting the same two
+//!   zero-copy functions. The `if` is in `attach_storage_backend` from 0.5.9 and in
+//!   `HiCacheController.__init__` before.
 
 use crate::group::{ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
 use crate::tree::Era;
@@ -49,18 +54,46 @@ StorageBackendFactory.register_backend(
 )
 "#;
 
-/// The group's form for `era`; `None` before 0.5.14 (no `hostpool` form there to build on).
-pub fn group(era: Era) -> Option<Group> {
-    let attach = FnRef::Method {
-        class: ClassRef {
-            name: "HiCacheController",
-            under: "sglang/srt",
+/// 0.5.3 - 0.5.13.post1: the choice added to the action `parser.add_argument(...)` just made
+/// (its list may be on one line; see the module docs).
+const CHOICE_ACTION: &str = r#"
+parser._option_string_actions["--hicache-storage-backend"].choices.append("juicefs")
+"#;
+
+/// `"juicefs"` in the `choices=[...]` of the `hicache_storage_backend` field of `class`.
+fn choice_in_field(class: &'static str) -> PatchKind {
+    PatchKind::ListItem {
+        list: ListRef::FieldKeyword {
+            class: ClassRef {
+                name: class,
+                under: "sglang/srt",
+            },
+            field: "hicache_storage_backend",
+            keyword: "choices",
         },
+        item: "\"juicefs\"",
+    }
+}
+
+/// The group's form for `era` (every era has one).
+pub fn group(era: Era) -> Option<Group> {
+    let controller = ClassRef {
+        name: "HiCacheController",
+        under: "sglang/srt",
+    };
+    let attach = FnRef::Method {
+        class: controller,
         name: "attach_storage_backend",
     };
-    let (choices_class, zero_copy) = match era {
+    let zero_copy_branch = |function| PatchKind::ElifBranch {
+        function,
+        chain_has: "\"hf3fs\"",
+        condition: "self.storage_backend_type == \"juicefs\"",
+        body: Snippet::Text(ZERO_COPY_BRANCH),
+    };
+    let (choice, zero_copy) = match era {
         Era::MemoryStruct => (
-            "Memory",
+            choice_in_field("Memory"),
             PatchKind::ListItem {
                 list: ListRef::ContainingItem {
                     function: attach,
@@ -69,16 +102,21 @@ pub fn group(era: Era) -> Option<Group> {
                 item: "\"juicefs\"",
             },
         ),
-        Era::NamespacedServerArgs | Era::AnnotatedServerArgs => (
-            "ServerArgs",
-            PatchKind::ElifBranch {
-                function: attach,
-                chain_has: "\"hf3fs\"",
-                condition: "self.storage_backend_type == \"juicefs\"",
-                body: Snippet::Text(ZERO_COPY_BRANCH),
+        Era::NamespacedServerArgs | Era::AnnotatedServerArgs => {
+            (choice_in_field("ServerArgs"), zero_copy_branch(attach))
+        }
+        Era::DataclassAddArgument => (
+            PatchKind::AfterCall {
+                file: "sglang/srt/server_args.py",
+                callee: "add_argument",
+                first_arg: Some("--hicache-storage-backend"),
+                block: Snippet::Text(CHOICE_ACTION),
             },
+            zero_copy_branch(FnRef::FirstMethodOf {
+                class: controller,
+                names: &["attach_storage_backend", "__init__"],
+            }),
         ),
-        Era::DataclassAddArgument => return None,
     };
     Some(Group {
         id: ID,
@@ -95,17 +133,7 @@ pub fn group(era: Era) -> Option<Group> {
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",
-                kind: PatchKind::ListItem {
-                    list: ListRef::FieldKeyword {
-                        class: ClassRef {
-                            name: choices_class,
-                            under: "sglang/srt",
-                        },
-                        field: "hicache_storage_backend",
-                        keyword: "choices",
-                    },
-                    item: "\"juicefs\"",
-                },
+                kind: choice,
             },
             Patch {
                 id: "register",

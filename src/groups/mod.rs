@@ -11,6 +11,16 @@
 //! the group cannot patch that era yet: such a tree is refused for that group, by name,
 //! instead of being half-patched. A group written for the newest era only registers as
 //! `Entry { id: "x", for_era: |era| newest_only(era, x::group), requires: &[] }`.
+//!
+//! Every registered group has a form for every era (details in each group's module and in
+//! `docs/compat.md`):
+//!
+//! | era | releases | `kvtuner` | `hostpool` pool choice | `juicefs` choice |
+//! | --- | --- | --- | --- | --- |
+//! | `dataclass-add-argument` | 0.5.3 - 0.5.13.post1 | dataclass fields + `add_argument` calls | `__new__` of `MHATokenToKVPoolHost` | appended to the `add_argument` action |
+//! | `annotated-server-args` | 0.5.14 - 0.5.16 | `A[T, Arg(...)]` fields | `get_mha_host_pool_cls` | `ServerArgs` field `choices` |
+//! | `namespaced-server-args` | 0.5.17 - 0.5.19 | the same with `NS("memory")` | `get_mha_host_pool_cls` | `ServerArgs` field `choices` |
+//! | `memory-struct` | 0.5.20 - 0.5.23 | `class Memory` fields | `get_mha_host_pool_cls` | `Memory` field `choices` |
 
 use crate::group::Group;
 use crate::tree::Era;

@@ -108,8 +108,8 @@ pub fn mutated_fixture(name: &str) -> tempfile::TempDir {
         text: String,
     }
     let spec_path = fixture("mutated").join(format!("{name}.toml"));
-    let spec = fs::read_to_string(&spec_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
+    let spec =
+        fs::read_to_string(&spec_path).unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
     let m: Mutation =
         toml::from_str(&spec).unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
     let t = copy_tree(&fixture(&m.base), "");
@@ -122,7 +122,11 @@ pub fn mutated_fixture(name: &str) -> tempfile::TempDir {
             "{name}: `{}` occurs {n} times in {} (want {})",
             r.find,
             r.file,
-            if r.all { "at least once" } else { "exactly once" }
+            if r.all {
+                "at least once"
+            } else {
+                "exactly once"
+            }
         );
         fs::write(&path, text.replace(&r.find, &r.with)).unwrap();
     }

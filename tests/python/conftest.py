@@ -1,8 +1,8 @@
 """Shared fixtures for the suites that import SGLang for real (CPU is enough).
 
 The suites run against any release the host pool supports (0.5.23 and the releases
-whose host pools take the device pool, e.g. 0.5.19): :func:`host_pool_args` gives
-what that release passes its dense MHA host pools.
+whose host pools take the device pool, e.g. 0.5.19 and 0.5.13.post1):
+:func:`host_pool_args` gives what that release passes its dense MHA host pools.
 
 Run in the cached venv (see README):
     $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest tests/python
@@ -61,8 +61,8 @@ def sgl():
 
 
 def mha_module():
-    """The module defining MHATokenToKVPoolHost and get_mha_host_pool_cls:
-    pool_host/mha.py from 0.5.16, memory_pool_host.py in 0.5.14 - 0.5.15."""
+    """The module defining MHATokenToKVPoolHost (and, from 0.5.14,
+    get_mha_host_pool_cls): pool_host/mha.py from 0.5.16, memory_pool_host.py before."""
     try:
         return importlib.import_module("sglang.srt.mem_cache.pool_host.mha")
     except ImportError:
@@ -78,14 +78,26 @@ def takes_buffer_info() -> bool:
 def host_pool_args(dev):
     """(first argument, keywords) the release passes a dense MHA host pool built for
     device pool ``dev``: 0.5.23 the device pool's MHABufferInfo plus the geometry
-    keywords it lacks, 0.5.14 - 0.5.22 the device pool itself. Also what
-    ``get_mha_host_pool_cls`` is called with."""
+    keywords it lacks, 0.5.3 - 0.5.22 the device pool itself. Also what
+    ``get_mha_host_pool_cls`` is called with (0.5.14+)."""
     if takes_buffer_info():
         info = dev.get_device_pool_infos()[0].buffer_info
         return info, dict(
             device_capacity_tokens=dev.size, start_layer=0, end_layer=len(dev.k_buffer)
         )
     return dev, {}
+
+
+def build_host_pool(mha, dev, *args, **kwargs):
+    """A dense MHA host pool for device pool ``dev``, built through the code the patch
+    changes: the class ``get_mha_host_pool_cls`` picks (0.5.14+), else the stock
+    ``MHATokenToKVPoolHost`` itself, whose patched ``__new__`` picks (0.5.3 -
+    0.5.13.post1, where every call site names that class). ``args`` / ``kwargs``
+    follow the device pool (ratio, size, page size, layout, ...)."""
+    source, geometry = host_pool_args(dev)
+    pick = getattr(mha, "get_mha_host_pool_cls", None)
+    cls = pick(source) if pick is not None else mha.MHATokenToKVPoolHost
+    return cls(source, *args, **geometry, **kwargs)
 
 
 @pytest.fixture(scope="session")

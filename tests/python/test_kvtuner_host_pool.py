@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import host_pool_args
+from conftest import build_host_pool, host_pool_args
 
 PAGE = 32
 HEADS = 2
@@ -479,7 +479,8 @@ def test_without_flag_stock_pool_is_selected(sgl, kvh):
     stock = mha.MHATokenToKVPoolHost
     assert kvh.selection.select_mha_host_pool_cls(info, stock) is stock
     assert kvh.selection.select_mha_host_pool_cls(info, None) is None
-    assert mha.get_mha_host_pool_cls(info) is stock
+    host = build_host_pool(mha, dev, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu")
+    assert type(host) is stock
 
 
 def test_with_flag_our_pool_is_selected(sgl, kvh, monkeypatch):

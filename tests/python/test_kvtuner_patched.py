@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import host_pool_args, requires_patched
+from conftest import build_host_pool, requires_patched
 
 pytestmark = requires_patched
 
@@ -78,25 +78,100 @@ def test_cross_field_errors(parser, kvh):
         kvh.config.check_server_args(ns)
 
 
-def _info(sgl):
-    pool = sgl["memory_pool"].MHATokenToKVPool(
-        size=128, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
+@contextlib.contextmanager
+def published_server_args(**fields):
+    """Publish server args where the scheduler process finds them at startup, restored
+    afterwards: the context's override (0.5.16+), else a ServerArgs-shaped object through
+    the release's slot (0.5.15: the runtime context's ``set_server_args``, 0.5.3.post2 -
+    0.5.14: ``set_global_server_args_for_scheduler``), else (0.5.3, 0.5.3.post1) the slot
+    the patched ``run_scheduler_process`` fills (``publish_server_args``)."""
+    import types
+
+    from sglang.srt import server_args as sa_mod
+
+    try:
+        import sglang.srt.runtime_context as rc
+    except ImportError:  # before 0.5.15
+        rc = None
+    published = types.SimpleNamespace(**fields)
+    ctx = rc.get_context() if rc is not None else None
+    if hasattr(ctx, "override_server_args"):
+        with ctx.override_server_args(**fields):
+            yield
+        return
+    if hasattr(ctx, "set_server_args"):  # 0.5.15
+        old = ctx._server_args
+        ctx.set_server_args(published)
+        try:
+            yield
+        finally:
+            ctx._server_args = old
+        return
+    if hasattr(sa_mod, "set_global_server_args_for_scheduler"):
+        old = sa_mod._global_server_args
+        sa_mod.set_global_server_args_for_scheduler(published)
+        try:
+            yield
+        finally:
+            sa_mod._global_server_args = old
+        return
+    from sglang.srt.mem_cache.kvtuner_hicache import config
+
+    old = config._scheduler_server_args
+    config.publish_server_args(published)
+    try:
+        yield
+    finally:
+        config._scheduler_server_args = old
+
+
+def _device_pool(sgl, size=128):
+    return sgl["memory_pool"].MHATokenToKVPool(
+        size=size, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
         layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
     )
-    return host_pool_args(pool)[0]
 
 
-def test_selection_follows_the_flag(sgl, kvh):
-    from sglang.srt.runtime_context import get_context
-
+def test_selection_follows_the_flag(sgl, kvh, kq):
+    """The pool the release builds for a dense MHA device pool, through the patched code
+    (get_mha_host_pool_cls from 0.5.14, the stock class's __new__ before)."""
     mha = sgl["mha"]
-    info = _info(sgl)
-    with get_context().override_server_args(enable_hierarchical_cache=True):
-        assert mha.get_mha_host_pool_cls(info) is mha.MHATokenToKVPoolHost
-    with get_context().override_server_args(
-        enable_hierarchical_cache=True, enable_kvtuner_hicache=True
-    ):
-        assert mha.get_mha_host_pool_cls(info) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
+    dev = _device_pool(sgl)
+    with published_server_args(enable_hierarchical_cache=True):
+        host = build_host_pool(mha, dev, 2.0, 0, 64, "page_first", pin_memory=False)
+        assert type(host) is mha.MHATokenToKVPoolHost
+    with published_server_args(enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
+                               kvtuner_hicache_residual_length=0):
+        host = build_host_pool(mha, dev, 2.0, 0, 64, "page_first", pin_memory=False)
+        assert type(host) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
+
+
+def test_old_call_sites_build_the_quantizing_pool(sgl, kvh, monkeypatch):
+    """0.5.11 - 0.5.13.post1: the release's own `build_kv_host_pool` (it names the stock
+    class in a conditional expression, no call) builds the quantizing pool with the flag.
+    It pins host memory (CUDA), so both constructors are stubbed: what is checked is the
+    class the patched `__new__` picks for that real call site, with its real arguments."""
+    if hasattr(sgl["mha"], "get_mha_host_pool_cls"):
+        pytest.skip("0.5.14+: every call site asks get_mha_host_pool_cls (tested above)")
+    try:
+        from sglang.srt.mem_cache.hybrid_cache.hybrid_pool_assembler import build_kv_host_pool
+    except ImportError:
+        pytest.skip("this release has no hybrid_pool_assembler.build_kv_host_pool (0.5.11+)")
+    import types
+
+    seen = []
+    for cls in (sgl["mha"].MHATokenToKVPoolHost, kvh.host_pool.KVTunerMHATokenToKVPoolHost):
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, **k: seen.append(a[0]))
+    args = types.SimpleNamespace(hicache_ratio=2.0, hicache_size=0,
+                                 hicache_mem_layout="page_first",
+                                 hicache_storage_backend=None)
+    dev = _device_pool(sgl)
+    with published_server_args(enable_hierarchical_cache=True, enable_kvtuner_hicache=True):
+        host = build_kv_host_pool(kv_pool=dev, page_size=64, server_args=args, use_mla=False)
+    assert type(host) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
+    host = build_kv_host_pool(kv_pool=dev, page_size=64, server_args=args, use_mla=False)
+    assert type(host) is sgl["mha"].MHATokenToKVPoolHost
+    assert seen == [dev, dev]
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -140,23 +215,17 @@ def startup_checks(server_args):
 
 
 def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
-    """The selected class, built the way build_kv_host_pool builds it (no explicit
-    config), takes its bits from the published server args, preset included."""
-    from sglang.srt.runtime_context import get_context
-
+    """The selected class, built the way the release builds it (no explicit config),
+    takes its bits from the published server args, preset included."""
     preset = tmp_path / "p.yaml"
     preset.write_text("1: {nbits_key: 2, nbits_value: 2}\n")
-    pool = sgl["memory_pool"].MHATokenToKVPool(
-        size=256, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
-        layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
-    )
-    info, geometry = host_pool_args(pool)
-    with get_context().override_server_args(
+    pool = _device_pool(sgl, size=256)
+    with published_server_args(
         enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
         kvtuner_hicache_nbits_key=8, kvtuner_hicache_layer_config=str(preset),
         kvtuner_hicache_residual_length=0,
     ):
-        cls = sgl["mha"].get_mha_host_pool_cls(info)
-        host = cls(info, 2.0, 0, 64, "page_first", pin_memory=False, **geometry)
+        host = build_host_pool(sgl["mha"], pool, 2.0, 0, 64, "page_first", pin_memory=False)
+    assert type(host).__name__ == "KVTunerMHATokenToKVPoolHost"
     assert host.kvtuner_plan.layer_bits == ((8, 4), (2, 2))
     assert host._ovl is None
