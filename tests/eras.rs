@@ -101,16 +101,7 @@ fn full_cycle(
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["report"]["files"][0]["compiles"], true);
 
-    let applied = snapshot(root);
-    let (code, out, _) = run(&["apply", "--only", "kvtuner"], root);
-    assert_eq!(code, 0);
-    assert!(out.contains("nothing to do"), "{out}");
-    assert_same_tree(&applied, &snapshot(root));
-    assert_eq!(run(&["status", "--only", "kvtuner"], root).0, 0);
-
-    let (code, _, err) = run(&["revert"], root);
-    assert_eq!(code, 0, "{err}");
-    assert_same_tree(&original, &snapshot(root));
+    assert_reapply_is_noop_and_revert_restores(root, &["--only", "kvtuner"], &original);
 }
 
 #[test]
@@ -402,13 +393,7 @@ fn dataclass_era_all_groups_full_cycle() {
 
     let (code, v) = run_json(&["verify"], root);
     assert_eq!(code, 0, "{v}");
-    let applied = snapshot(root);
-    let (code, out, _) = run(&["apply"], root);
-    assert!(code == 0 && out.contains("nothing to do"), "{out}");
-    assert_same_tree(&applied, &snapshot(root));
-    let (code, _, err) = run(&["revert"], root);
-    assert_eq!(code, 0, "{err}");
-    assert_same_tree(&original, &snapshot(root));
+    assert_reapply_is_noop_and_revert_restores(root, &[], &original);
 }
 
 /// The zero-copy choice is looked for in the first of `attach_storage_backend` (0.5.9+) and

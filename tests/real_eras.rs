@@ -36,13 +36,7 @@ fn cycle(version: &str, era: &str, snapshot_name: &str, blocks: &[&str]) {
         );
     }
     assert_eq!(run(&["verify", "--only", "kvtuner"], root).0, 0);
-    let applied = snapshot(root);
-    let (code, out, _) = run(&["apply", "--only", "kvtuner"], root);
-    assert!(code == 0 && out.contains("nothing to do"), "{out}");
-    assert_same_tree(&applied, &snapshot(root));
-    let (code, _, err) = run(&["revert"], root);
-    assert_eq!(code, 0, "{err}");
-    assert_same_tree(&original, &snapshot(root));
+    assert_reapply_is_noop_and_revert_restores(root, &["--only", "kvtuner"], &original);
 }
 
 #[test]

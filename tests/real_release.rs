@@ -101,16 +101,7 @@ fn real_0_5_23_apply_verify_revert() {
         assert!(f["parses"] == true && f["compiles"] == true, "{f}");
     }
 
-    let applied = snapshot(root);
-    let (code, out, _) = run(&["apply"], root);
-    assert_eq!(code, 0);
-    assert!(out.contains("nothing to do"));
-    assert_same_tree(&applied, &snapshot(root));
-    assert_eq!(run(&["status"], root).0, 0);
-
-    let (code, _, err) = run(&["revert"], root);
-    assert_eq!(code, 0, "{err}");
-    assert_same_tree(&original, &snapshot(root));
+    assert_reapply_is_noop_and_revert_restores(root, &[], &original);
 }
 
 /// 0.5.19 (`namespaced-server-args`): the host pool is chosen by
@@ -168,13 +159,5 @@ fn real_0_5_19_apply_verify_revert() {
     for f in v["report"]["files"].as_array().unwrap() {
         assert!(f["parses"] == true && f["compiles"] == true, "{f}");
     }
-    let applied = snapshot(root);
-    let (code, out, _) = run(&["apply"], root);
-    assert_eq!(code, 0);
-    assert!(out.contains("nothing to do"));
-    assert_same_tree(&applied, &snapshot(root));
-
-    let (code, _, err) = run(&["revert"], root);
-    assert_eq!(code, 0, "{err}");
-    assert_same_tree(&original, &snapshot(root));
+    assert_reapply_is_noop_and_revert_restores(root, &[], &original);
 }

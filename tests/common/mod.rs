@@ -207,6 +207,27 @@ pub fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value) {
     (code, v)
 }
 
+/// The end of every apply cycle on a patched tree: a second `apply` (with `only`, e.g.
+/// `["--only", "kvtuner"]`) changes nothing and says so, `status` reports it applied (exit 0),
+/// and `revert` gives back exactly `original`.
+pub fn assert_reapply_is_noop_and_revert_restores(
+    root: &Path,
+    only: &[&str],
+    original: &BTreeMap<String, Option<Vec<u8>>>,
+) {
+    let applied = snapshot(root);
+    let args: Vec<&str> = ["apply"].iter().chain(only).copied().collect();
+    let (code, out, err) = run(&args, root);
+    assert!(code == 0 && out.contains("nothing to do"), "{out}{err}");
+    assert_same_tree(&applied, &snapshot(root));
+    let args: Vec<&str> = ["status"].iter().chain(only).copied().collect();
+    let (code, out, _) = run(&args, root);
+    assert_eq!(code, 0, "status after apply: {out}");
+    let (code, _, err) = run(&["revert"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(original, &snapshot(root));
+}
+
 /// `git apply --check` (and then a real `git apply`) of `diff` in a git repo made of `root`.
 pub fn git_apply(root: &Path, diff: &str, really: bool) {
     let git = |args: &[&str]| {
