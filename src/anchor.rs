@@ -235,15 +235,8 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
         }
         FnRef::Method { class, name } => {
             let rel = resolve_class(src, tag, class)?;
-            let pf = src.get(&rel).expect("loaded");
-            let cls = the_class(pf, class.name);
-            let node = exactly_one(
-                tag,
-                pf,
-                || format!("method `{name}` in class `{}`", class.name),
-                syntax::methods(pf, cls, name),
-            )?;
-            Ok((rel, node.start_byte()))
+            let start = the_method(src, tag, &rel, class.name, name)?;
+            Ok((rel, start))
         }
         FnRef::FirstMethodOf { class, names } => {
             let rel = resolve_class(src, tag, class)?;
@@ -265,15 +258,23 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
                     Vec::new(),
                 ));
             };
-            let node = exactly_one(
-                tag,
-                pf,
-                || format!("method `{name}` in class `{}`", class.name),
-                syntax::methods(pf, cls, name),
-            )?;
-            Ok((rel, node.start_byte()))
+            let start = the_method(src, tag, &rel, class.name, name)?;
+            Ok((rel, start))
         }
     }
+}
+
+/// Start byte of the one method `name` of the one class `class` in `rel`; several is drift.
+fn the_method(src: &Sources, tag: &str, rel: &str, class: &str, name: &str) -> Result<usize> {
+    let pf = src.get(rel).expect("loaded");
+    let cls = the_class(pf, class);
+    let node = exactly_one(
+        tag,
+        pf,
+        || format!("method `{name}` in class `{class}`"),
+        syntax::methods(pf, cls, name),
+    )?;
+    Ok(node.start_byte())
 }
 
 /// Find the function again from its start byte (nodes cannot outlive the borrow of `src`).
