@@ -305,15 +305,7 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
                 || format!("field `{field}` in class `{}`", class.name),
                 syntax::fields(pf, cls, field),
             )?;
-            let list = exactly_one(
-                tag,
-                pf,
-                || format!("`{keyword}=[...]` list in field `{field}`"),
-                syntax::keyword_values(pf, decl, keyword)
-                    .into_iter()
-                    .filter(|v| v.kind() == "list")
-                    .collect(),
-            )?;
+            let list = keyword_list(tag, pf, decl, keyword, || format!("field `{field}`"))?;
             Ok((rel, list.start_byte()))
         }
         ListRef::CallKeyword {
@@ -329,15 +321,9 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
                 || format!("call `{callee}(\"{first_arg}\", ...)`"),
                 syntax::calls(pf, pf.root(), callee, Some(first_arg)),
             )?;
-            let list = exactly_one(
-                tag,
-                pf,
-                || format!("`{keyword}=[...]` list in `{callee}(\"{first_arg}\", ...)`"),
-                syntax::keyword_values(pf, call, keyword)
-                    .into_iter()
-                    .filter(|v| v.kind() == "list")
-                    .collect(),
-            )?;
+            let list = keyword_list(tag, pf, call, keyword, || {
+                format!("`{callee}(\"{first_arg}\", ...)`")
+            })?;
             Ok((file.to_string(), list.start_byte()))
         }
         ListRef::ContainingItem { function, has_item } => {
@@ -358,6 +344,26 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
             Ok((rel, list.start_byte()))
         }
     }
+}
+
+/// The one `keyword=[...]` list literal among the keyword arguments of `node` (a call or an
+/// annotated field), `in_what` naming `node` for the drift report.
+fn keyword_list<'t>(
+    tag: &str,
+    pf: &'t PyFile,
+    node: Node<'t>,
+    keyword: &str,
+    in_what: impl FnOnce() -> String,
+) -> Result<Node<'t>> {
+    exactly_one(
+        tag,
+        pf,
+        || format!("`{keyword}=[...]` list in {}", in_what()),
+        syntax::keyword_values(pf, node, keyword)
+            .into_iter()
+            .filter(|v| v.kind() == "list")
+            .collect(),
+    )
 }
 
 fn chain_node<'t>(
