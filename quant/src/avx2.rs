@@ -15,6 +15,46 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The thread-local scratch taken out for the life of the guard (put back on drop). Unlike
+/// `with_scratch` it needs no closure: closures do not inherit a `#[target_feature]` function's
+/// features, so intrinsics inside one compile to calls once LLVM declines to inline the closure.
+pub(crate) struct Scratch(Vec<f32>);
+
+impl Scratch {
+    /// At least `n` floats (contents unspecified).
+    pub(crate) fn take(n: usize) -> Scratch {
+        let mut v = SCRATCH.with_borrow_mut(std::mem::take);
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+        Scratch(v)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        SCRATCH.with_borrow_mut(|s| {
+            if s.len() < v.len() {
+                *s = v;
+            }
+        });
+    }
+}
+
 /// Runs `f` with a thread-local scratch slice of at least `n` floats.
 pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with_borrow_mut(|v| {

@@ -194,6 +194,41 @@ fn simd_and_scalar_paths_give_identical_bytes() {
     }
 }
 
+/// Rows of 96 elements: the AVX-512 code pass steps 64 elements and ends each row (per-channel) or
+/// block (per-token, group 32) with a half step; half of the groups hold values on a grid of
+/// half-steps, so many quotients are exact ties or within 2^-12 of one (the fast path must give
+/// way to the exact division there).
+#[test]
+fn half_steps_and_near_ties_match_reference() {
+    both_paths(|| {
+        for bits in [2u8, 4, 8] {
+            for asym in [false, true] {
+                for (axis, g) in [(0u8, 32usize), (1, 4), (1, 32)] {
+                    let sh = Shape { tokens: 67, heads: 3, head_dim: 32 };
+                    let n = 67 * 96;
+                    let mut v = rand_vals(7 + bits as u64, n);
+                    let levels = ((1u32 << bits) - 1) as f32;
+                    for (i, f) in v.iter_mut().enumerate() {
+                        if (i / 32) % 2 == 0 {
+                            // k / 2 on [0, levels]: scale 1 (asym), ties at every odd k; the
+                            // tiny nudges land within 2^-12 of a tie
+                            let k = (i * 7919 % (2 * levels as usize + 1)) as f32;
+                            let nudge = [0.0, 1.0 / 8192.0, -1.0 / 8192.0, 1.0 / 2048.0][i % 4];
+                            *f = k / 2.0 + nudge;
+                        }
+                    }
+                    let c = cfg(bits, asym, axis, g, 3);
+                    let xh: Vec<f16> = v.iter().map(|&f| f16::from_f32(f)).collect();
+                    let xb: Vec<bf16> = v.iter().map(|&f| bf16::from_f32(f)).collect();
+                    check_against_reference(&xh, &sh, &c);
+                    check_against_reference(&xb, &sh, &c);
+                    check_against_reference(&v, &sh, &c);
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn exact_half_quotients_round_to_even() {
     // group {0, 3}: 2-bit asym scale 1, codes of 0.5/1.5/2.5 are exactly representable ties
