@@ -7,8 +7,8 @@
 #
 # usage: scripts/functional-matrix.sh [VERSION...]
 #   default VERSIONs: one release of each era the host pool supports (0.5.23, 0.5.22, 0.5.19,
-#   0.5.16, 0.5.13.post1), each only if its venv is cached or can be installed here (a release whose install
-#   fails is reported and skipped, not recorded).
+#   0.5.16, 0.5.15, 0.5.13.post1), each only if its venv is cached or can be installed here (a
+#   release whose install fails is reported and skipped, not recorded).
 # env: KVTUNER_FUNCTIONAL_RESULTS (default target/functional-results.tsv),
 #      KVTUNER_CACHE (wheels/venvs cache), KVTUNER_PYTEST_ARGS (extra pytest arguments).
 # Exits 1 if any release failed. Plain CI runs the newest release through scripts/test-all.sh;
@@ -21,7 +21,7 @@ cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 results=${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}
 explicit=$#
 versions=("$@")
-[ ${#versions[@]} -gt 0 ] || versions=(0.5.23 0.5.22 0.5.19 0.5.16 0.5.13.post1)
+[ ${#versions[@]} -gt 0 ] || versions=(0.5.23 0.5.22 0.5.19 0.5.16 0.5.15 0.5.13.post1)
 
 cargo build --locked --release --quiet
 bin="$here/target/release/kvtuner-patch"

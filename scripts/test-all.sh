@@ -6,7 +6,8 @@
 #      fresh copy of the release is patched by the CLI, then pytest drives the quantizing host pool,
 #      the patched argument parser and backend factory, and the JuiceFS backend on a real FUSE mount.
 #      With KVTUNER_FULL_MATRIX=1 also on one release of each older era (0.5.22: device-pool
-#      constructor with the keyword-only base; 0.5.19; 0.5.16; 0.5.13.post1).
+#      constructor with the keyword-only base; 0.5.19; 0.5.16; 0.5.15: chooser in
+#      memory_pool_host.py; 0.5.13.post1).
 #   4. The release matrix: apply / verify / apply-again / revert on every release in
 #      scripts/releases.txt; writes docs/compat.md.
 # Caches (wheels, venvs, captured KV) live under ${KVTUNER_CACHE:-~/.cache/kvtuner-patch}.
@@ -34,7 +35,7 @@ scripts/functional-matrix.sh 0.5.23
 
 if [ "${KVTUNER_FULL_MATRIX:-0}" = 1 ]; then
     step "functional tests on the newest release of each older era (KVTUNER_FULL_MATRIX=1; full installs, ~10 min each the first time)"
-    scripts/functional-matrix.sh 0.5.22 0.5.19 0.5.16 0.5.13.post1
+    scripts/functional-matrix.sh 0.5.22 0.5.19 0.5.16 0.5.15 0.5.13.post1
 fi
 
 step "release matrix"
