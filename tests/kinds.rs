@@ -168,23 +168,26 @@ fn plan_all(tree: &SglangTree, g: &Group) -> Plan {
     Plan::build(planned, &mut src).unwrap()
 }
 
+/// A fresh tree through the whole write path: nothing applied yet, the plan validates (parse
+/// and compile), its diff matches the snapshot `name` and `git apply` accepts it, then it is
+/// written.
+fn plan_snapshot_and_commit(tree: &SglangTree, g: &Group, name: &str) {
+    assert!(states(tree, g).iter().all(|s| *s == PatchState::NotApplied));
+    let plan = plan_all(tree, g);
+    plan.validate(&Python::pick(None)).unwrap();
+    let diff = plan.diff(tree);
+    insta::assert_snapshot!(name, diff);
+    git_apply(copy_tree(&tree.root, "").path(), &diff, false);
+    plan.commit(tree, &["toy"]).unwrap();
+}
+
 #[test]
 fn every_edit_kind_plans_validates_applies_and_is_detected() {
     let t = toy_tree();
     let original = snapshot(t.path());
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = toy_group();
-    assert!(states(&tree, &g)
-        .iter()
-        .all(|s| *s == PatchState::NotApplied));
-
-    let plan = plan_all(&tree, &g);
-    plan.validate(&Python::pick(None)).unwrap();
-    let diff = plan.diff(&tree);
-    insta::assert_snapshot!("toy_every_kind_diff", diff);
-    git_apply(copy_tree(t.path(), "").path(), &diff, false);
-
-    plan.commit(&tree, &["toy"]).unwrap();
+    plan_snapshot_and_commit(&tree, &g, "toy_every_kind_diff");
     assert!(
         states(&tree, &g).iter().all(|s| *s == PatchState::Applied),
         "{:?}",
@@ -496,15 +499,7 @@ fn function_start_and_after_assign_apply_detect_and_revert() {
     let original = snapshot(t.path());
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = fn_group();
-    assert!(states(&tree, &g)
-        .iter()
-        .all(|s| *s == PatchState::NotApplied));
-    let plan = plan_all(&tree, &g);
-    plan.validate(&Python::pick(None)).unwrap();
-    let diff = plan.diff(&tree);
-    insta::assert_snapshot!("toy_function_kinds_diff", diff);
-    git_apply(copy_tree(t.path(), "").path(), &diff, false);
-    plan.commit(&tree, &["toy"]).unwrap();
+    plan_snapshot_and_commit(&tree, &g, "toy_function_kinds_diff");
     assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
     let chooser = fs::read_to_string(t.path().join("sglang/srt/chooser.py")).unwrap();
     assert!(
