@@ -447,14 +447,7 @@ pub unsafe fn quant_chunk<E: Elem>(
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
         };
     }
-    match (cfg.bits, cfg.asym) {
-        (2, true) => go!(2, true),
-        (2, false) => go!(2, false),
-        (4, true) => go!(4, true),
-        (4, false) => go!(4, false),
-        (8, true) => go!(8, true),
-        _ => go!(8, false),
-    }
+    crate::kernel::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -617,14 +610,7 @@ pub unsafe fn dequant_chunk<E: Elem>(
             }
         };
     }
-    match (cfg.bits, cfg.asym) {
-        (2, true) => go!(2, true),
-        (2, false) => go!(2, false),
-        (4, true) => go!(4, true),
-        (4, false) => go!(4, false),
-        (8, true) => go!(8, true),
-        _ => go!(8, false),
-    }
+    crate::kernel::for_bits_asym!(cfg, go);
 }
 
 /// Metadata of `n` groups starting at group `g0` widened to f32 (scale, min).

@@ -9,6 +9,24 @@ use crate::format::{Config, DType, Header, Layout, QuantError, Result, Shape, HE
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// Calls the caller's `go!(BITS, ASYM)` macro with the config's bit width and symmetry as
+/// literals, so a SIMD kernel is monomorphised once per supported combination; the list of
+/// combinations lives here only (`Config` has already rejected any other bit width).
+macro_rules! for_bits_asym {
+    ($cfg:expr, $go:ident) => {
+        match ($cfg.bits, $cfg.asym) {
+            (2, true) => $go!(2, true),
+            (2, false) => $go!(2, false),
+            (4, true) => $go!(4, true),
+            (4, false) => $go!(4, false),
+            (8, true) => $go!(8, true),
+            _ => $go!(8, false),
+        }
+    };
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use for_bits_asym;
+
 /// Kernel families, best last.
 pub const SCALAR: u8 = 0;
 pub const AVX2: u8 = 1;
