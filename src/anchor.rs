@@ -565,6 +565,23 @@ fn insertion(src: &str, pos: usize, text: String) -> Edit {
     }
 }
 
+/// The one edit of a patch that inserts whole lines: `lines` (text) indented by `indent`, between the
+/// group's marker comments, at byte `pos` of `rel` (whose text is `src`).
+fn marked_block(
+    rel: String,
+    src: &str,
+    pos: usize,
+    indent: &str,
+    tag: &str,
+    lines: &str,
+) -> Planned {
+    let text = marker::wrap(indent, tag, &indent_lines(lines, indent));
+    Planned::Edits {
+        rel,
+        edits: vec![insertion(src, pos, text)],
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Planning
 // ---------------------------------------------------------------------------------------------
@@ -600,11 +617,7 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let cls = the_class(pf, class.name);
             let (pos, indent) = class_anchor(pf, tag, cls, class, at)?;
             let (lines, _) = snippet_lines(block)?;
-            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
-            Ok(Planned::Edits {
-                rel,
-                edits: vec![insertion(&pf.src, pos, text)],
-            })
+            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
         }
         PatchKind::AfterCall {
             file,
@@ -628,12 +641,15 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let stmt = enclosing_statement(call);
             let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
             let (lines, _) = snippet_lines(block)?;
-            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
             let pos = syntax::line_end(&pf.src, stmt.end_byte());
-            Ok(Planned::Edits {
-                rel: file.to_string(),
-                edits: vec![insertion(&pf.src, pos, text)],
-            })
+            Ok(marked_block(
+                file.to_string(),
+                &pf.src,
+                pos,
+                &indent,
+                tag,
+                &lines,
+            ))
         }
         PatchKind::ListItem { list, item } => {
             let (rel, start) = list_node(src, tag, list)?;
@@ -731,11 +747,7 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
                 syntax::line_start(&pf.src, first.start_byte())
             };
             let lines = function_block(tag, pf, func, function, block)?;
-            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
-            Ok(Planned::Edits {
-                rel,
-                edits: vec![insertion(&pf.src, pos, text)],
-            })
+            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
         }
         PatchKind::AfterAssign {
             function,
@@ -748,12 +760,8 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let stmt = assignment_node(tag, pf, func, function, target)?;
             let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
             let lines = function_block(tag, pf, func, function, block)?;
-            let text = marker::wrap(&indent, tag, &indent_lines(&lines, &indent));
             let pos = syntax::line_end(&pf.src, stmt.end_byte());
-            Ok(Planned::Edits {
-                rel,
-                edits: vec![insertion(&pf.src, pos, text)],
-            })
+            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
         }
     }
 }
