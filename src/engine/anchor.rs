@@ -1,5 +1,6 @@
-//! Anchors: turning a [`Patch`] into edits on a concrete tree, and telling whether it is
-//! already there.
+//! Anchors: a [`Patch`] looked up once on a concrete tree ([`locate`]); from that one lookup
+//! both whether it is already there ([`PatchState`]) and the edits that would apply it
+//! ([`PatchEdit`]).
 //!
 //! Every anchor must match exactly once. Zero or several matches is [`Drift`]: the error
 //! names the patch, the file (or folder searched), what was looked for and how many matches

@@ -258,8 +258,11 @@ pub enum Record {
     },
     /// `revert`: after every file is written, remove these folders apply created when they
     /// are empty (listed outermost first; anything put there since is the user's and stays),
-    /// then the manifest folder if there is one.
-    Clear { created_dirs: Vec<String> },
+    /// then, with `manifest`, the manifest folder.
+    Clear {
+        created_dirs: Vec<String>,
+        manifest: bool,
+    },
 }
 
 /// Write `writes` in order, each through a temporary file and a rename, with the manifest
@@ -297,16 +300,19 @@ pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result
         }
     }
     let mut removed = Vec::new();
-    if let Record::Clear { created_dirs } = &record {
+    if let Record::Clear {
+        created_dirs,
+        manifest,
+    } = &record
+    {
         for d in created_dirs.iter().rev() {
             // Only if empty: anything else put there is the user's.
             if fs::remove_dir(tree.path(d)).is_ok() {
                 removed.push(format!("{d}/"));
             }
         }
-        match fs::remove_dir_all(Manifest::dir(tree)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
+        if *manifest {
+            fs::remove_dir_all(Manifest::dir(tree))?;
         }
     }
     Ok(removed)
