@@ -14,7 +14,7 @@ pub const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
 pub const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
 pub const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 pub const SERVER_ARGS: &str = "sglang/srt/server_args.py";
-pub const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
+pub const PACKAGE: &str = kvtuner_patch::groups::PACKAGE_DIR;
 
 /// The files `hostpool` injects into [`PACKAGE`], as `apply` lists them (comma-separated).
 pub fn injected_package_files() -> String {
