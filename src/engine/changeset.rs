@@ -29,7 +29,7 @@ use std::fs;
 pub struct FileChange {
     /// Package-relative path.
     pub rel: String,
-    /// `None` for a file the plan creates.
+    /// `None` for a file the change set creates.
     pub before: Option<String>,
     pub after: String,
 }

@@ -1,10 +1,10 @@
-//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.3 - 0.5.23 (every era).
+//! `hostpool`: the quantizing HiCache host pool, every era from SGLang 0.5.3.
 //!
 //! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
 //! - the dense MHA host pool class is chosen by `select_mha_host_pool_cls`, which answers only
 //!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool):
-//!   - 0.5.14 - 0.5.23: first thing in `get_mha_host_pool_cls`, the one place these releases
+//!   - from 0.5.14: first thing in `get_mha_host_pool_cls`, the one place these releases
 //!     pick the class (module-level in `mem_cache/memory_pool_host.py` in 0.5.14 - 0.5.15, in
 //!     `mem_cache/pool_host/mha.py` from 0.5.16; found as the one such `def` under
 //!     `mem_cache`). Its parameter is the device pool up to 0.5.22 and the `MHABufferInfo` in
@@ -22,7 +22,7 @@
 //!   oldest era's form also hands `run_scheduler_process`'s `server_args` to the package
 //!   first thing in that function (in all 26 releases of the era, one form);
 //! - the startup check of the kvtuner flags, where the era validates server arguments:
-//!   - 0.5.20 - 0.5.23: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
+//!   - from 0.5.20: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
 //!     runs on the resolved arguments during resolution, right after it takes its view of them
 //!     (`cfg = resolving_view(server_args)`);
 //!   - 0.5.3 - 0.5.19: first thing in `ServerArgs.check_server_args`, which the engine calls
@@ -149,7 +149,7 @@ pub fn group(era: Era) -> Option<Group> {
             id: "check-server-args",
             what: "startup check of the kvtuner flags in handle_hicache_ratio_default",
             kind: PatchKind::AfterAssign {
-                // `arg_groups/hicache_hook.py` in 0.5.19 - 0.5.23; found by name, so a move
+                // `arg_groups/hicache_hook.py` from 0.5.19; found by name, so a move
                 // to another module is no new form.
                 function: FnRef::ModuleUnder {
                     under: "sglang/srt",

@@ -1,10 +1,10 @@
 //! `juicefs`: the JuiceFS HiCache storage backend as a built-in `--hicache-storage-backend`
-//! choice, SGLang 0.5.3 - 0.5.23 (every era). Needs `hostpool` (see `REGISTRY`): the backend
+//! choice, every era from SGLang 0.5.3. Needs `hostpool` (see `REGISTRY`): the backend
 //! module lives in the package that group injects.
 //!
 //! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
 //! - `"juicefs"` among the choices of `--hicache-storage-backend` (argparse accepts it):
-//!   - 0.5.14 - 0.5.23: in the `choices=[...]` of the `hicache_storage_backend` field, declared
+//!   - from 0.5.14: in the `choices=[...]` of the `hicache_storage_backend` field, declared
 //!     in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19;
 //!   - 0.5.3 - 0.5.13.post1: the CLI is `parser.add_argument("--hicache-storage-backend",
 //!     choices=[...])` in `ServerArgs.add_cli_args(parser)`, and up to 0.5.10.post1 that list
