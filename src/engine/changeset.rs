@@ -270,7 +270,11 @@ pub enum Record {
 /// written get their previous bytes back (best effort) and the previous manifest is restored.
 /// Returns the folders removed (`Record::Clear`), each with a trailing `/`.
 pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result<Vec<String>> {
-    let previous_manifest = Manifest::load(tree)?;
+    // What a failed apply puts back; a revert touches the manifest only after every write.
+    let previous_manifest = match &record {
+        Record::Save { .. } => Manifest::load(tree)?,
+        Record::Clear { .. } => None,
+    };
     if let Record::Save {
         manifest,
         originals,
