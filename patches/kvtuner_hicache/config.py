@@ -383,7 +383,7 @@ def resolve_layer_plan(
         bits = [uniform] * target_layer_num
     else:
         where = f"{_flag('kvtuner_hicache_layer_config')} {cfg.layer_config}"
-        missing = [l for l in layers if l not in preset]
+        missing = [layer for layer in layers if layer not in preset]
         if missing:
             logger.info(
                 "%s lists no bits for layers %s; they use the uniform K%dV%d",
@@ -393,14 +393,14 @@ def resolve_layer_plan(
                 uniform[1],
             )
         if model_layer_num is not None:
-            extra = sorted(l for l in preset if l >= model_layer_num)
+            extra = sorted(layer for layer in preset if layer >= model_layer_num)
             if extra:
                 raise ValueError(
                     f"{where}: names layers {_ranges(extra)} but the model has "
                     f"{model_layer_num} layers (0..{model_layer_num - 1}); is the preset "
                     "for another model?"
                 )
-        bits = [preset.get(l, uniform) for l in layers]
+        bits = [preset.get(layer, uniform) for layer in layers]
     bits += [uniform] * draft_layer_num
     return LayerPlan(
         cfg=cfg,

@@ -122,7 +122,10 @@ def error_bound(x: torch.Tensor, bits, asym, axis, group, page):
 def blob_nbytes(page, heads, dim, itemsize, bits, asym, axis, group):
     """Blob size from quant/FORMAT.md: 64-byte header, codes, scales (+ mins), each
     section 8-aligned, then the exactly stored tail tokens."""
-    pad8 = lambda v: (v + 7) // 8 * 8
+
+    def pad8(v):
+        return (v + 7) // 8 * 8
+
     row = heads * dim
     nq = page if axis == 0 else page // group * group
     ngroups = nq * row // group
@@ -330,7 +333,9 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
 def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text(
-        "0: {nbits_key: 8, nbits_value: 4}\n1: {nbits_key: 4, nbits_value: 2}\n2: {nbits_key: 2, nbits_value: 2}\n"
+        "0: {nbits_key: 8, nbits_value: 4}\n"
+        "1: {nbits_key: 4, nbits_value: 2}\n"
+        "2: {nbits_key: 2, nbits_value: 2}\n"
     )
     cfg = kvh.config.config_from_args(
         types.SimpleNamespace(
@@ -349,7 +354,7 @@ def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):
         cfg, host.kvtuner_plan.layer_bits, 2
     )
     _, _, ref_k, _, got_k, _ = roundtrip(host, dev, 2 * PAGE)
-    errs = [(got_k[l].float() - ref_k[l].float()).abs().mean().item() for l in range(LAYERS)]
+    errs = [(got_k[i].float() - ref_k[i].float()).abs().mean().item() for i in range(LAYERS)]
     assert errs[0] < errs[1] < errs[2]  # K8 < K4 < K2
 
 

@@ -99,7 +99,8 @@ class JuiceFSOptions:
             or ".." in root_dir.split("/")
         ):
             raise ValueError(
-                f"juicefs backend: root_dir must be a relative path inside the mount, got {root_dir!r}"
+                "juicefs backend: root_dir must be a relative path inside the mount, "
+                f"got {root_dir!r}"
             )
         threads = extra.get("threads", cls.threads)
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
