@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import build_host_pool, host_pool_args
+from conftest import build_host_pool, cpu_device_pool, host_pool_args, quantizing_config
 
 PAGE = 32
 HEADS = 2
@@ -24,32 +24,12 @@ LAYERS = 3
 
 
 def make_cfg(kvh, **kw):
-    base = dict(
-        enabled=True,
-        nbits_key=4,
-        nbits_value=4,
-        asym=True,
-        axis_key=1,
-        axis_value=0,
-        group_size=32,
-        residual_length=0,
-    )
-    base.update(kw)
-    return kvh.config.KVTunerHiCacheConfig(**base)
+    return quantizing_config(kvh.config, **kw)
 
 
 def device_pool(sgl, dtype=torch.float16, layers=LAYERS, size=512, seed=0):
-    pool = sgl["memory_pool"].MHATokenToKVPool(
-        size=size,
-        page_size=PAGE,
-        dtype=dtype,
-        head_num=HEADS,
-        head_dim=HEAD_DIM,
-        layer_num=layers,
-        device="cpu",
-        enable_memory_saver=False,
-        start_layer=0,
-        end_layer=layers,
+    pool = cpu_device_pool(
+        size=size, page_size=PAGE, heads=HEADS, head_dim=HEAD_DIM, layers=layers, dtype=dtype
     )
     g = torch.Generator().manual_seed(seed)
     for bufs in (pool.k_buffer, pool.v_buffer):
@@ -304,27 +284,10 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
     """--hicache-ratio buys the stock pool's bytes, so more tokens."""
     dev = device_pool(sgl, size=4096)
     source, geometry = host_pool_args(dev)
-    stock = sgl["mha"].MHATokenToKVPoolHost(
-        source,
-        2.0,
-        0,
-        PAGE,
-        "page_first",
-        pin_memory=False,
-        device="cpu",
-        **geometry,
-    )
-    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        source,
-        2.0,
-        0,
-        PAGE,
-        "page_first",
-        pin_memory=False,
-        device="cpu",
-        **geometry,
-        kvtuner_config=make_cfg(kvh),
-    )
+    args = (source, 2.0, 0, PAGE, "page_first")
+    kwargs = dict(pin_memory=False, device="cpu", **geometry)
+    stock = sgl["mha"].MHATokenToKVPoolHost(*args, **kwargs)
+    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(*args, **kwargs, kvtuner_config=make_cfg(kvh))
     stock_bytes = stock.kv_buffer.numel() * stock.kv_buffer.element_size()
     assert ours.kv_buffer.numel() <= stock_bytes + ours.kvtuner_layout.row_nbytes
     assert ours.size > 3 * stock.size
