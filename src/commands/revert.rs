@@ -148,6 +148,8 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
         }
         writes.push(FileWrite::Remove { rel });
     }
+    // Parents before children (the commit removes them in reverse: subfolders first).
+    created_dirs.sort();
     let record = Record::Clear {
         created_dirs,
         manifest: false,

@@ -1,6 +1,6 @@
 //! `hostpool`: the quantizing HiCache host pool, every era from SGLang 0.5.3.
 //!
-//! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
+//! - the package `patches/kvtuner_hicache/` (its modules; the `juicefs/` subpackage is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
 //! - the dense MHA host pool class is chosen by `select_mha_host_pool_cls`, which answers only
 //!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool):
@@ -30,24 +30,9 @@
 //!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all share).
 
 use crate::era::Era;
-use crate::kvtuner_package;
 use crate::patch::{BodyAt, ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
 
 pub const ID: &str = "hostpool";
-
-/// One injected module of `patches/kvtuner_hicache/`, embedded at build time.
-macro_rules! module {
-    ($id:literal, $file:literal) => {
-        Patch {
-            id: $id,
-            what: concat!("inject kvtuner_hicache/", $file),
-            kind: PatchKind::InjectFile {
-                dest: concat!(kvtuner_package!(dir), "/", $file),
-                source: include_str!(concat!("../../patches/kvtuner_hicache/", $file)),
-            },
-        }
-    };
-}
 
 /// Asked first: the quantizing pool class with the flag on, else `None` and the stock choice
 /// below runs untouched.
@@ -175,11 +160,13 @@ pub fn group(era: Era) -> Option<Group> {
         },
     };
     let mut patches = vec![
-        module!("package-init", "__init__.py"),
-        module!("package-config", "config.py"),
-        module!("package-page-format", "page_format.py"),
-        module!("package-host-pool", "host_pool.py"),
-        module!("package-selection", "selection.py"),
+        package_module!("package-init", "__init__.py"),
+        package_module!("package-config", "config.py"),
+        package_module!("package-page-format", "page_format.py"),
+        package_module!("package-compat", "compat.py"),
+        package_module!("package-overlay", "overlay.py"),
+        package_module!("package-host-pool", "host_pool.py"),
+        package_module!("package-selection", "selection.py"),
         select,
         check,
     ];
@@ -223,7 +210,7 @@ mod tests {
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| n.ends_with(".py") && n != "juicefs_storage.py")
+            .filter(|n| n.ends_with(".py"))
             .collect();
         on_disk.sort();
         let mut injected: Vec<String> = group(Era::newest())
