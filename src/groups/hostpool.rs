@@ -158,6 +158,7 @@ pub fn group(era: Era) -> Option<Group> {
     let mut patches = vec![
         module!("package-init", "__init__.py"),
         module!("package-config", "config.py"),
+        module!("package-device-codec", "device_codec.py"),
         module!("package-page-format", "page_format.py"),
         module!("package-host-pool", "host_pool.py"),
         module!("package-selection", "selection.py"),
