@@ -205,7 +205,6 @@ if triton is not None:
         magic = 12582912.0
         return (v + magic) - magic
 
-
     HEADER_NBYTES_C = tl.constexpr(HEADER_NBYTES)
 
     @triton.jit
@@ -738,7 +737,9 @@ class OverlayView:
         return view, (int(is_value) * layers + layer) * per, slot_elems
 
 
-def gather_spans(src: torch.Tensor, pages: torch.Tensor, off: int, nbytes: int, device) -> torch.Tensor:
+def gather_spans(
+    src: torch.Tensor, pages: torch.Tensor, off: int, nbytes: int, device
+) -> torch.Tensor:
     """``src[pages, off:off + nbytes]`` as a new device tensor: each host byte
     crosses the bus once, in wide reads, before the dequantization reads its
     metadata many times. Enqueue-only."""
@@ -820,7 +821,11 @@ def dequantize_pages(
 
 
 def write_page_headers(
-    dst: torch.Tensor, pages: torch.Tensor, header: torch.Tensor, stamps: torch.Tensor, stamp_off: int
+    dst: torch.Tensor,
+    pages: torch.Tensor,
+    header: torch.Tensor,
+    stamps: torch.Tensor,
+    stamp_off: int,
 ) -> None:
     """Page header plus each page's backup stamp into rows ``pages`` of ``dst``."""
     if pages.shape[0]:

@@ -159,6 +159,7 @@ pub fn group(era: Era) -> Option<Group> {
         module!("package-init", "__init__.py"),
         module!("package-config", "config.py"),
         module!("package-device-codec", "device_codec.py"),
+        module!("package-device-transfer", "device_transfer.py"),
         module!("package-page-format", "page_format.py"),
         module!("package-compat", "compat.py"),
         module!("package-overlay", "overlay.py"),

@@ -123,7 +123,9 @@ def test_rows_and_loads_equal_host_codec(kq, shape, dtype, bits, asym, axis):
         **kq_kwargs(spec),
     )
     diff = (ours != theirs).nonzero()
-    assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (page row, byte) {diff[:4].tolist()}"
+    assert diff.numel() == 0, (
+        f"{len(diff)} bytes differ, first at (page row, byte) {diff[:4].tolist()}"
+    )
 
     # Load: dequantize into other scattered device rows; untouched rows keep their junk.
     out_rows = scattered_rows(spec, seed + 7)
@@ -139,7 +141,9 @@ def test_rows_and_loads_equal_host_codec(kq, shape, dtype, bits, asym, axis):
         ours_out = torch.full_like(src, 7.0)
         dc.dequantize_pages(ours, PAGES, blob_off, spec, ours_out, out_rows, staged=staged)
         same = ours_out.view(dc._INT_VIEW[src.dtype]) == theirs_out.view(dc._INT_VIEW[src.dtype])
-        assert bool(same.all()), f"{int((~same).sum())} loaded elements differ (staged: {staged is not None})"
+        assert bool(same.all()), (
+            f"{int((~same).sum())} loaded elements differ (staged: {staged is not None})"
+        )
 
 
 def test_residual_section_matches(kq):
@@ -168,7 +172,9 @@ def test_huge_bf16_groups_match(kq):
     ours = host_rows(spec.total_nbytes, 5)
     theirs = ours.clone()
     dc.quantize_pages(src, rows, ours, PAGES, 0, dc.BlobTemplate(spec, src.device))
-    kq.quantize_pages(src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=16, **kq_kwargs(spec))
+    kq.quantize_pages(
+        src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=16, **kq_kwargs(spec)
+    )
     assert torch.equal(ours, theirs)
     out = torch.zeros_like(src)
     dc.dequantize_pages(ours, PAGES, 0, spec, out, rows)
@@ -187,6 +193,7 @@ def test_a_changed_byte_is_seen(kq):
     dc.quantize_pages(src, rows, ours, PAGES, 0, dc.BlobTemplate(spec, src.device))
     plain = next(r for r in rows.tolist() if r >= 24)  # a row without planted NaN / Inf
     src[plain, 0, 0] = 1000.0
-    kq.quantize_pages(src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=16, **kq_kwargs(spec))
+    kq.quantize_pages(
+        src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=16, **kq_kwargs(spec)
+    )
     assert not torch.equal(ours, theirs)
-
