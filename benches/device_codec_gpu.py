@@ -125,9 +125,9 @@ def main():
     device = "cpu" if a.cpu_dry_run else "cuda"
 
     import triton
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     import kvtuner_quant
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     try:  # 0.5.16+
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
@@ -254,8 +254,9 @@ def main():
                 a.runs,
             )
             base.setdefault(n, (b_ms, l_ms))
+            moved_mb = pcie_bytes(label, pool, n) / 1e6
             print(
-                f"{label:<18}{n:>7}{pcie_bytes(label, pool, n) / 1e6:>9.1f}{b_ms:>11.2f}{b_host:>9.2f}"
+                f"{label:<18}{n:>7}{moved_mb:>9.1f}{b_ms:>11.2f}{b_host:>9.2f}"
                 f"{l_ms / LAYERS:>15.3f}{l_host / LAYERS:>14.3f}"
                 f"{base[n][0] / b_ms:>10.2f}{base[n][1] / l_ms:>8.2f}",
                 flush=True,

@@ -397,7 +397,10 @@ def resolve_layer_plan(
         if missing:
             logger.info(
                 "%s lists no bits for layers %s; they use the uniform K%dV%d",
-                where, _ranges(missing), uniform[0], uniform[1],
+                where,
+                _ranges(missing),
+                uniform[0],
+                uniform[1],
             )
         if model_layer_num is not None:
             extra = sorted(l for l in preset if l >= model_layer_num)

@@ -306,7 +306,12 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     def _exact_page_nbytes(self) -> int:
         return (
-            2 * self.layer_num * self.page_size * self.head_num * self.head_dim * self.dtype.itemsize
+            2
+            * self.layer_num
+            * self.page_size
+            * self.head_num
+            * self.head_dim
+            * self.dtype.itemsize
         )
 
     def _window_pages(self) -> int:
@@ -626,9 +631,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"KVTuner host pool: storage page for host page {page} holds "
                 f"{src.numel()} bytes, expected {row} ({self.storage_format_tag})"
             )
-        problem = self.kvtuner_layout.header_mismatch(
-            bytes(src[:PAGE_HEADER_NBYTES].numpy())
-        )
+        problem = self.kvtuner_layout.header_mismatch(bytes(src[:PAGE_HEADER_NBYTES].numpy()))
         if problem is not None:
             raise ValueError(
                 f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
@@ -721,9 +724,7 @@ def check_device_pool(device_pool) -> None:
             f"this one stores {dtype}"
         )
     if getattr(device_pool, "layer_shard_enabled", False):
-        raise ValueError(
-            "--enable-kvtuner-hicache does not support layer-sharded device pools"
-        )
+        raise ValueError("--enable-kvtuner-hicache does not support layer-sharded device pools")
 
 
 def check_buffer_info(buffer_info) -> None:
@@ -741,6 +742,5 @@ def check_buffer_info(buffer_info) -> None:
         )
     if buffer_info.transfer_buffers is not None:
         raise ValueError(
-            "--enable-kvtuner-hicache does not support relocatable device pools "
-            "(transfer_buffers)"
+            "--enable-kvtuner-hicache does not support relocatable device pools (transfer_buffers)"
         )

@@ -90,7 +90,15 @@ class PageLayout:
             return f"page holds {len(got)} bytes, less than the {PAGE_HEADER_NBYTES}-byte header"
         if self.config_bytes(got) == self.config_bytes(self.header):
             return None
-        fields = ("magic", "version", "header size", "layers", "page size", "row bytes", "config digest")
+        fields = (
+            "magic",
+            "version",
+            "header size",
+            "layers",
+            "page size",
+            "row bytes",
+            "config digest",
+        )
         want = _HEADER_STRUCT.unpack_from(self.header)
         have = _HEADER_STRUCT.unpack_from(bytes(got[:PAGE_HEADER_NBYTES]))
         for name, w, h in zip(fields, want, have):

@@ -119,5 +119,6 @@ def kvh(sgl):
         setattr(ns, sub, importlib.import_module(f"{base}.{sub}"))
     return ns
 
+
 # JuiceFS volume fixtures (tests/python/juicefs_fixture.py), shared by the test_juicefs_* suites.
 from juicefs_fixture import juicefs_volume, make_volume  # noqa: E402,F401

@@ -41,8 +41,16 @@ def mnt(juicefs_volume, request):
 
 
 def make_cfg(**kw):
-    base = dict(enabled=True, nbits_key=4, nbits_value=4, asym=True, axis_key=1,
-                axis_value=0, group_size=32, residual_length=0)
+    base = dict(
+        enabled=True,
+        nbits_key=4,
+        nbits_value=4,
+        asym=True,
+        axis_key=1,
+        axis_value=0,
+        group_size=32,
+        residual_length=0,
+    )
     base.update(kw)
     return kvconfig.KVTunerHiCacheConfig(**base)
 
@@ -50,9 +58,18 @@ def make_cfg(**kw):
 def device_pool(seed=0):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    pool = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=HEADS,
-                            head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
-                            enable_memory_saver=False, start_layer=0, end_layer=LAYERS)
+    pool = MHATokenToKVPool(
+        size=512,
+        page_size=PAGE,
+        dtype=torch.float16,
+        head_num=HEADS,
+        head_dim=HEAD_DIM,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+        start_layer=0,
+        end_layer=LAYERS,
+    )
     g = torch.Generator().manual_seed(seed)
     for bufs in (pool.k_buffer, pool.v_buffer):
         for b in bufs:
@@ -63,8 +80,16 @@ def device_pool(seed=0):
 def quant_pool(dev, cfg):
     source, geometry = host_pool_args(dev)
     return kvhost.KVTunerMHATokenToKVPoolHost(
-        source, 0.0, 0.004, PAGE, "page_first", pin_memory=False, device="cpu",
-        kvtuner_config=cfg, **geometry)
+        source,
+        0.0,
+        0.004,
+        PAGE,
+        "page_first",
+        pin_memory=False,
+        device="cpu",
+        kvtuner_config=cfg,
+        **geometry,
+    )
 
 
 def backend(mnt, pool):
@@ -141,6 +166,7 @@ def test_other_quant_config_or_stock_pool_never_sees_pages(mnt):
     hb = b.alloc(3 * PAGE)
     assert bb.batch_exists(keys) == 0
     assert bb.batch_get_v1(keys, hb) == [False] * 3
-    stock = make_mha_host_pool(page_size=PAGE, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM,
-                               dtype=torch.float16)
+    stock = make_mha_host_pool(
+        page_size=PAGE, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM, dtype=torch.float16
+    )
     assert backend(mnt, stock).batch_exists(keys) == 0

@@ -7,9 +7,22 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
-               "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def _parse_size(name: str, value: Any) -> Optional[int]:
@@ -72,7 +85,7 @@ class JuiceFSOptions:
         if not mount or not isinstance(mount, str):
             raise ValueError(
                 "juicefs backend: 'mount_point' is required in "
-                "--hicache-storage-backend-extra-config, e.g. '{\"mount_point\": \"/mnt/jfs\"}'"
+                '--hicache-storage-backend-extra-config, e.g. \'{"mount_point": "/mnt/jfs"}\''
             )
         if not os.path.exists(mount):
             raise ValueError(f"juicefs backend: mount_point {mount!r} does not exist")
@@ -90,7 +103,9 @@ class JuiceFSOptions:
             )
         threads = extra.get("threads", cls.threads)
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise ValueError(f"juicefs backend: threads must be an integer in 1..256, got {threads!r}")
+            raise ValueError(
+                f"juicefs backend: threads must be an integer in 1..256, got {threads!r}"
+            )
         floats = {}
         for name in ("exists_cache_ttl", "stale_tmp_age"):
             value = extra.get(name, getattr(cls, name))
@@ -106,4 +121,3 @@ class JuiceFSOptions:
             fsync=_parse_bool("fsync", extra.get("fsync"), False),
             **floats,
         )
-

@@ -131,8 +131,9 @@ class Publisher:
         """Write ``views`` to a temporary file next to ``path`` and move it into place
         without replacing an existing file. Returns "new", "exists", or raises OSError."""
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}."
-                                      f"{os.getpid()}.{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(
+            directory, f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        )
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd = os.open(tmp, flags, 0o644)
@@ -158,8 +159,12 @@ class Publisher:
 
     def _move_into_place(self, tmp: str, path: str) -> str:
         if self.mode == "renameat2":
-            if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path),
-                          _RENAME_NOREPLACE) == 0:
+            if (
+                _renameat2(
+                    _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE
+                )
+                == 0
+            ):
                 return "new"
             err = ctypes.get_errno()
             if err == errno.EEXIST:
@@ -180,8 +185,10 @@ class Publisher:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
-                logger.warning("juicefs backend: hard links unsupported here; publishing with "
-                               "os.replace (a concurrent writer may replace an equal page)")
+                logger.warning(
+                    "juicefs backend: hard links unsupported here; publishing with "
+                    "os.replace (a concurrent writer may replace an equal page)"
+                )
                 self.mode = "replace"
         os.replace(tmp, path)
         return "new"

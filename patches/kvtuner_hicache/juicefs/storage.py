@@ -40,7 +40,14 @@ from .page_file import (
     tensor_bytes,
     tensor_runs,
 )
-from .volume import NAMESPACE_MARKER, MountWatch, key_tag, mount_fstype, namespace_name, page_relpath
+from .volume import (
+    NAMESPACE_MARKER,
+    MountWatch,
+    key_tag,
+    mount_fstype,
+    namespace_name,
+    page_relpath,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +83,11 @@ class JuiceFSStorage(HiCacheStorage):
 
         self.is_mla = bool(storage_config.is_mla_model)
         # MLA ranks share one copy: only the designated writer rank publishes it.
-        self.is_writer = bool(getattr(storage_config, "is_storage_writer",
-                                      not self.is_mla or storage_config.tp_rank == 0))
+        self.is_writer = bool(
+            getattr(
+                storage_config, "is_storage_writer", not self.is_mla or storage_config.tp_rank == 0
+            )
+        )
         self.algo = default_algo()
         self._executor = ThreadPoolExecutor(
             max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
@@ -90,9 +100,19 @@ class JuiceFSStorage(HiCacheStorage):
         self._closed = False
         self.used_bytes = 0
         self._capacity_logged = False
-        self.counters = {k: 0 for k in (
-            "get_hits", "get_misses", "corrupt", "io_errors", "set_pages",
-            "set_existing", "set_refused", "set_errors")}
+        self.counters = {
+            k: 0
+            for k in (
+                "get_hits",
+                "get_misses",
+                "corrupt",
+                "io_errors",
+                "set_pages",
+                "set_existing",
+                "set_refused",
+                "set_errors",
+            )
+        }
         self._metrics = StorageMetrics()
         self.mem_pool_host = None
         self.namespace: Optional[str] = None
@@ -123,8 +143,12 @@ class JuiceFSStorage(HiCacheStorage):
                 self._meta_regions = len(ptrs)
                 page_bytes = int(sum(sizes))
         except Exception as e:  # e.g. pools that only expose flat pages
-            logger.info("juicefs backend: %s has no usable get_page_buffer_meta (%s); "
-                        "v1 I/O goes through flat pages", type(pool).__name__, e)
+            logger.info(
+                "juicefs backend: %s has no usable get_page_buffer_meta (%s); "
+                "v1 I/O goes through flat pages",
+                type(pool).__name__,
+                e,
+            )
         if page_bytes is None and flat_bytes is None:
             raise ValueError(
                 f"juicefs backend: host pool {type(pool).__name__} exposes neither "
@@ -145,12 +169,18 @@ class JuiceFSStorage(HiCacheStorage):
         self._known.clear()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
-        logger.info("juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
-                    self.ns_dir, self.page_bytes, self.v1_order, self.is_writer)
+        logger.info(
+            "juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
+            self.ns_dir,
+            self.page_bytes,
+            self.v1_order,
+            self.is_writer,
+        )
         if self.is_writer and self.options.capacity_bytes is not None:
             # Only a capacity needs the walk (it costs a lookup per page on FUSE).
-            threading.Thread(target=self._scan_namespace, name="juicefs-hicache-scan",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._scan_namespace, name="juicefs-hicache-scan", daemon=True
+            ).start()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
         if str(host_pool_name) == "kv":  # the anchor pool, already registered above
@@ -182,8 +212,11 @@ class JuiceFSStorage(HiCacheStorage):
             "pp": [cfg.pp_rank, cfg.pp_size],
             "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
             "dp": getattr(cfg, "dp_rank", 0),
-            "dcp": [getattr(cfg, "dcp_rank", 0), getattr(cfg, "dcp_size", 1),
-                    getattr(cfg, "logical_page_size", None)],
+            "dcp": [
+                getattr(cfg, "dcp_rank", 0),
+                getattr(cfg, "dcp_size", 1),
+                getattr(cfg, "logical_page_size", None),
+            ],
             "page_size": self.page_size,
             "layout": str(pool.layout),
             "kv_format": kv_format,
@@ -254,8 +287,12 @@ class JuiceFSStorage(HiCacheStorage):
         if length != expected:
             return self._read_failed(key, f"page of {length} bytes, expected {expected}")
         if got != HEADER_SIZE + expected:
-            return self._read_failed(key, f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
-                                     f" bytes, header says {HEADER_SIZE + expected}", corrupt=True)
+            return self._read_failed(
+                key,
+                f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
+                f" bytes, header says {HEADER_SIZE + expected}",
+                corrupt=True,
+            )
         if tag != self._key_tag(key, order):
             return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
         if not algo_available(algo):
@@ -293,8 +330,9 @@ class JuiceFSStorage(HiCacheStorage):
             pass
         return False
 
-    def _write_batch(self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]],
-                     order: str) -> List[bool]:
+    def _write_batch(
+        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
+    ) -> List[bool]:
         """Publish pages write-once; per key, True when it holds a valid page afterwards.
 
         Capacity is granted in key order and stops at the first page that does not fit:
@@ -321,8 +359,14 @@ class JuiceFSStorage(HiCacheStorage):
     def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
         """Write one page whose capacity is already reserved (released unless it is new)."""
         size = sum(v.nbytes for v in views)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.algo, size, digest(self.algo, views),
-                              self._key_tag(key, order))
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.algo,
+            size,
+            digest(self.algo, views),
+            self._key_tag(key, order),
+        )
         try:
             outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
         except OSError as e:
@@ -353,8 +397,12 @@ class JuiceFSStorage(HiCacheStorage):
                 self.counters["set_refused"] += 1  # the first refused page of a batch
                 if not self._capacity_logged:
                     self._capacity_logged = True
-                    logger.warning("juicefs backend: namespace %s is full (capacity %d bytes); "
-                                   "refusing new pages", self.namespace, cap)
+                    logger.warning(
+                        "juicefs backend: namespace %s is full (capacity %d bytes); "
+                        "refusing new pages",
+                        self.namespace,
+                        cap,
+                    )
                 return False
             self.used_bytes += nbytes
             return True
@@ -400,21 +448,29 @@ class JuiceFSStorage(HiCacheStorage):
         if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
             raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
         views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
-        pages = [views[i * per:(i + 1) * per] for i in range(n)]
+        pages = [views[i * per : (i + 1) * per] for i in range(n)]
         if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
             raise ValueError("page regions do not add up to the registered page size")
         return pages
 
     def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
         if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
-            logger.error("juicefs backend: %s got %s host indices for %d pages of %d tokens",
-                         op, None if host_indices is None else host_indices.numel(),
-                         len(keys), self.page_size)
+            logger.error(
+                "juicefs backend: %s got %s host indices for %d pages of %d tokens",
+                op,
+                None if host_indices is None else host_indices.numel(),
+                len(keys),
+                self.page_size,
+            )
             return False
         return True
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
         if not keys:
             return []
         if not self._ready() or not self._check_batch("batch_get_v1", keys, host_indices):
@@ -423,12 +479,20 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             if self._meta_regions:
                 pages = self._page_views(host_indices.cpu(), len(keys))
-                results = list(self._executor.map(
-                    lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)))
+                results = list(
+                    self._executor.map(
+                        lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)
+                    )
+                )
             else:
-                results = list(self._executor.map(
-                    lambda i: self._get_flat_into_pool(keys[i], int(host_indices[i * self.page_size])),
-                    range(len(keys))))
+                results = list(
+                    self._executor.map(
+                        lambda i: self._get_flat_into_pool(
+                            keys[i], int(host_indices[i * self.page_size])
+                        ),
+                        range(len(keys)),
+                    )
+                )
             check = getattr(self.mem_pool_host, "kvtuner_check_pages", None)
             if callable(check) and any(results):
                 # The quantizing pool's own page header: a second, format-level check.
@@ -439,8 +503,12 @@ class JuiceFSStorage(HiCacheStorage):
         self._record("prefetch", sum(results), start)
         return results
 
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_set_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
         if not keys:
             return []
         if not self.is_writer:  # MLA: another rank writes the shared copy
@@ -452,8 +520,15 @@ class JuiceFSStorage(HiCacheStorage):
             if self._meta_regions:
                 pages = self._page_views(host_indices.cpu(), len(keys))
             else:
-                pages = [self._flat_views(k, self.mem_pool_host.get_data_page(
-                    int(host_indices[i * self.page_size]), flat=True)) for i, k in enumerate(keys)]
+                pages = [
+                    self._flat_views(
+                        k,
+                        self.mem_pool_host.get_data_page(
+                            int(host_indices[i * self.page_size]), flat=True
+                        ),
+                    )
+                    for i, k in enumerate(keys)
+                ]
             results = self._write_batch(keys, pages, self.v1_order)
         except Exception as e:
             logger.error("juicefs backend: batch_set_v1 failed: %s", e)
@@ -479,13 +554,18 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
             return None
         if data.numel() * data.element_size() != self.flat_bytes:
-            logger.error("juicefs backend: page %s has %d bytes, expected %s", key,
-                         data.numel() * data.element_size(), self.flat_bytes)
+            logger.error(
+                "juicefs backend: page %s has %d bytes, expected %s",
+                key,
+                data.numel() * data.element_size(),
+                self.flat_bytes,
+            )
             return None
         return [tensor_bytes(data)]  # the view keeps `data` alive
 
-    def get(self, key: str, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+    def get(
+        self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
+    ) -> torch.Tensor | None:
         if not self._ready() or self.flat_bytes is None:
             return None
         try:
@@ -496,8 +576,12 @@ class JuiceFSStorage(HiCacheStorage):
             direct = out.device.type == "cpu" and out.is_contiguous()
             buf = out if direct else torch.empty(out.numel(), dtype=out.dtype)
             if buf.numel() * buf.element_size() != self.flat_bytes:
-                logger.error("juicefs backend: get(%s) target holds %d bytes, expected %d", key,
-                             buf.numel() * buf.element_size(), self.flat_bytes)
+                logger.error(
+                    "juicefs backend: get(%s) target holds %d bytes, expected %d",
+                    key,
+                    buf.numel() * buf.element_size(),
+                    self.flat_bytes,
+                )
                 return None
             if not self._read_page(key, [tensor_bytes(buf.reshape(-1))], self.flat_order):
                 return None
@@ -508,8 +592,12 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: get(%s) failed: %s", key, e)
             return None
 
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+    def batch_get(
+        self,
+        keys: List[str],
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> List[torch.Tensor | None]:
         targets = list(target_locations) if target_locations is not None else [None] * len(keys)
         if not keys or not self._ready():
             return [None] * len(keys)
@@ -518,17 +606,26 @@ class JuiceFSStorage(HiCacheStorage):
         self._record("prefetch", sum(r is not None for r in results), start)
         return results
 
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Optional[Any] = None,
+        target_location: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
         if not self.is_writer:
             return True
         if value is None or not self._ready() or self.flat_bytes is None:
             return False
         return self._write_batch([key], [self._flat_views(key, value)], self.flat_order)[0]
 
-    def batch_set(self, keys: List[str], values: Optional[Any] = None,
-                  target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> bool:
+    def batch_set(
+        self,
+        keys: List[str],
+        values: Optional[Any] = None,
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
         if not keys:
             return True
         if values is None or len(values) != len(keys):
@@ -564,8 +661,9 @@ class JuiceFSStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self._ready() and self._exists_one(key)
 
-    def batch_exists(self, keys: List[str],
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(
+        self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None
+    ) -> int:
         """Number of consecutive present pages from the start of ``keys``."""
         if not keys or not self._ready():
             return 0
@@ -584,8 +682,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
         ok = True
         try:
-            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir)
-                      if len(s) == 2]
+            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir) if len(s) == 2]
         except OSError as e:
             logger.error("juicefs backend: clear failed: %s", e)
             return False

@@ -123,6 +123,9 @@ class MountWatch:
     def _lost(self, why: str) -> bool:
         if not self._lost_logged:
             self._lost_logged = True
-            logger.error("juicefs backend: volume at %s unavailable (%s); all lookups miss",
-                         self.mount_point, why)
+            logger.error(
+                "juicefs backend: volume at %s unavailable (%s); all lookups miss",
+                self.mount_point,
+                why,
+            )
         return False
