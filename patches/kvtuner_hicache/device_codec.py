@@ -25,8 +25,9 @@ digests and storage are codec-independent. What makes that exact:
   invalid operation is x86's negative default NaN), not the GPU's own NaN.
 
 Kernels read and write the pinned host rows directly (the way SGLang's ``kernel``
-I/O backend does), so nothing is staged through pageable memory and no host thread
-waits: the caller hands device tensors of page ids and device rows.
+I/O backend does; Triton's launcher maps a pinned host tensor to its device address),
+so nothing is staged through pageable memory and no host thread waits: the caller
+hands device tensors of page ids and device rows.
 """
 
 from __future__ import annotations

@@ -197,3 +197,23 @@ def test_a_changed_byte_is_seen(kq):
         src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=16, **kq_kwargs(spec)
     )
     assert not torch.equal(ours, theirs)
+
+
+def test_codec_choice():
+    """auto: the device codec for CUDA/ROCm KV with pinned rows, else the host codec;
+    an explicit 'device' that cannot run is an error naming why."""
+    from kvtuner_hicache.device_transfer import choose_codec
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_codec("auto", cuda, True)[0] == "device"
+    assert choose_codec("auto", cuda, False) == (
+        "host",
+        "auto: the host rows are not pinned (kernels write them directly)",
+    )
+    assert choose_codec("auto", cpu, False) == ("host", "auto: the device KV cache is on the CPU")
+    assert choose_codec("host", cuda, True)[0] == "host"
+    assert choose_codec("device", cpu, False)[0] == "device"  # the interpreter runs it
+    with pytest.raises(ValueError, match="not pinned"):
+        choose_codec("device", cuda, False)
+    with pytest.raises(ValueError, match="is not one of"):
+        choose_codec("gpu", cuda, True)
