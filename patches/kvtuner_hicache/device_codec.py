@@ -55,6 +55,9 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 _BLOCK_GROUPS = 64
+# Elements of one group-stats tile: long per-channel groups (big pages) get fewer groups
+# per program instead of a tile that spills registers.
+_MAX_GROUP_TILE = 4096
 _BLOCK_BYTES = 1024
 _BLOCK_ELEMS = 1024
 _BLOCK_FIXED = 128
@@ -657,7 +660,9 @@ def quantize_pages(
     else:
         scale, mins = scratch
     view = _int_view(src)
-    group_blocks = triton.cdiv(spec.ngroups, _BLOCK_GROUPS)
+    group_span = triton.next_power_of_2(spec.group_size)
+    block_groups = max(1, min(_BLOCK_GROUPS, _MAX_GROUP_TILE // group_span))
+    group_blocks = triton.cdiv(spec.ngroups, block_groups)
     res_blocks = triton.cdiv(spec.residual_nbytes, _BLOCK_BYTES)
     _quant_groups_kernel[(n, group_blocks + 1 + res_blocks)](
         view,
@@ -675,7 +680,7 @@ def quantize_pages(
         T=spec.tokens,
         C=spec.row_elems,
         G=spec.group_size,
-        GP=triton.next_power_of_2(spec.group_size),
+        GP=group_span,
         NQ=spec.nq,
         NGROUPS=ngroups,
         DIVISOR=float(spec.levels if spec.asym else spec.qmax),
@@ -687,7 +692,7 @@ def quantize_pages(
         MINS_OFF=spec.mins_off,
         RES_OFF=spec.residual_off,
         RES_NBYTES=spec.residual_nbytes,
-        BLOCK_G=_BLOCK_GROUPS,
+        BLOCK_G=block_groups,
         BLOCK_R=_BLOCK_BYTES,
         BLOCK_F=_BLOCK_FIXED,
         **_launch_options(),

@@ -146,6 +146,22 @@ def test_rows_and_loads_equal_host_codec(kq, shape, dtype, bits, asym, axis):
         )
 
 
+@pytest.mark.parametrize("group", [128, 256])
+def test_long_per_channel_groups(kq, group):
+    """Groups longer than one stats tile holds at the default block (fewer groups per
+    program), as with big pages and per-channel keys."""
+    spec = blob_spec((group, 1, 8, group), "bfloat16", 4, True, 1)
+    src = torch.randn((4 * group, 1, 8)).to(torch.bfloat16)
+    rows = torch.randperm(4 * group)[: len(PAGES) * group].to(torch.int64)
+    ours = host_rows(spec.total_nbytes, group)
+    theirs = ours.clone()
+    dc.quantize_pages(src, rows, ours, PAGES, 0, dc.BlobTemplate(spec, src.device))
+    kq.quantize_pages(
+        src[rows].contiguous(), theirs, PAGES.numpy(), page_tokens=group, **kq_kwargs(spec)
+    )
+    assert torch.equal(ours, theirs)
+
+
 def test_residual_section_matches(kq):
     """A blob with a residual window (a format feature the pool does not use)."""
     for axis in (0, 1):
