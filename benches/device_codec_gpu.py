@@ -125,9 +125,9 @@ def main():
     device = "cpu" if a.cpu_dry_run else "cuda"
 
     import triton
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     import kvtuner_quant
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     try:  # 0.5.16+
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost

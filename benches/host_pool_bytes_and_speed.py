@@ -21,7 +21,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -38,13 +37,13 @@ def kvtuner_style_preset(layers: int) -> dict:
     """A KVTuner-shaped preset (keys get more bits than values; the first and last
     layers, the most sensitive ones, get more bits). Synthetic, not calibrated."""
     out = {}
-    for l in range(layers):
-        if l < 2 or l >= layers - 2:
-            out[l] = (8, 4)
-        elif l % 4 == 0:
-            out[l] = (4, 4)
+    for layer in range(layers):
+        if layer < 2 or layer >= layers - 2:
+            out[layer] = (8, 4)
+        elif layer % 4 == 0:
+            out[layer] = (4, 4)
         else:
-            out[l] = (4, 2)
+            out[layer] = (4, 2)
     return out
 
 
@@ -81,10 +80,9 @@ def main():
     a = ap.parse_args()
 
     import kvtuner_quant as kq
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
     from kvtuner_hicache.config import KVTunerHiCacheConfig
     from kvtuner_hicache.host_pool import KVTunerMHATokenToKVPoolHost
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     if a.threads:
         kq.set_num_threads(a.threads)
@@ -117,14 +115,14 @@ def main():
     # The host rows of one transfer are a contiguous run, so the copy into the
     # page-first host buffer is a plain strided copy_ (faster than index_copy_).
     def plain_backup():
-        for l in range(LAYERS):
-            host_k[:n, l].copy_(dev.k_buffer[l].index_select(0, didx))
-            host_v[:n, l].copy_(dev.v_buffer[l].index_select(0, didx))
+        for layer in range(LAYERS):
+            host_k[:n, layer].copy_(dev.k_buffer[layer].index_select(0, didx))
+            host_v[:n, layer].copy_(dev.v_buffer[layer].index_select(0, didx))
 
     def plain_load():
-        for l in range(LAYERS):
-            dev.k_buffer[l][didx] = host_k[:n, l]
-            dev.v_buffer[l][didx] = host_v[:n, l]
+        for layer in range(LAYERS):
+            dev.k_buffer[layer][didx] = host_k[:n, layer]
+            dev.v_buffer[layer][didx] = host_v[:n, layer]
 
     stock_bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
     print(
@@ -178,8 +176,8 @@ def main():
             host.backup_from_device_all_layer(dev, hidx, didx, "kernel")
 
         def load():
-            for l in range(LAYERS):
-                host.load_to_device_per_layer(dev, hidx, didx, l, "kernel")
+            for layer in range(LAYERS):
+                host.load_to_device_per_layer(dev, hidx, didx, layer, "kernel")
 
         backup()
         load()
@@ -193,12 +191,17 @@ def main():
         t_b, t_pb = paired_times(backup, plain_backup, a.runs)
         t_l, t_pl = paired_times(load, plain_load, a.runs)
         bpt = host.size_per_token
-        gb = lambda t: fp16_bytes / t / 1e9
+
+        def gb(seconds):
+            return fp16_bytes / seconds / 1e9
+
         print(
-            f"{name:<22}{bpt:>9}{stock_bpt / bpt:>9.2f}{int(1e9 // bpt):>10}{snr[0]:>7.1f}/{snr[1]:<6.1f}"
-            f"{gb(t_b):>13.2f}{gb(t_pb):>7.2f}{t_pb / t_b:>7.2f}{gb(t_l):>11.2f}{gb(t_pl):>7.2f}{t_pl / t_l:>7.2f}"
+            f"{name:<22}{bpt:>9}{stock_bpt / bpt:>9.2f}{int(1e9 // bpt):>10}"
+            f"{snr[0]:>7.1f}/{snr[1]:<6.1f}"
+            f"{gb(t_b):>13.2f}{gb(t_pb):>7.2f}{t_pb / t_b:>7.2f}"
+            f"{gb(t_l):>11.2f}{gb(t_pl):>7.2f}{t_pl / t_l:>7.2f}"
         )
-        del host
+        host = None  # free this config's pool before the next one is built
         # Restore the device data the loads overwrote with dequantized values.
         g = torch.Generator().manual_seed(0)
         for b in (*dev.k_buffer, *dev.v_buffer):

@@ -4,7 +4,8 @@ For 1, 2, 4 and 8 MiB pages: ``batch_set_v1`` / ``batch_get_v1`` of 128 MiB per 
 SGLang's stock CPU host pool, against plain sequential writes and reads of the same bytes (one
 file per page, no header, no temp file, no checksum) on the same mount, in the same run.
 Reads start with the kernel page cache dropped for both sides (posix_fadvise DONTNEED), so
-they are served by the JuiceFS client. Then ``batch_exists`` over 128 keys, cold (fresh backend, kernel entry cache expired) and warm.
+they are served by the JuiceFS client. Then ``batch_exists`` over 128 keys, cold (fresh backend,
+kernel entry cache expired) and warm.
 
     PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python benches/juicefs_backend.py
     ... [--mount /mnt/jfs] [--threads 8] [--rounds 3] [--total-mib 128]
@@ -36,14 +37,14 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from juicefs_fixture import (
+
+from juicefs_fixture import (  # noqa: E402
     MOUNT_OPTIONS,
     create_volume,
     juicefs_binary,
     make_mha_host_pool,
     storage_config,
-)  # noqa: E402
-
+)
 from kvtuner_hicache.juicefs import JuiceFSStorage  # noqa: E402
 
 MIB = 1 << 20
@@ -124,7 +125,7 @@ def main() -> int:
         )
     try:
         with open("/proc/mounts") as f:
-            line = next((l.strip() for l in f if l.split()[1] == os.path.realpath(mount)), "?")
+            line = next((m.strip() for m in f if m.split()[1] == os.path.realpath(mount)), "?")
         version = subprocess.run(
             [juicefs_binary(), "version"], capture_output=True, text=True
         ).stdout.strip()
@@ -142,7 +143,8 @@ def main() -> int:
 def run(work: str, args) -> None:
     print()
     print(
-        "| page | v1 set MiB/s | plain write MiB/s | set ratio | v1 get MiB/s | plain read MiB/s | get ratio |"
+        "| page | v1 set MiB/s | plain write MiB/s | set ratio "
+        "| v1 get MiB/s | plain read MiB/s | get ratio |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for page_mib in [int(s) for s in args.sizes.split(",")]:

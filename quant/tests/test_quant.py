@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import kvtuner_quant as kq
-from kvtuner_quant import _native
-
 import oracle
+from kvtuner_quant import _native
 
 try:
     import torch
@@ -504,7 +503,8 @@ def test_empty_and_tiny_shapes():
 
 
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
 

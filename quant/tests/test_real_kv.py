@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import kvtuner_quant as kq
-
 import oracle
 
 kv_capture = pytest.importorskip("kv_capture")

@@ -1,6 +1,8 @@
 """JuiceFSStorage against a real JuiceFS FUSE mount, with SGLang 0.5.23's own classes.
 
-Run: PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs tests/python/test_juicefs_backend.py
+Run:
+    PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs \
+        tests/python/test_juicefs_backend.py
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import build_host_pool, host_pool_args
+from conftest import build_host_pool, cpu_device_pool, host_pool_args, quantizing_config
 
 PAGE = 32
 HEADS = 2
@@ -24,32 +24,12 @@ LAYERS = 3
 
 
 def make_cfg(kvh, **kw):
-    base = dict(
-        enabled=True,
-        nbits_key=4,
-        nbits_value=4,
-        asym=True,
-        axis_key=1,
-        axis_value=0,
-        group_size=32,
-        residual_length=0,
-    )
-    base.update(kw)
-    return kvh.config.KVTunerHiCacheConfig(**base)
+    return quantizing_config(kvh.config, **kw)
 
 
 def device_pool(sgl, dtype=torch.float16, layers=LAYERS, size=512, seed=0):
-    pool = sgl["memory_pool"].MHATokenToKVPool(
-        size=size,
-        page_size=PAGE,
-        dtype=dtype,
-        head_num=HEADS,
-        head_dim=HEAD_DIM,
-        layer_num=layers,
-        device="cpu",
-        enable_memory_saver=False,
-        start_layer=0,
-        end_layer=layers,
+    pool = cpu_device_pool(
+        size=size, page_size=PAGE, heads=HEADS, head_dim=HEAD_DIM, layers=layers, dtype=dtype
     )
     g = torch.Generator().manual_seed(seed)
     for bufs in (pool.k_buffer, pool.v_buffer):
@@ -122,7 +102,10 @@ def error_bound(x: torch.Tensor, bits, asym, axis, group, page):
 def blob_nbytes(page, heads, dim, itemsize, bits, asym, axis, group):
     """Blob size from quant/FORMAT.md: 64-byte header, codes, scales (+ mins), each
     section 8-aligned, then the exactly stored tail tokens."""
-    pad8 = lambda v: (v + 7) // 8 * 8
+
+    def pad8(v):
+        return (v + 7) // 8 * 8
+
     row = heads * dim
     nq = page if axis == 0 else page // group * group
     ngroups = nq * row // group
@@ -301,27 +284,10 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
     """--hicache-ratio buys the stock pool's bytes, so more tokens."""
     dev = device_pool(sgl, size=4096)
     source, geometry = host_pool_args(dev)
-    stock = sgl["mha"].MHATokenToKVPoolHost(
-        source,
-        2.0,
-        0,
-        PAGE,
-        "page_first",
-        pin_memory=False,
-        device="cpu",
-        **geometry,
-    )
-    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        source,
-        2.0,
-        0,
-        PAGE,
-        "page_first",
-        pin_memory=False,
-        device="cpu",
-        **geometry,
-        kvtuner_config=make_cfg(kvh),
-    )
+    args = (source, 2.0, 0, PAGE, "page_first")
+    kwargs = dict(pin_memory=False, device="cpu", **geometry)
+    stock = sgl["mha"].MHATokenToKVPoolHost(*args, **kwargs)
+    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(*args, **kwargs, kvtuner_config=make_cfg(kvh))
     stock_bytes = stock.kv_buffer.numel() * stock.kv_buffer.element_size()
     assert ours.kv_buffer.numel() <= stock_bytes + ours.kvtuner_layout.row_nbytes
     assert ours.size > 3 * stock.size
@@ -330,7 +296,9 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
 def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text(
-        "0: {nbits_key: 8, nbits_value: 4}\n1: {nbits_key: 4, nbits_value: 2}\n2: {nbits_key: 2, nbits_value: 2}\n"
+        "0: {nbits_key: 8, nbits_value: 4}\n"
+        "1: {nbits_key: 4, nbits_value: 2}\n"
+        "2: {nbits_key: 2, nbits_value: 2}\n"
     )
     cfg = kvh.config.config_from_args(
         types.SimpleNamespace(
@@ -349,7 +317,7 @@ def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):
         cfg, host.kvtuner_plan.layer_bits, 2
     )
     _, _, ref_k, _, got_k, _ = roundtrip(host, dev, 2 * PAGE)
-    errs = [(got_k[l].float() - ref_k[l].float()).abs().mean().item() for l in range(LAYERS)]
+    errs = [(got_k[i].float() - ref_k[i].float()).abs().mean().item() for i in range(LAYERS)]
     assert errs[0] < errs[1] < errs[2]  # K8 < K4 < K2
 
 

@@ -26,6 +26,7 @@ _SIZE_UNITS = {
 
 
 def _parse_size(name: str, value: Any) -> Optional[int]:
+    """A positive byte count from a number or a size like ``"64GiB"``; None stays None."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -45,6 +46,7 @@ def _parse_size(name: str, value: Any) -> Optional[int]:
 
 
 def _parse_bool(name: str, value: Any, default: bool) -> bool:
+    """A JSON or string boolean; ``default`` when absent."""
     if value is None:
         return default
     if isinstance(value, bool):
@@ -80,6 +82,7 @@ class JuiceFSOptions:
 
     @classmethod
     def from_extra_config(cls, extra: Optional[dict]) -> "JuiceFSOptions":
+        """Validated options from the backend's extra config dict."""
         extra = dict(extra or {})
         mount = extra.get("mount_point")
         if not mount or not isinstance(mount, str):
@@ -99,7 +102,8 @@ class JuiceFSOptions:
             or ".." in root_dir.split("/")
         ):
             raise ValueError(
-                f"juicefs backend: root_dir must be a relative path inside the mount, got {root_dir!r}"
+                "juicefs backend: root_dir must be a relative path inside the mount, "
+                f"got {root_dir!r}"
             )
         threads = extra.get("threads", cls.threads)
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:

@@ -123,10 +123,15 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- registration
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
+        """Size pages after the host pool and open (or create) this pool's namespace."""
         if mem_pool_host is self.mem_pool_host:
             return
         super().register_mem_pool_host(mem_pool_host)
-        pool = mem_pool_host
+        self._learn_page_shape(mem_pool_host)
+        self._open_namespace(mem_pool_host)
+
+    def _learn_page_shape(self, pool) -> None:
+        """Page bytes and payload byte orders, from the pool's meta regions and flat pages."""
         self.page_size = int(pool.page_size)
         self._meta_regions = None  # regions per page when get_page_buffer_meta works
         self._flat_template = None
@@ -161,6 +166,8 @@ class JuiceFSStorage(HiCacheStorage):
         if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
             self.flat_order = ORDER_META
 
+    def _open_namespace(self, pool) -> None:
+        """Create this pool's namespace directory and marker; start the capacity scan."""
         fields = self._namespace_fields(pool)
         self.namespace_fields = fields
         self.namespace = namespace_name(fields)
@@ -183,6 +190,7 @@ class JuiceFSStorage(HiCacheStorage):
             ).start()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        """Accept the KV pool again; refuse the other pools of hybrid models."""
         if str(host_pool_name) == "kv":  # the anchor pool, already registered above
             return super().register_mem_host_pool_v2(host_pool, host_pool_name)
         raise NotImplementedError(
@@ -201,6 +209,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
 
     def _namespace_fields(self, pool) -> dict:
+        """What the namespace must tell apart, spelled out (written to ``namespace.json``)."""
         cfg = self.storage_config
         tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
         kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
@@ -227,9 +236,11 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- paths and health
 
     def _path(self, key: str) -> str:
+        """The page file of ``key``."""
         return os.path.join(self.ns_dir, page_relpath(key, PAGE_SUFFIX))
 
     def _key_tag(self, key: str, order: str) -> int:
+        """The tag a page file of ``key`` in ``order`` carries in its header."""
         return key_tag(self.namespace, order, key)
 
     def _volume_ok(self) -> bool:
@@ -239,6 +250,7 @@ class JuiceFSStorage(HiCacheStorage):
         return self.mount.holds(os.path.join(self.ns_dir, NAMESPACE_MARKER))
 
     def _ready(self) -> bool:
+        """Whether a host pool is registered and the volume is mounted."""
         if self.mem_pool_host is None:
             if not self._unregistered_logged:
                 self._unregistered_logged = True
@@ -247,10 +259,12 @@ class JuiceFSStorage(HiCacheStorage):
         return self._volume_ok()
 
     def _known_present(self, key: str) -> bool:
+        """Whether ``key`` was confirmed present within ``exists_cache_ttl``."""
         seen = self._known.get(key)
         return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
 
     def _remember(self, key: str) -> None:
+        """Note ``key`` as present now."""
         if self.options.exists_cache_ttl > 0:
             if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
                 self._known.clear()
@@ -304,6 +318,7 @@ class JuiceFSStorage(HiCacheStorage):
         return True
 
     def _read_failed(self, key: str, why: str, corrupt: bool = False) -> bool:
+        """Count and log a read that is a miss; drop a file that contradicts its header."""
         self._known.pop(key, None)
         self.counters["corrupt" if corrupt else "io_errors"] += 1
         self.counters["get_misses"] += 1
@@ -333,11 +348,10 @@ class JuiceFSStorage(HiCacheStorage):
     def _write_batch(
         self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
     ) -> List[bool]:
-        """Publish pages write-once; per key, True when it holds a valid page afterwards.
-
-        Capacity is granted in key order and stops at the first page that does not fit:
-        SGLang only ever uses a prefix of a sequence's pages, so storing pages behind a
-        refused one would waste space."""
+        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
+        # Capacity is granted in key order and stops at the first page that does not fit: SGLang
+        # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
+        # space.
         present = list(self._executor.map(self._present, keys))
         results = list(present)
         admitted, full = [], False
@@ -382,6 +396,7 @@ class JuiceFSStorage(HiCacheStorage):
         return True
 
     def _publish_bytes(self, path: str, data: bytes) -> None:
+        """Write a small file once (the namespace marker); failures only warn."""
         try:
             if not os.path.exists(path):
                 self._publisher.publish(path, [memoryview(data)])
@@ -391,6 +406,7 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- capacity
 
     def _reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the capacity; False (logged once) when it does not fit."""
         cap = self.options.capacity_bytes
         with self._lock:
             if cap is not None and self.used_bytes + nbytes > cap:
@@ -408,6 +424,7 @@ class JuiceFSStorage(HiCacheStorage):
             return True
 
     def _release(self, nbytes: int) -> None:
+        """Give back capacity a write did not use."""
         with self._lock:
             self.used_bytes -= nbytes
 
@@ -443,6 +460,7 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- v1 (zero-copy)
 
     def _page_views(self, host_indices: torch.Tensor, n: int) -> List[List[memoryview]]:
+        """Writable byte views of each page's ``get_page_buffer_meta`` regions."""
         ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
         per = len(ptrs) // n if n else 0
         if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
@@ -454,6 +472,7 @@ class JuiceFSStorage(HiCacheStorage):
         return pages
 
     def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
+        """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
         if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
             logger.error(
                 "juicefs backend: %s got %s host indices for %d pages of %d tokens",
@@ -537,6 +556,7 @@ class JuiceFSStorage(HiCacheStorage):
         return results
 
     def _get_flat_into_pool(self, key: str, index: int) -> bool:
+        """Read one page through a flat scratch page into the host pool."""
         dtype, numel = self._flat_template
         scratch = torch.empty(numel, dtype=dtype)
         if not self._read_page(key, [tensor_bytes(scratch)], self.v1_order):
@@ -645,6 +665,7 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- lookups
 
     def _exists_one(self, key: str) -> bool:
+        """Whether the page file of ``key`` exists with a size that can verify."""
         if self._known_present(key):
             return True
         try:
@@ -688,6 +709,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
 
         def wipe(directory: str) -> bool:
+            """Delete every file in ``directory``; False if one could not be deleted."""
             good = True
             try:
                 names = os.listdir(directory)
@@ -711,6 +733,7 @@ class JuiceFSStorage(HiCacheStorage):
         return ok
 
     def _record(self, kind: str, n: int, start: float) -> None:
+        """Add a batch to SGLang's storage metrics (when it collects them)."""
         # Only when SGLang collects them: nobody would drain the lists otherwise.
         if not self.storage_config.enable_storage_metrics or n == 0:
             return

@@ -14,10 +14,10 @@ import numpy as np
 
 from . import _native
 from ._native import (
-    __version__,
-    HEADER_NBYTES,
     FORMAT_VERSION,
+    HEADER_NBYTES,
     QuantizedTensor,
+    __version__,
     get_num_threads,
     set_num_threads,
 )
