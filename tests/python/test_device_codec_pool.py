@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from conftest import cpu_device_pool, host_pool_args, quantizing_config
+
 # Before Triton decorates the kernels: run them in the interpreter, on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
@@ -52,35 +54,19 @@ POOL_CASES = [
 
 
 def pool_cfg(kvh, codec, **over):
-    over = dict(over)
-    over.pop("dtype", None)
-    base = dict(
-        enabled=True,
-        nbits_key=4,
-        nbits_value=4,
-        asym=True,
-        axis_key=1,
-        axis_value=0,
-        group_size=8,
-        residual_length=0,
-        codec=codec,
-    )
-    base.update(over)
-    return kvh.config.KVTunerHiCacheConfig(**base)
+    """The suites' quantizing config with group 8 and the given codec."""
+    over = {k: v for k, v in over.items() if k != "dtype"}
+    return quantizing_config(kvh.config, group_size=8, codec=codec, **over)
 
 
-def make_device_pool(sgl, dtype, seed=0):
-    pool = sgl["memory_pool"].MHATokenToKVPool(
+def make_device_pool(dtype, seed=0):
+    pool = cpu_device_pool(
         size=16 * POOL_PAGE,
         page_size=POOL_PAGE,
-        dtype=dtype,
-        head_num=POOL_HEADS,
+        heads=POOL_HEADS,
         head_dim=POOL_HEAD_DIM,
-        layer_num=POOL_LAYERS,
-        device="cpu",
-        enable_memory_saver=False,
-        start_layer=0,
-        end_layer=POOL_LAYERS,
+        layers=POOL_LAYERS,
+        dtype=dtype,
     )
     g = torch.Generator().manual_seed(seed)
     for b in (*pool.k_buffer, *pool.v_buffer):
@@ -92,8 +78,6 @@ def make_device_pool(sgl, dtype, seed=0):
 
 
 def make_host_pool(kvh, dev, cfg):
-    from conftest import host_pool_args
-
     source, geometry = host_pool_args(dev)
     return kvh.host_pool.KVTunerMHATokenToKVPoolHost(
         source,
@@ -156,11 +140,11 @@ def host_indices(host):
     POOL_CASES,
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "layer_bits"),
 )
-def test_pool_device_codec_equals_host_codec(sgl, kvh, kq, case):
+def test_pool_device_codec_equals_host_codec(kvh, kq, case):
     """Same stored bytes, same loads (overlay included), and pages written by one
     codec load through the other."""
     dtype = case["dtype"]
-    dev = make_device_pool(sgl, dtype)
+    dev = make_device_pool(dtype)
     pools = {
         codec: make_host_pool(kvh, dev, pool_cfg(kvh, codec, **case))
         for codec in ("device", "host")
@@ -193,8 +177,8 @@ def test_pool_device_codec_equals_host_codec(sgl, kvh, kq, case):
         assert torch.equal(a, b)
 
 
-def test_auto_codec_keeps_cpu_pools_on_the_host_codec(sgl, kvh, kq):
-    dev = make_device_pool(sgl, torch.float16)
+def test_auto_codec_keeps_cpu_pools_on_the_host_codec(kvh, kq):
+    dev = make_device_pool(torch.float16)
     host = make_host_pool(kvh, dev, pool_cfg(kvh, "auto"))
     assert host.kvtuner_codec == "host"
     with pytest.raises(ValueError, match="codec"):
@@ -209,10 +193,10 @@ def _from_package(depth: int = 2) -> bool:
     return name.startswith(("kvtuner_hicache", "sglang.srt.mem_cache.kvtuner_hicache"))
 
 
-def test_device_codec_never_syncs(sgl, kvh, kq, monkeypatch):
+def test_device_codec_never_syncs(kvh, kq, monkeypatch):
     """Backup and load with every host-synchronizing call raising when the pool's
     own code makes it (Triton's interpreter itself runs on the host and may)."""
-    dev = make_device_pool(sgl, torch.bfloat16)
+    dev = make_device_pool(torch.bfloat16)
     host = make_host_pool(kvh, dev, pool_cfg(kvh, "device", residual_length=2 * POOL_PAGE))
     hidx = host_indices(host)
     seen = []
