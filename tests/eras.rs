@@ -151,7 +151,7 @@ fn namespaced_server_args_era_full_cycle() {
             let text = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
                 text.matches("kvtuner").count(),
-                9,
+                10,
                 "{text}{}",
                 String::from_utf8_lossy(&out.stderr)
             );

@@ -118,3 +118,17 @@ class KvtunerHicacheFields(msgspec.Struct):
             ),
         ),
     ] = None
+    kvtuner_hicache_codec: A[
+        str,
+        Arg(
+            help=(
+                "Who packs KVTuner HiCache pages: 'device' runs Triton kernels that "
+                "quantize on the GPU and write the packed pages straight into pinned "
+                "host memory (no host sync, quantized bytes over PCIe); 'host' runs "
+                "the kvtuner_quant CPU codec; 'auto' picks 'device' when the KV "
+                "cache is on a CUDA/ROCm device and Triton imports, else 'host'. "
+                "Both write identical bytes."
+            ),
+            choices=["auto", "device", "host"],
+        ),
+    ] = "auto"

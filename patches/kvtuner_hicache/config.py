@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_BITS = (2, 4, 8)
 ALLOWED_AXES = (0, 1)
+ALLOWED_CODECS = ("auto", "device", "host")
 
 # The `kvtuner` group's server arguments and their defaults, as declared for SGLang in
 # patches/kvtuner/server_args_fields.py (tests/python/test_kvtuner_config.py keeps the two, and
@@ -30,6 +31,7 @@ DEFAULTS: Dict[str, Any] = {
     "kvtuner_hicache_q_group_size": 64,
     "kvtuner_hicache_residual_length": 128,
     "kvtuner_hicache_layer_config": None,
+    "kvtuner_hicache_codec": "auto",
 }
 
 
@@ -51,6 +53,9 @@ class KVTunerHiCacheConfig:
     group_size: int = DEFAULTS["kvtuner_hicache_q_group_size"]
     residual_length: int = DEFAULTS["kvtuner_hicache_residual_length"]
     layer_config: Optional[str] = DEFAULTS["kvtuner_hicache_layer_config"]
+    # Who packs the pages: Triton kernels on the device, kvtuner_quant on the host, or
+    # "auto" (the device when the KV cache is on a CUDA/ROCm device and Triton imports).
+    codec: str = DEFAULTS["kvtuner_hicache_codec"]
     # Parsed preset: global layer id -> (K bits, V bits); None without a preset.
     layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
 
@@ -82,6 +87,7 @@ def config_from_args(args: Any, *, load_preset: bool = True) -> KVTunerHiCacheCo
         group_size=_int_arg(args, "kvtuner_hicache_q_group_size"),
         residual_length=_int_arg(args, "kvtuner_hicache_residual_length"),
         layer_config=str(path) if path else None,
+        codec=str(_arg(args, "kvtuner_hicache_codec")),
         layer_bits=layer_bits,
     )
 
@@ -307,6 +313,10 @@ def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
     if cfg.residual_length < 0:
         raise ValueError(
             f"{_flag('kvtuner_hicache_residual_length')}={cfg.residual_length} must be >= 0"
+        )
+    if cfg.codec not in ALLOWED_CODECS:
+        raise ValueError(
+            f"{_flag('kvtuner_hicache_codec')}={cfg.codec!r} is not one of {list(ALLOWED_CODECS)}"
         )
 
 

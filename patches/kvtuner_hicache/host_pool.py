@@ -22,6 +22,7 @@ from .compat import (
     visible_model_layer_num,
 )
 from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
+from .device_transfer import DeviceTransfers, choose_codec
 from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
@@ -71,15 +72,28 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             self._kvt_init_from_buffer_info(source, *args, **kwargs)
         else:
             self._kvt_init_from_device_pool(source, *args, **kwargs)
+        why = self._kvt_select_codec()
         logger.info(
             "KVTuner HiCache host pool: %s, %d B/token (stock %d B/token), %d pages, "
-            "residual overlay %d pages",
+            "residual overlay %d pages, %s codec (%s)",
             self.storage_format_tag,
             self.size_per_token,
             self.stock_size_per_token(),
             self.page_num,
             self._kvt_overlay_slots,
+            self.kvtuner_codec,
+            why,
         )
+
+    def _kvt_select_codec(self) -> str:
+        """Pick who packs the pages (``--kvtuner-hicache-codec``) once the rows exist;
+        returns why, for the startup line."""
+        device = torch.device(self.device_k_buffers[0].device)
+        pinned = device.type != "cpu" and self.kv_buffer.is_pinned()
+        self.kvtuner_codec, why = choose_codec(self._kvt_cfg.codec, device, pinned)
+        if self.kvtuner_codec == "device":
+            self._kvt_device_io = DeviceTransfers(self)
+        return why
 
     def _kvt_init_from_buffer_info(
         self,
@@ -255,6 +269,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             bytearray(self.kvtuner_layout.header), dtype=torch.uint8
         )
         self.kvtuner_overlay: Optional[ResidualOverlay] = None
+        # The device codec's data path, when it runs (see _kvt_select_codec).
+        self._kvt_device_io: Optional[DeviceTransfers] = None
         self._kvt_carved = False
         self._kvt_overlay_slots = 0
         # Per-page backup stamps: a random 64-bit base per pool plus a counter.
@@ -416,13 +432,17 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return (torch.arange(n, dtype=torch.int64) + start) & ((1 << 63) - 1)
 
     def _overlay_drop(self, pages: torch.Tensor) -> None:
-        if self.kvtuner_overlay is not None:
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.drop(pages)
+        elif self.kvtuner_overlay is not None:
             self.kvtuner_overlay.drop(pages)
 
     def kvtuner_overlay_pages(self) -> List[int]:
         """Host pages currently served exactly from the overlay (tests, metrics)."""
         if self.kvtuner_overlay is None:
             return []
+        if self._kvt_device_io is not None:
+            return self._kvt_device_io.overlay_pages()
         return self.kvtuner_overlay.pages()
 
     def free(self, indices: torch.Tensor) -> int:
@@ -435,6 +455,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         super().clear()
         if getattr(self, "kvtuner_overlay", None) is not None:
             self.kvtuner_overlay.clear()
+        if getattr(self, "_kvt_device_io", None) is not None:
+            self._kvt_device_io.clear()
 
     # ----------------------------------------------------------- transfers ---
 
@@ -488,6 +510,9 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
     ) -> None:
         """Quantize every layer of the device rows into the host pages."""
         self._check_io_backend(io_backend)
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.backup(host_indices, device_indices)
+            return
         pages = self._host_pages(host_indices)
         n = len(pages)
         if n == 0:
@@ -533,6 +558,9 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         if not is_draft and not 0 <= layer_id < self.target_layer_num:
             return
         self._check_io_backend(io_backend)
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.load(host_indices, device_indices, layer_id)
+            return
         pages = self._host_pages(host_indices)
         n = len(pages)
         if n == 0:

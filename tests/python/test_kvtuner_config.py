@@ -60,6 +60,7 @@ def test_defaults_are_the_declared_ones():
         "kvtuner_hicache_nbits_value": C.ALLOWED_BITS,
         "kvtuner_hicache_axis_key": C.ALLOWED_AXES,
         "kvtuner_hicache_axis_value": C.ALLOWED_AXES,
+        "kvtuner_hicache_codec": C.ALLOWED_CODECS,
     }
 
 
@@ -93,6 +94,7 @@ def test_flag_without_hierarchical_cache():
         ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
         ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
         ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
+        ("kvtuner_hicache_codec", "gpu", r"--kvtuner-hicache-codec='gpu' is not one of"),
     ],
 )
 def test_bad_values(field, value, msg):
