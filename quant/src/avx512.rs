@@ -2,10 +2,11 @@
 //! shapes allow 16-lane steps; group parameters reuse the AVX2 code (`avx2::params`). Same bytes as the
 //! portable path (tests compare them); only speed differs.
 
-use crate::avx2::{params, Scratch};
+use crate::avx2::params;
 use crate::elem::Elem;
 use crate::format::{Config, DType};
-use crate::kernel::CodeRange;
+use crate::math::CodeRange;
+use crate::scratch::Scratch;
 use std::arch::x86_64::*;
 
 /// Software prefetch distance of the statistics pass (the only pass that reads memory: the code
@@ -430,7 +431,7 @@ pub unsafe fn quant_chunk<E: Elem>(
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -454,12 +455,7 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
         let brows = (2048 / c).max(1);
         let gmax = brows * c / g;
         let mut scratch = Scratch::take(6 * gmax);
-        let s = &mut scratch[..];
-        let (lo, s) = s.split_at_mut(gmax);
-        let (hi, s) = s.split_at_mut(gmax);
-        let (fin, s) = s.split_at_mut(gmax);
-        let (pdiv, s) = s.split_at_mut(gmax);
-        let (prcp, pm) = s.split_at_mut(gmax);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(gmax);
         let mut r0 = 0;
         while r0 < rows {
             let nr = brows.min(rows - r0);
@@ -508,12 +504,7 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
     } else {
         let units = x.len() / (g * c);
         let mut scratch = Scratch::take(6 * c);
-        let s = &mut scratch[..];
-        let (lo, s) = s.split_at_mut(c);
-        let (hi, s) = s.split_at_mut(c);
-        let (fin, s) = s.split_at_mut(c);
-        let (pdiv, s) = s.split_at_mut(c);
-        let (prcp, pm) = s.split_at_mut(c);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(c);
         for u in 0..units {
             let xu = x.as_ptr().add(u * g * c);
             stats_cols32(xu, c, g, lo, hi, fin);
@@ -568,7 +559,7 @@ pub unsafe fn dequant_chunk<E: Elem>(
             }
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -596,8 +587,7 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
     if cfg.axis == 0 {
         let ng = out.len() / g;
         let mut scratch = Scratch::take(2 * ng);
-        let s = &mut scratch[..];
-        let (ps, pm) = s.split_at_mut(ng);
+        let [ps, pm] = scratch.split(ng);
         crate::avx2::load_meta::<E>(scales, mins, cfg.asym, 0, ng, ps, pm);
         for gi in 0..ng {
             let (sv, mv) = (_mm512_set1_ps(ps[gi]), _mm512_set1_ps(pm[gi]));
@@ -615,8 +605,7 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
     } else {
         let units = out.len() / (g * c);
         let mut scratch = Scratch::take(2 * c);
-        let s = &mut scratch[..];
-        let (ps, pm) = s.split_at_mut(c);
+        let [ps, pm] = scratch.split(c);
         for u in 0..units {
             crate::avx2::load_meta::<E>(scales, mins, cfg.asym, u * c, c, ps, pm);
             for r in 0..g {

@@ -283,6 +283,27 @@ fn config_errors_name_the_argument() {
     assert!(e.msg.contains("group_size"), "{}", e.msg);
 }
 
+/// Caller integers (Python passes int64) are range-checked by the core, and a struct-built config
+/// with the same value gets the same message: the checks live in one place.
+#[test]
+fn caller_parameters_are_checked_by_the_core() {
+    let msg = |r: Result<Config>| r.unwrap_err().msg;
+    assert_eq!(msg(Config::new(3, true, 0, 32, 0)), "bits must be 2, 4 or 8, got 3");
+    assert_eq!(msg(Config::new(4, true, -1, 32, 0)), "axis must be 0 (per-token) or 1 (per-channel), got -1");
+    assert_eq!(msg(Config::new(4, true, 0, 0, 0)), "group_size must be a positive integer, got 0");
+    assert_eq!(msg(Config::new(4, true, 0, 1 << 32, 0)), "group_size must be at most 4294967295, got 4294967296");
+    assert_eq!(msg(Config::new(4, true, 0, 32, -1)), "residual_length must be >= 0, got -1");
+    assert_eq!(msg(Config::new(4, true, 0, 32, 1 << 32)), "residual_length must be at most 4294967295, got 4294967296");
+    assert_eq!(Config::new(4, false, 1, 32, 7).unwrap(), cfg(4, false, 1, 32, 7));
+    let sh = Shape { tokens: 4, heads: 1, head_dim: 64 };
+    assert_eq!(cfg(4, true, 0, 0, 0).validate(&sh).unwrap_err().msg, "group_size must be a positive integer, got 0");
+    assert_eq!(Shape::new(-1, 1, 64).unwrap_err().msg, "tokens must be >= 0, got -1");
+    assert_eq!(Shape::new(1, 1, -64).unwrap_err().msg, "head_dim must be >= 0, got -64");
+    assert_eq!(Shape::new(4, 1, 64).unwrap(), sh);
+    assert_eq!(set_num_threads(-1).unwrap_err().msg, "n must be >= 1, got -1");
+    assert_eq!(set_num_threads(5000).unwrap_err().msg, "n must be at most 4096, got 5000");
+}
+
 #[test]
 fn pages_equal_single_blobs_and_strided_rows() {
     let (p, n, heads, hd) = (16usize, 5usize, 2usize, 64usize);
