@@ -368,45 +368,76 @@ unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, lo: &mut [f32], 
     }
 }
 
-/// Per-channel (finite, min, max) over `g` rows of `c` (multiple of 32) elements: 32 channels (one
-/// 64-byte line of fp16) at a time down the rows, running values in registers.
+/// Per-channel (finite, min, max) of one tile: `16 * NV` channels down `g` rows of stride `c`,
+/// running values in registers; `pf` is the same tile `TILE_PF_AHEAD` tiles on, prefetched row by row.
+/// Finiteness as in `stats_rows`: an `x * 0` sum per vector, the exact check only when it is NaN.
 #[inline(always)]
-unsafe fn stats_cols32<E: Elem>(x: *const E, c: usize, g: usize, lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
-    let one = _mm512_set1_ps(1.0);
+unsafe fn stats_tile<E: Elem, const NV: usize>(
+    x: *const E,
+    pf: *const E,
+    c: usize,
+    g: usize,
+    lo: &mut [f32],
+    hi: &mut [f32],
+    fin: &mut [f32],
+) {
     let zero = _mm512_setzero_ps();
-    let mut cb = 0;
-    while cb < c {
-        let (mut mn0, mut mx0, mut ac0) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY), zero);
-        let (mut mn1, mut mx1, mut ac1) = (mn0, mx0, zero);
-        for r in 0..g {
-            let p = x.add(r * c + cb);
-            let (v0, v1) = (load16(p), load16(p.add(16)));
-            // sums: non-finite iff some element is (or a float32 sum overflowed: rechecked below)
-            ac0 = _mm512_add_ps(ac0, v0);
-            ac1 = _mm512_add_ps(ac1, v1);
-            mn0 = _mm512_min_ps(mn0, v0);
-            mn1 = _mm512_min_ps(mn1, v1);
-            mx0 = _mm512_max_ps(mx0, v0);
-            mx1 = _mm512_max_ps(mx1, v1);
+    let mut mn = [_mm512_set1_ps(f32::INFINITY); NV];
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); NV];
+    let mut acc = [zero; NV];
+    let row_bytes = 16 * NV * E::DTYPE.nbytes();
+    for r in 0..g {
+        let p = x.add(r * c);
+        let mut b = 0;
+        while b < row_bytes {
+            _mm_prefetch::<_MM_HINT_T1>((pf.wrapping_add(r * c) as *const i8).wrapping_add(b));
+            b += 64;
         }
-        _mm512_storeu_ps(lo.as_mut_ptr().add(cb), mn0);
-        _mm512_storeu_ps(lo.as_mut_ptr().add(cb + 16), mn1);
-        _mm512_storeu_ps(hi.as_mut_ptr().add(cb), mx0);
-        _mm512_storeu_ps(hi.as_mut_ptr().add(cb + 16), mx1);
-        for (h, ac) in [(0usize, ac0), (16, ac1)] {
-            let z = _mm512_mul_ps(ac, zero);
-            let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
-            _mm512_storeu_ps(fin.as_mut_ptr().add(cb + h), one);
-            if bad != 0 {
-                for j in 0..16 {
-                    if bad >> j & 1 != 0 {
-                        let ok = (0..g).all(|r| (*x.add(r * c + cb + h + j)).to_f32().is_finite());
-                        fin[cb + h + j] = ok as u8 as f32;
-                    }
+        for j in 0..NV {
+            let v = load16(p.add(16 * j));
+            acc[j] = _mm512_fmadd_ps(v, zero, acc[j]);
+            mn[j] = _mm512_min_ps(mn[j], v);
+            mx[j] = _mm512_max_ps(mx[j], v);
+        }
+    }
+    for j in 0..NV {
+        _mm512_storeu_ps(lo.as_mut_ptr().add(16 * j), mn[j]);
+        _mm512_storeu_ps(hi.as_mut_ptr().add(16 * j), mx[j]);
+        _mm512_storeu_ps(fin.as_mut_ptr().add(16 * j), _mm512_set1_ps(1.0));
+        let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(acc[j], acc[j]);
+        if bad != 0 {
+            for l in 0..16 {
+                if bad >> l & 1 != 0 {
+                    let ch = 16 * j + l;
+                    fin[ch] = (0..g).all(|r| (*x.add(r * c + ch)).to_f32().is_finite()) as u8 as f32;
                 }
             }
         }
-        cb += 32;
+    }
+}
+
+/// Per-channel tiles are this many channels wide (the last one of a row may be 32): at group 32
+/// and fp16 a tile is 4 KiB, so the code pass re-reads it from L1.
+const TILE_CH: usize = 64;
+/// Tiles ahead that the statistics pass prefetches (into L2), in tile order: along the rows, then
+/// on into the next token group. Two tiles = 8 KiB at fp16 and group 32, as `PF_DIST`.
+const TILE_PF_AHEAD: usize = 2;
+
+/// Codes of one row of a per-channel tile (`NV` = 4: 64 channels, 2: 32) into `out`.
+#[inline(always)]
+unsafe fn tile_row_codes<E: Elem, const BITS: u8, const ASYM: bool, const NV: usize>(
+    xr: *const E,
+    p: &[P; 4],
+    k: &K,
+    out: *mut u8,
+) {
+    if NV == 4 {
+        let v = [load16(xr), load16(xr.add(16)), load16(xr.add(32)), load16(xr.add(48))];
+        pack64::<BITS, false>(codes4::<ASYM>(v, *p, k), out);
+    } else {
+        let v = [load16(xr), load16(xr.add(16))];
+        let q = codes4::<ASYM>([v[0], v[1], v[0], v[1]], [p[0], p[1], p[0], p[1]], k);
+        pack64::<BITS, true>(q, out);
     }
 }
 
@@ -502,35 +533,46 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
             r0 += nr;
         }
     } else {
+        // Per-channel groups run down the tokens: tiles of TILE_CH channels x g tokens, each
+        // statistics (in registers), parameters, then codes while the tile is in L1. (Whole token
+        // groups at a time, 64 KiB at group 32 and 1024 channels, left the code pass reading L2.)
         let units = x.len() / (g * c);
-        let mut scratch = Scratch::take(6 * c);
-        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(c);
+        let mut scratch = Scratch::take(6 * TILE_CH);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(TILE_CH);
+        let x0 = x.as_ptr();
         for u in 0..units {
-            let xu = x.as_ptr().add(u * g * c);
-            stats_cols32(xu, c, g, lo, hi, fin);
-            params::<E>(cfg, c, lo, hi, fin, sp.add(u * c * es), mp.add(u * c * es), pdiv, prcp, pm);
-            scale_rcp(&mut prcp[..c]);
-            for r in 0..g {
-                let xr = xu.add(r * c);
-                let orow = op.add((u * g + r) * c * bpe / 8);
-                let mut e = 0;
-                while e + 64 <= c {
-                    let v = [load16(xr.add(e)), load16(xr.add(e + 16)), load16(xr.add(e + 32)), load16(xr.add(e + 48))];
-                    let p = [
-                        P::lanes(pdiv, prcp, pm, e),
-                        P::lanes(pdiv, prcp, pm, e + 16),
-                        P::lanes(pdiv, prcp, pm, e + 32),
-                        P::lanes(pdiv, prcp, pm, e + 48),
-                    ];
-                    pack64::<BITS, false>(codes4::<ASYM>(v, p, &k), orow.add(e * bpe / 8));
-                    e += 64;
+            let mut cb = 0;
+            while cb < c {
+                let w = TILE_CH.min(c - cb);
+                let xt = x0.add(u * g * c + cb);
+                // the tile TILE_PF_AHEAD on: further along these rows, or in the next token group
+                let pcb = cb + TILE_PF_AHEAD * TILE_CH;
+                let pf = if pcb < c { xt.wrapping_add(pcb - cb) } else { x0.wrapping_add((u + 1) * g * c + pcb - c) };
+                if w == 64 {
+                    stats_tile::<E, 4>(xt, pf, c, g, lo, hi, fin);
+                } else {
+                    stats_tile::<E, 2>(xt, pf, c, g, lo, hi, fin);
                 }
-                if e < c {
-                    let v = [load16(xr.add(e)), load16(xr.add(e + 16))];
-                    let p = [P::lanes(pdiv, prcp, pm, e), P::lanes(pdiv, prcp, pm, e + 16)];
-                    let q = codes4::<ASYM>([v[0], v[1], v[0], v[1]], [p[0], p[1], p[0], p[1]], &k);
-                    pack64::<BITS, true>(q, orow.add(e * bpe / 8));
+                let g0 = u * c + cb;
+                params::<E>(cfg, w, lo, hi, fin, sp.add(g0 * es), mp.add(g0 * es), pdiv, prcp, pm);
+                scale_rcp(&mut prcp[..w]);
+                let p = [
+                    P::lanes(pdiv, prcp, pm, 0),
+                    P::lanes(pdiv, prcp, pm, 16),
+                    P::lanes(pdiv, prcp, pm, 32),
+                    P::lanes(pdiv, prcp, pm, 48),
+                ];
+                for r in 0..g {
+                    let xr = xt.add(r * c);
+                    let out = op.add(((u * g + r) * c + cb) * bpe / 8);
+                    _mm_prefetch::<_MM_HINT_ET0>(out.wrapping_add(TILE_PF_AHEAD * TILE_CH * bpe / 8) as *const i8);
+                    if w == 64 {
+                        tile_row_codes::<E, BITS, ASYM, 4>(xr, &p, &k, out);
+                    } else {
+                        tile_row_codes::<E, BITS, ASYM, 2>(xr, &p, &k, out);
+                    }
                 }
+                cb += w;
             }
         }
     }
