@@ -33,27 +33,77 @@ unsafe fn load16<E: Elem>(p: *const E) -> __m512 {
     }
 }
 
+/// 16 floats rounded to nearest-even into the 2-byte dtype `E` (bfloat16 NaN made canonical).
 #[inline(always)]
-unsafe fn store16<E: Elem>(p: *mut E, v: __m512) {
+unsafe fn narrow16<E: Elem>(v: __m512) -> __m256i {
     match E::DTYPE {
-        DType::F16 => _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
         DType::BF16 => {
             let b = _mm512_castps_si512(v);
             let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
             let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
-            _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
+            _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)))
         }
-        DType::F32 => _mm512_storeu_ps(p as *mut f32, v),
+        _ => _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
     }
 }
 
-/// Non-temporal `store16` as two 8-lane halves; `p` 16-byte aligned.
-#[inline(always)]
-unsafe fn store16_nt<E: Elem>(p: *mut E, v: __m512) {
-    crate::avx2::store8_nt(p, _mm512_castps512_ps256(v));
-    crate::avx2::store8_nt(p.add(8), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+/// A chunk's output, written front to back 16 elements per `push`. With `NT` the stores are
+/// non-temporal (`p` 16-byte aligned): a 2-byte dtype goes out in aligned 32-byte stores even when
+/// `p` is 16 mod 32 (numpy's allocations are), each then holding the upper half of one vector and
+/// the lower half of the next. Half as many stores as two 16-byte ones per vector, and the
+/// difference counted: dequantize 1.0x -> 1.3x memcpy (Zen 4, fp16, 256 MiB).
+struct Writer<E, const NT: bool> {
+    p: *mut E,
+    /// the last vector pushed (NT, 2-byte dtypes)
+    carry: __m256i,
+    /// `p` started at 16 mod 32: stores lag 8 elements behind `p`
+    shifted: bool,
+    started: bool,
+}
+
+impl<E: Elem, const NT: bool> Writer<E, NT> {
+    #[inline(always)]
+    unsafe fn new(p: *mut E) -> Self {
+        Writer { p, carry: _mm256_setzero_si256(), shifted: p as usize % 32 != 0, started: false }
+    }
+
+    #[inline(always)]
+    unsafe fn push(&mut self, v: __m512) {
+        if E::DTYPE == DType::F32 {
+            if NT {
+                crate::avx2::store8_nt(self.p, _mm512_castps512_ps256(v));
+                crate::avx2::store8_nt(
+                    self.p.add(8),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                );
+            } else {
+                _mm512_storeu_ps(self.p as *mut f32, v);
+            }
+        } else {
+            let h = narrow16::<E>(v);
+            if !NT {
+                _mm256_storeu_si256(self.p as *mut __m256i, h);
+            } else if !self.shifted {
+                _mm256_stream_si256(self.p as *mut __m256i, h);
+            } else if self.started {
+                _mm256_stream_si256(self.p.sub(8) as *mut __m256i, _mm256_permute2x128_si256::<0x21>(self.carry, h));
+            } else {
+                _mm_stream_si128(self.p as *mut __m128i, _mm256_castsi256_si128(h));
+                self.started = true;
+            }
+            self.carry = h;
+        }
+        self.p = self.p.add(16);
+    }
+
+    /// Writes what a shifted stream still holds (the upper half of the last vector).
+    #[inline(always)]
+    unsafe fn finish(self) {
+        if NT && E::DTYPE != DType::F32 && self.shifted && self.started {
+            _mm_stream_si128(self.p.sub(8) as *mut __m128i, _mm256_extracti128_si256::<1>(self.carry));
+        }
+    }
 }
 
 /// The fast quotient is computed in units of 2^-FRAC_BITS: quotients closer than one unit (2^-12) to a tie
@@ -625,7 +675,9 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
 ) {
     let g = cfg.group_size;
     let off = _mm512_set1_ps(CodeRange::of(cfg).off);
-    let (cp, outp) = (codes.as_ptr(), out.as_mut_ptr());
+    let cp = codes.as_ptr();
+    // both layouts visit the output front to back, 16 elements at a time
+    let mut w = Writer::<E, NT>::new(out.as_mut_ptr());
     if cfg.axis == 0 {
         let ng = out.len() / g;
         let mut scratch = Scratch::take(2 * ng);
@@ -635,12 +687,7 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
             let (sv, mv) = (_mm512_set1_ps(ps[gi]), _mm512_set1_ps(pm[gi]));
             let mut e = gi * g;
             while e < (gi + 1) * g {
-                let y = dec16::<ASYM>(codes16::<BITS>(cp, e), sv, mv, off);
-                if NT {
-                    store16_nt(outp.add(e), y)
-                } else {
-                    store16(outp.add(e), y)
-                }
+                w.push(dec16::<ASYM>(codes16::<BITS>(cp, e), sv, mv, off));
                 e += 16;
             }
         }
@@ -655,15 +702,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                 let mut e = 0;
                 while e < c {
                     let (sv, mv) = (_mm512_loadu_ps(ps.as_ptr().add(e)), _mm512_loadu_ps(pm.as_ptr().add(e)));
-                    let y = dec16::<ASYM>(codes16::<BITS>(cp, row + e), sv, mv, off);
-                    if NT {
-                        store16_nt(outp.add(row + e), y)
-                    } else {
-                        store16(outp.add(row + e), y)
-                    }
+                    w.push(dec16::<ASYM>(codes16::<BITS>(cp, row + e), sv, mv, off));
                     e += 16;
                 }
             }
         }
     }
+    w.finish();
 }

@@ -194,6 +194,57 @@ fn simd_and_scalar_paths_give_identical_bytes() {
     }
 }
 
+fn as_bytes<E: Elem>(x: &[E]) -> &[u8] {
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+/// Dequantizes `blob` into a window of a larger buffer that starts `shift` bytes past a 64-byte
+/// boundary; returns the window's bytes, after checking that nothing around it was written.
+fn dequantize_at<E: Elem>(blob: &[u8], n: usize, shift: usize) -> Vec<u8> {
+    let es = std::mem::size_of::<E>();
+    let canary = E::from_f32(7.0);
+    let mut buf = vec![canary; n + 128 / es];
+    let lead = (64 - buf.as_ptr() as usize % 64) % 64 + shift;
+    assert_eq!(lead % es, 0);
+    let start = lead / es;
+    dequantize_into(blob, &mut buf[start..start + n]).unwrap();
+    assert!(buf[..start].iter().chain(&buf[start + n..]).all(|&v| v == canary), "wrote outside the output");
+    as_bytes(&buf[start..start + n]).to_vec()
+}
+
+fn streamed_output_equals_portable<E: Elem>(x: &[E], sh: &Shape) {
+    let n = x.len();
+    for c in [cfg(4, true, 0, 64, 0), cfg(2, false, 1, 32, 0)] {
+        let blob = quantize(x, sh, &c).unwrap();
+        set_force_scalar(true);
+        let want = dequantize_at::<E>(&blob, n, 0);
+        for level in [AVX2, AVX512] {
+            set_max_simd_level(level);
+            if simd_level() != level {
+                continue;
+            }
+            // 16 bytes past a 32-byte boundary is numpy's usual alignment: the shifted stream
+            for shift in [0, 16, 32, 48] {
+                assert!(dequantize_at::<E>(&blob, n, shift) == want, "level {level} shift {shift} {c:?}");
+            }
+        }
+        set_force_scalar(false);
+    }
+}
+
+/// Outputs of 8 MiB and more are written with non-temporal stores (32-byte ones for 2-byte dtypes,
+/// shifted by half a vector when the output is 16 mod 32): same bytes as the portable path at
+/// every 16-byte alignment, nothing written around the output.
+#[test]
+fn large_outputs_streamed_at_any_16_byte_alignment() {
+    let _g = PATH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let sh = Shape { tokens: 2048, heads: 16, head_dim: 128 }; // 4 Mi elements: 8 MiB of fp16
+    let v = rand_vals(77, sh.numel().unwrap());
+    streamed_output_equals_portable(&v.iter().map(|&f| f16::from_f32(f)).collect::<Vec<_>>(), &sh);
+    streamed_output_equals_portable(&v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>(), &sh);
+    streamed_output_equals_portable(&v, &sh);
+}
+
 /// Rows of 96 elements: the AVX-512 code pass steps 64 elements and ends each row (per-channel) or
 /// block (per-token, group 32) with a half step; half of the groups hold values on a grid of
 /// half-steps, so many quotients are exact ties or within 2^-12 of one (the fast path must give
