@@ -5,7 +5,7 @@
 use crate::avx2::params;
 use crate::elem::Elem;
 use crate::format::{Config, DType};
-use crate::math::CodeRange;
+use crate::math::{CodeRange, RCP_MAX, RCP_MIN};
 use crate::scratch::Scratch;
 use std::arch::x86_64::*;
 
@@ -104,12 +104,8 @@ unsafe fn params16<E: Elem>(
     let qmax = _mm512_set1_ps(cfg.qmax() as f32);
     let inf = _mm512_set1_ps(f32::INFINITY);
     let nan = _mm512_set1_ps(f32::NAN);
-    let nan_bits = _mm512_set1_epi32(match E::DTYPE {
-        DType::F16 => 0x7E00,
-        DType::BF16 => 0x7FC0,
-        DType::F32 => 0x7FC0_0000,
-    });
-    let (rlo, rhi) = (_mm512_set1_ps(1.0e-37), _mm512_set1_ps(1.0e37));
+    let nan_bits = _mm512_set1_epi32(E::DTYPE.nan_bits() as i32);
+    let (rlo, rhi) = (_mm512_set1_ps(RCP_MIN), _mm512_set1_ps(RCP_MAX));
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i + 16 <= n {

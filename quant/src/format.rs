@@ -77,6 +77,14 @@ impl DType {
             _ => Err(QuantError::type_(format!("dtype must be one of 'float16', 'bfloat16', 'float32', got {s:?}"))),
         }
     }
+    /// The canonical quiet NaN stored for a group holding NaN or Inf (FORMAT.md), as bits.
+    pub fn nan_bits(self) -> u32 {
+        match self {
+            DType::F16 => 0x7E00,
+            DType::BF16 => 0x7FC0,
+            DType::F32 => 0x7FC0_0000,
+        }
+    }
     pub fn from_code(c: u8) -> Option<DType> {
         match c {
             1 => Some(DType::F16),

@@ -54,6 +54,11 @@ impl CodeRange {
     }
 }
 
+/// Scales whose reciprocal the fast quotient may use: outside this range 1/s loses precision
+/// (subnormal) or overflows, and NaN (never in range) sends those groups to the exact division.
+pub(crate) const RCP_MIN: f32 = 1.0e-37;
+pub(crate) const RCP_MAX: f32 = 1.0e37;
+
 /// The normative group math (FORMAT.md): `lo`/`hi` are the group's min and max, `finite` false when it
 /// holds NaN or +-Inf. `+ 0.0` turns a -0.0 into +0.0 so the stored bytes do not depend on which of
 /// two equal zeros a min/max reduction happened to return.
@@ -71,9 +76,7 @@ pub(crate) fn group_params<E: Elem>(cfg: &Config, finite: bool, lo: f32, hi: f32
     let s_store = E::up(s32);
     let s = s_store.to_f32();
     let div = if s == 0.0 { f32::INFINITY } else { s };
-    // Outside this range 1/s loses precision (subnormal) or overflows; NaN sends those groups to the
-    // exact division.
-    let rcp = if (1.0e-37..=1.0e37).contains(&s) { 1.0 / s } else { f32::NAN };
+    let rcp = if (RCP_MIN..=RCP_MAX).contains(&s) { 1.0 / s } else { f32::NAN };
     let m = if cfg.asym { m_store.to_f32() } else { 0.0 };
     GroupParams { s_store, m_store, div, rcp, m }
 }
