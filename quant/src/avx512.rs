@@ -1,6 +1,6 @@
 //! AVX-512 (F + BW + VL) variants of the hot loops, chosen at run time when the CPU has them and the
-//! shapes allow 16-lane steps; group parameters reuse the AVX2 code (`avx2::params`). Same bytes as the
-//! portable path (tests compare them); only speed differs.
+//! shapes allow 16-lane steps; a tail of fewer than sixteen groups takes the AVX2 parameter code
+//! (`avx2::params`). Same bytes as the portable path (tests compare them); only speed differs.
 
 use crate::avx2::params;
 use crate::elem::Elem;
