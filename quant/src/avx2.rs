@@ -1,68 +1,19 @@
 //! AVX2 + FMA + F16C kernels, selected at run time (`kernel::simd_enabled`). They produce exactly the
-//! bytes of the portable path in `kernel.rs` (tests compare the two); only speed differs.
+//! bytes of the portable path in `portable.rs` (tests compare the two); only speed differs.
 //!
 //! Per chunk: (1) group statistics, (2) group parameters eight groups at a time, (3) codes, 32
-//! elements per step, packed with byte shuffles. Scratch arrays are thread-local so the per-page calls
-//! of the page API do not allocate.
+//! elements per step, packed with byte shuffles.
 
 use crate::elem::Elem;
 use crate::format::{Config, DType};
-use crate::kernel::{group_params, CodeRange};
+use crate::math::{group_params, CodeRange, RCP_MAX, RCP_MIN};
+use crate::scratch::{split_equal, Scratch};
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
-thread_local! {
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The thread-local scratch taken out for the life of the guard (put back on drop). Unlike
-/// `with_scratch` it needs no closure: closures do not inherit a `#[target_feature]` function's
-/// features, so intrinsics inside one compile to calls once LLVM declines to inline the closure.
-pub(crate) struct Scratch(Vec<f32>);
-
-impl Scratch {
-    /// At least `n` floats (contents unspecified).
-    pub(crate) fn take(n: usize) -> Scratch {
-        let mut v = SCRATCH.with_borrow_mut(std::mem::take);
-        if v.len() < n {
-            v.resize(n, 0.0);
-        }
-        Scratch(v)
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Scratch {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        SCRATCH.with_borrow_mut(|s| {
-            if s.len() < v.len() {
-                *s = v;
-            }
-        });
-    }
-}
-
-/// Runs `f` with a thread-local scratch slice of at least `n` floats.
-pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with_borrow_mut(|v| {
-        if v.len() < n {
-            v.resize(n, 0.0);
-        }
-        f(&mut v[..n])
-    })
+/// Whether this module can take a chunk: rows of 32-element packing steps and, per-token, groups
+/// of whole 8-lane vectors.
+pub fn fits(cfg: &Config, c: usize) -> bool {
+    c % 32 == 0 && (cfg.axis == 1 || cfg.group_size % 8 == 0)
 }
 
 #[inline(always)]
@@ -163,7 +114,7 @@ unsafe fn hmax(v: __m256) -> f32 {
 
 /// Group parameters for `n` groups from their statistics; `fin` is 1.0 for a finite group. Writes
 /// the stored scale/min patterns to `scales`/`mins` and the float parameters to `pdiv`/`prcp`/`pm`.
-/// Same results as `kernel::group_params`, eight groups at a time.
+/// Same results as `math::group_params`, eight groups at a time.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) unsafe fn params<E: Elem>(
@@ -184,12 +135,8 @@ pub(crate) unsafe fn params<E: Elem>(
     let qmax = _mm256_set1_ps(cfg.qmax() as f32);
     let inf = _mm256_set1_ps(f32::INFINITY);
     let nan = _mm256_set1_ps(f32::NAN);
-    let nan_bits = _mm256_set1_epi32(match E::DTYPE {
-        DType::F16 => 0x7E00,
-        DType::BF16 => 0x7FC0,
-        DType::F32 => 0x7FC0_0000,
-    });
-    let (rlo, rhi) = (_mm256_set1_ps(1.0e-37), _mm256_set1_ps(1.0e37));
+    let nan_bits = _mm256_set1_epi32(E::DTYPE.nan_bits() as i32);
+    let (rlo, rhi) = (_mm256_set1_ps(RCP_MIN), _mm256_set1_ps(RCP_MAX));
     let one = _mm256_set1_ps(1.0);
     let mut i = 0;
     while i + 8 <= n {
@@ -429,7 +376,7 @@ pub(crate) unsafe fn stats_cols<E: Elem>(
     }
 }
 
-/// Quantizes a chunk (see `kernel::quant_chunk`); requires `c % 32 == 0` and, for axis 0, `g % 8 == 0`.
+/// Quantizes a chunk (see `kernel::quant_chunk`); requires `fits(cfg, c)`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; slices are sized as `quant_chunk` documents.
@@ -447,7 +394,7 @@ pub unsafe fn quant_chunk<E: Elem>(
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -471,115 +418,104 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
         let bmax = brows * c;
         let gmax = bmax / g;
         let nvmax = if per_vec { bmax / 8 } else { 0 };
-        with_scratch(bmax + 6 * gmax + 3 * nvmax, |s| {
-            let (xf, s) = s.split_at_mut(bmax);
-            let (lo, s) = s.split_at_mut(gmax);
-            let (hi, s) = s.split_at_mut(gmax);
-            let (fin, s) = s.split_at_mut(gmax);
-            let (pdiv, s) = s.split_at_mut(gmax);
-            let (prcp, s) = s.split_at_mut(gmax);
-            let (pm, s) = s.split_at_mut(gmax);
-            let (vd, s) = s.split_at_mut(nvmax);
-            let (vr, vm) = s.split_at_mut(nvmax);
-            let mut r0 = 0;
-            while r0 < rows {
-                let nr = brows.min(rows - r0);
-                let (e0, n) = (r0 * c, nr * c);
-                let ng = n / g;
-                let g0 = e0 / g;
-                stats_rows(x.as_ptr().add(e0), g, ng, xf, lo, hi, fin);
-                params::<E>(
-                    cfg,
-                    ng,
-                    lo,
-                    hi,
-                    fin,
-                    sp.add(g0 * E::DTYPE.nbytes()),
-                    mp.add(g0 * E::DTYPE.nbytes()),
-                    pdiv,
-                    prcp,
-                    pm,
-                );
-                let ob = op.add(e0 * bpe / 8);
-                if !per_vec {
-                    for gi in 0..ng {
-                        let (d, r, m) = (_mm256_set1_ps(pdiv[gi]), _mm256_set1_ps(prcp[gi]), _mm256_set1_ps(pm[gi]));
-                        let mut e = gi * g;
-                        while e < (gi + 1) * g {
-                            let mut ci = [_mm256_setzero_si256(); 4];
-                            for (j, cij) in ci.iter_mut().enumerate() {
-                                *cij = code8::<ASYM>(_mm256_loadu_ps(xf.as_ptr().add(e + 8 * j)), d, r, m, &k);
-                            }
-                            pack32::<BITS>(ci, ob.add(e * bpe / 8));
-                            e += 32;
-                        }
-                    }
-                } else {
-                    for gi in 0..ng {
-                        let (a, b) = (gi * g / 8, (gi + 1) * g / 8);
-                        vd[a..b].fill(pdiv[gi]);
-                        vr[a..b].fill(prcp[gi]);
-                        vm[a..b].fill(pm[gi]);
-                    }
-                    let mut e = 0;
-                    while e < n {
+        let mut scratch = Scratch::take(bmax + 6 * gmax + 3 * nvmax);
+        let (xf, s) = scratch.split_at_mut(bmax);
+        let (stats, per_vec_params) = s.split_at_mut(6 * gmax);
+        let [lo, hi, fin, pdiv, prcp, pm] = split_equal(stats, gmax);
+        let [vd, vr, vm] = split_equal(per_vec_params, nvmax);
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = brows.min(rows - r0);
+            let (e0, n) = (r0 * c, nr * c);
+            let ng = n / g;
+            let g0 = e0 / g;
+            stats_rows(x.as_ptr().add(e0), g, ng, xf, lo, hi, fin);
+            params::<E>(
+                cfg,
+                ng,
+                lo,
+                hi,
+                fin,
+                sp.add(g0 * E::DTYPE.nbytes()),
+                mp.add(g0 * E::DTYPE.nbytes()),
+                pdiv,
+                prcp,
+                pm,
+            );
+            let ob = op.add(e0 * bpe / 8);
+            if !per_vec {
+                for gi in 0..ng {
+                    let (d, r, m) = (_mm256_set1_ps(pdiv[gi]), _mm256_set1_ps(prcp[gi]), _mm256_set1_ps(pm[gi]));
+                    let mut e = gi * g;
+                    while e < (gi + 1) * g {
                         let mut ci = [_mm256_setzero_si256(); 4];
                         for (j, cij) in ci.iter_mut().enumerate() {
-                            let v = e / 8 + j;
-                            let (d, r, m) = (_mm256_set1_ps(vd[v]), _mm256_set1_ps(vr[v]), _mm256_set1_ps(vm[v]));
                             *cij = code8::<ASYM>(_mm256_loadu_ps(xf.as_ptr().add(e + 8 * j)), d, r, m, &k);
                         }
                         pack32::<BITS>(ci, ob.add(e * bpe / 8));
                         e += 32;
                     }
                 }
-                r0 += nr;
-            }
-        });
-    } else {
-        let units = x.len() / (g * c);
-        with_scratch(6 * c, |s| {
-            let (lo, s) = s.split_at_mut(c);
-            let (hi, s) = s.split_at_mut(c);
-            let (fin, s) = s.split_at_mut(c);
-            let (pdiv, s) = s.split_at_mut(c);
-            let (prcp, pm) = s.split_at_mut(c);
-            for u in 0..units {
-                let xu = x.as_ptr().add(u * g * c);
-                stats_cols(xu, c, g, lo, hi, fin);
-                params::<E>(
-                    cfg,
-                    c,
-                    lo,
-                    hi,
-                    fin,
-                    sp.add(u * c * E::DTYPE.nbytes()),
-                    mp.add(u * c * E::DTYPE.nbytes()),
-                    pdiv,
-                    prcp,
-                    pm,
-                );
-                for r in 0..g {
-                    let xr = xu.add(r * c);
-                    let orow = op.add((u * g + r) * c * bpe / 8);
-                    let mut e = 0;
-                    while e < c {
-                        let mut ci = [_mm256_setzero_si256(); 4];
-                        for (j, cij) in ci.iter_mut().enumerate() {
-                            let o = e + 8 * j;
-                            let (d, rc, m) = (
-                                _mm256_loadu_ps(pdiv.as_ptr().add(o)),
-                                _mm256_loadu_ps(prcp.as_ptr().add(o)),
-                                _mm256_loadu_ps(pm.as_ptr().add(o)),
-                            );
-                            *cij = code8::<ASYM>(load8(xr.add(o)), d, rc, m, &k);
-                        }
-                        pack32::<BITS>(ci, orow.add(e * bpe / 8));
-                        e += 32;
+            } else {
+                for gi in 0..ng {
+                    let (a, b) = (gi * g / 8, (gi + 1) * g / 8);
+                    vd[a..b].fill(pdiv[gi]);
+                    vr[a..b].fill(prcp[gi]);
+                    vm[a..b].fill(pm[gi]);
+                }
+                let mut e = 0;
+                while e < n {
+                    let mut ci = [_mm256_setzero_si256(); 4];
+                    for (j, cij) in ci.iter_mut().enumerate() {
+                        let v = e / 8 + j;
+                        let (d, r, m) = (_mm256_set1_ps(vd[v]), _mm256_set1_ps(vr[v]), _mm256_set1_ps(vm[v]));
+                        *cij = code8::<ASYM>(_mm256_loadu_ps(xf.as_ptr().add(e + 8 * j)), d, r, m, &k);
                     }
+                    pack32::<BITS>(ci, ob.add(e * bpe / 8));
+                    e += 32;
                 }
             }
-        });
+            r0 += nr;
+        }
+    } else {
+        let units = x.len() / (g * c);
+        let mut scratch = Scratch::take(6 * c);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(c);
+        for u in 0..units {
+            let xu = x.as_ptr().add(u * g * c);
+            stats_cols(xu, c, g, lo, hi, fin);
+            params::<E>(
+                cfg,
+                c,
+                lo,
+                hi,
+                fin,
+                sp.add(u * c * E::DTYPE.nbytes()),
+                mp.add(u * c * E::DTYPE.nbytes()),
+                pdiv,
+                prcp,
+                pm,
+            );
+            for r in 0..g {
+                let xr = xu.add(r * c);
+                let orow = op.add((u * g + r) * c * bpe / 8);
+                let mut e = 0;
+                while e < c {
+                    let mut ci = [_mm256_setzero_si256(); 4];
+                    for (j, cij) in ci.iter_mut().enumerate() {
+                        let o = e + 8 * j;
+                        let (d, rc, m) = (
+                            _mm256_loadu_ps(pdiv.as_ptr().add(o)),
+                            _mm256_loadu_ps(prcp.as_ptr().add(o)),
+                            _mm256_loadu_ps(pm.as_ptr().add(o)),
+                        );
+                        *cij = code8::<ASYM>(load8(xr.add(o)), d, rc, m, &k);
+                    }
+                    pack32::<BITS>(ci, orow.add(e * bpe / 8));
+                    e += 32;
+                }
+            }
+        }
     }
 }
 
@@ -610,7 +546,7 @@ pub unsafe fn dequant_chunk<E: Elem>(
             }
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 /// Metadata of `n` groups starting at group `g0` widened to f32 (scale, min).
@@ -662,44 +598,42 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
     let (cp, outp) = (codes.as_ptr(), out.as_mut_ptr());
     if cfg.axis == 0 {
         let ng = out.len() / g;
-        with_scratch(2 * ng, |s| {
-            let (ps, pm) = s.split_at_mut(ng);
-            load_meta::<E>(scales, mins, cfg.asym, 0, ng, ps, pm);
-            for gi in 0..ng {
-                let (sv, mv) = (_mm256_set1_ps(ps[gi]), _mm256_set1_ps(pm[gi]));
-                let mut e = gi * g;
-                while e < (gi + 1) * g {
-                    let y = dec8::<ASYM>(codes8::<BITS>(cp, e), sv, mv, off);
+        let mut scratch = Scratch::take(2 * ng);
+        let [ps, pm] = scratch.split(ng);
+        load_meta::<E>(scales, mins, cfg.asym, 0, ng, ps, pm);
+        for gi in 0..ng {
+            let (sv, mv) = (_mm256_set1_ps(ps[gi]), _mm256_set1_ps(pm[gi]));
+            let mut e = gi * g;
+            while e < (gi + 1) * g {
+                let y = dec8::<ASYM>(codes8::<BITS>(cp, e), sv, mv, off);
+                if NT {
+                    store8_nt(outp.add(e), y)
+                } else {
+                    store8(outp.add(e), y)
+                }
+                e += 8;
+            }
+        }
+    } else {
+        let units = out.len() / (g * c);
+        let mut scratch = Scratch::take(2 * c);
+        let [ps, pm] = scratch.split(c);
+        for u in 0..units {
+            load_meta::<E>(scales, mins, cfg.asym, u * c, c, ps, pm);
+            for r in 0..g {
+                let row = (u * g + r) * c;
+                let mut e = 0;
+                while e < c {
+                    let (sv, mv) = (_mm256_loadu_ps(ps.as_ptr().add(e)), _mm256_loadu_ps(pm.as_ptr().add(e)));
+                    let y = dec8::<ASYM>(codes8::<BITS>(cp, row + e), sv, mv, off);
                     if NT {
-                        store8_nt(outp.add(e), y)
+                        store8_nt(outp.add(row + e), y)
                     } else {
-                        store8(outp.add(e), y)
+                        store8(outp.add(row + e), y)
                     }
                     e += 8;
                 }
             }
-        });
-    } else {
-        let units = out.len() / (g * c);
-        with_scratch(2 * c, |s| {
-            let (ps, pm) = s.split_at_mut(c);
-            for u in 0..units {
-                load_meta::<E>(scales, mins, cfg.asym, u * c, c, ps, pm);
-                for r in 0..g {
-                    let row = (u * g + r) * c;
-                    let mut e = 0;
-                    while e < c {
-                        let (sv, mv) = (_mm256_loadu_ps(ps.as_ptr().add(e)), _mm256_loadu_ps(pm.as_ptr().add(e)));
-                        let y = dec8::<ASYM>(codes8::<BITS>(cp, row + e), sv, mv, off);
-                        if NT {
-                            store8_nt(outp.add(row + e), y)
-                        } else {
-                            store8(outp.add(row + e), y)
-                        }
-                        e += 8;
-                    }
-                }
-            }
-        });
+        }
     }
 }

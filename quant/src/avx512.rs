@@ -1,11 +1,12 @@
 //! AVX-512 (F + BW + VL) variants of the hot loops, chosen at run time when the CPU has them and the
-//! shapes allow 16-lane steps; group parameters reuse the AVX2 code (`avx2::params`). Same bytes as the
-//! portable path (tests compare them); only speed differs.
+//! shapes allow 16-lane steps; a tail of fewer than sixteen groups takes the AVX2 parameter code
+//! (`avx2::params`). Same bytes as the portable path (tests compare them); only speed differs.
 
-use crate::avx2::{params, Scratch};
+use crate::avx2::params;
 use crate::elem::Elem;
 use crate::format::{Config, DType};
-use crate::kernel::CodeRange;
+use crate::math::{CodeRange, RCP_MAX, RCP_MIN};
+use crate::scratch::Scratch;
 use std::arch::x86_64::*;
 
 /// Software prefetch distance of the statistics pass (the only pass that reads memory: the code
@@ -32,27 +33,184 @@ unsafe fn load16<E: Elem>(p: *const E) -> __m512 {
     }
 }
 
+/// bfloat16 round-to-nearest-even of 16 floats as u32 lanes (NaN -> canonical 0x7FC0).
 #[inline(always)]
-unsafe fn store16<E: Elem>(p: *mut E, v: __m512) {
+unsafe fn bf16_rne16(v: __m512) -> __m512i {
+    let b = _mm512_castps_si512(v);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0))
+}
+
+/// 16 floats rounded to nearest-even into the 2-byte dtype `E` (bfloat16 NaN made canonical).
+#[inline(always)]
+unsafe fn narrow16<E: Elem>(v: __m512) -> __m256i {
     match E::DTYPE {
-        DType::F16 => _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
-        DType::BF16 => {
-            let b = _mm512_castps_si512(v);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
-            _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
-        }
-        DType::F32 => _mm512_storeu_ps(p as *mut f32, v),
+        DType::BF16 => _mm512_cvtepi32_epi16(bf16_rne16(v)),
+        _ => _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
     }
 }
 
-/// Non-temporal `store16` as two 8-lane halves; `p` 16-byte aligned.
+/// M_up on 16 lanes (values >= 0 or NaN): (stored bit patterns as u32 lanes, their float values).
 #[inline(always)]
-unsafe fn store16_nt<E: Elem>(p: *mut E, v: __m512) {
-    crate::avx2::store8_nt(p, _mm512_castps512_ps256(v));
-    crate::avx2::store8_nt(p.add(8), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+unsafe fn up16<E: Elem>(v: __m512) -> (__m512i, __m512) {
+    match E::DTYPE {
+        DType::F16 => {
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            // lanes that rounded down move to the next value up (+1 on a positive pattern)
+            let low = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_cvtph_ps(h), v);
+            let h = _mm256_mask_add_epi16(h, low, h, _mm256_set1_epi16(1));
+            (_mm512_cvtepu16_epi32(h), _mm512_cvtph_ps(h))
+        }
+        DType::BF16 => {
+            let r = bf16_rne16(v);
+            let low = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(r)), v);
+            let r = _mm512_mask_add_epi32(r, low, r, _mm512_set1_epi32(1));
+            (r, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(r)))
+        }
+        DType::F32 => (_mm512_castps_si512(v), v),
+    }
+}
+
+/// Stores 16 metadata values (u32 lanes of bit patterns) in the dtype's width.
+#[inline(always)]
+unsafe fn store_meta16<E: Elem>(p: *mut u8, bits: __m512i) {
+    match E::DTYPE {
+        DType::F32 => _mm512_storeu_si512(p as *mut _, bits),
+        _ => _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits)),
+    }
+}
+
+/// `avx2::params` sixteen groups at a time (same results; a tail of fewer than sixteen goes to
+/// it). At group 32 the 8-lane version took a tenth of the quantizer's time.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn params16<E: Elem>(
+    cfg: &Config,
+    n: usize,
+    lo: &[f32],
+    hi: &[f32],
+    fin: &[f32],
+    scales: *mut u8,
+    mins: *mut u8,
+    pdiv: &mut [f32],
+    prcp: &mut [f32],
+    pm: &mut [f32],
+) {
+    let es = E::DTYPE.nbytes();
+    let zero = _mm512_setzero_ps();
+    let levels = _mm512_set1_ps(cfg.levels() as f32);
+    let qmax = _mm512_set1_ps(cfg.qmax() as f32);
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    let nan = _mm512_set1_ps(f32::NAN);
+    let nan_bits = _mm512_set1_epi32(E::DTYPE.nan_bits() as i32);
+    let (rlo, rhi) = (_mm512_set1_ps(RCP_MIN), _mm512_set1_ps(RCP_MAX));
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let l = _mm512_loadu_ps(lo.as_ptr().add(i));
+        let h = _mm512_loadu_ps(hi.as_ptr().add(i));
+        let ok = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(_mm512_loadu_ps(fin.as_ptr().add(i)), zero);
+        let s32 = if cfg.asym {
+            _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(h, l), levels), zero)
+        } else {
+            _mm512_add_ps(_mm512_div_ps(_mm512_max_ps(h, _mm512_sub_ps(zero, l)), qmax), zero)
+        };
+        let (sb, sf) = up16::<E>(s32);
+        let sf = _mm512_mask_blend_ps(ok, nan, sf);
+        store_meta16::<E>(scales.add(i * es), _mm512_mask_blend_epi32(ok, nan_bits, sb));
+        let div = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(sf, zero), sf, inf);
+        let safe = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(sf, rlo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(sf, rhi);
+        _mm512_storeu_ps(pdiv.as_mut_ptr().add(i), div);
+        _mm512_storeu_ps(prcp.as_mut_ptr().add(i), _mm512_mask_blend_ps(safe, nan, _mm512_div_ps(one, sf)));
+        if cfg.asym {
+            // the min is an input value, so its conversion to the dtype is exact
+            let m = _mm512_add_ps(l, zero);
+            let mb = match E::DTYPE {
+                DType::F16 => _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(m)),
+                DType::BF16 => _mm512_srli_epi32::<16>(_mm512_castps_si512(m)),
+                DType::F32 => _mm512_castps_si512(m),
+            };
+            store_meta16::<E>(mins.add(i * es), _mm512_mask_blend_epi32(ok, nan_bits, mb));
+            _mm512_storeu_ps(pm.as_mut_ptr().add(i), _mm512_mask_blend_ps(ok, nan, m));
+        } else {
+            _mm512_storeu_ps(pm.as_mut_ptr().add(i), zero);
+        }
+        i += 16;
+    }
+    if i < n {
+        params::<E>(
+            cfg,
+            n - i,
+            &lo[i..],
+            &hi[i..],
+            &fin[i..],
+            scales.add(i * es),
+            mins.add(i * es),
+            &mut pdiv[i..],
+            &mut prcp[i..],
+            &mut pm[i..],
+        );
+    }
+}
+
+/// A chunk's output, written front to back 16 elements per `push`. With `NT` the stores are
+/// non-temporal (`p` 16-byte aligned): a 2-byte dtype goes out in aligned 32-byte stores even when
+/// `p` is 16 mod 32 (numpy's allocations are), each then holding the upper half of one vector and
+/// the lower half of the next. Half as many stores as two 16-byte ones per vector, and the
+/// difference counted: dequantize 1.0x -> 1.3x memcpy (Zen 4, fp16, 256 MiB).
+struct Writer<E, const NT: bool> {
+    p: *mut E,
+    /// the last vector pushed (NT, 2-byte dtypes)
+    carry: __m256i,
+    /// `p` started at 16 mod 32: stores lag 8 elements behind `p`
+    shifted: bool,
+    started: bool,
+}
+
+impl<E: Elem, const NT: bool> Writer<E, NT> {
+    #[inline(always)]
+    unsafe fn new(p: *mut E) -> Self {
+        Writer { p, carry: _mm256_setzero_si256(), shifted: p as usize % 32 != 0, started: false }
+    }
+
+    #[inline(always)]
+    unsafe fn push(&mut self, v: __m512) {
+        if E::DTYPE == DType::F32 {
+            if NT {
+                crate::avx2::store8_nt(self.p, _mm512_castps512_ps256(v));
+                crate::avx2::store8_nt(
+                    self.p.add(8),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                );
+            } else {
+                _mm512_storeu_ps(self.p as *mut f32, v);
+            }
+        } else {
+            let h = narrow16::<E>(v);
+            if !NT {
+                _mm256_storeu_si256(self.p as *mut __m256i, h);
+            } else if !self.shifted {
+                _mm256_stream_si256(self.p as *mut __m256i, h);
+            } else if self.started {
+                _mm256_stream_si256(self.p.sub(8) as *mut __m256i, _mm256_permute2x128_si256::<0x21>(self.carry, h));
+            } else {
+                _mm_stream_si128(self.p as *mut __m128i, _mm256_castsi256_si128(h));
+                self.started = true;
+            }
+            self.carry = h;
+        }
+        self.p = self.p.add(16);
+    }
+
+    /// Writes what a shifted stream still holds (the upper half of the last vector).
+    #[inline(always)]
+    unsafe fn finish(self) {
+        if NT && E::DTYPE != DType::F32 && self.shifted && self.started {
+            _mm_stream_si128(self.p.sub(8) as *mut __m128i, _mm256_extracti128_si256::<1>(self.carry));
+        }
+    }
 }
 
 /// The fast quotient is computed in units of 2^-FRAC_BITS: quotients closer than one unit (2^-12) to a tie
@@ -367,45 +525,76 @@ unsafe fn stats_rows<E: Elem>(x: *const E, g: usize, ng: usize, lo: &mut [f32], 
     }
 }
 
-/// Per-channel (finite, min, max) over `g` rows of `c` (multiple of 32) elements: 32 channels (one
-/// 64-byte line of fp16) at a time down the rows, running values in registers.
+/// Per-channel (finite, min, max) of one tile: `16 * NV` channels down `g` rows of stride `c`,
+/// running values in registers; `pf` is the same tile `TILE_PF_AHEAD` tiles on, prefetched row by row.
+/// Finiteness as in `stats_rows`: an `x * 0` sum per vector, the exact check only when it is NaN.
 #[inline(always)]
-unsafe fn stats_cols32<E: Elem>(x: *const E, c: usize, g: usize, lo: &mut [f32], hi: &mut [f32], fin: &mut [f32]) {
-    let one = _mm512_set1_ps(1.0);
+unsafe fn stats_tile<E: Elem, const NV: usize>(
+    x: *const E,
+    pf: *const E,
+    c: usize,
+    g: usize,
+    lo: &mut [f32],
+    hi: &mut [f32],
+    fin: &mut [f32],
+) {
     let zero = _mm512_setzero_ps();
-    let mut cb = 0;
-    while cb < c {
-        let (mut mn0, mut mx0, mut ac0) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY), zero);
-        let (mut mn1, mut mx1, mut ac1) = (mn0, mx0, zero);
-        for r in 0..g {
-            let p = x.add(r * c + cb);
-            let (v0, v1) = (load16(p), load16(p.add(16)));
-            // sums: non-finite iff some element is (or a float32 sum overflowed: rechecked below)
-            ac0 = _mm512_add_ps(ac0, v0);
-            ac1 = _mm512_add_ps(ac1, v1);
-            mn0 = _mm512_min_ps(mn0, v0);
-            mn1 = _mm512_min_ps(mn1, v1);
-            mx0 = _mm512_max_ps(mx0, v0);
-            mx1 = _mm512_max_ps(mx1, v1);
+    let mut mn = [_mm512_set1_ps(f32::INFINITY); NV];
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); NV];
+    let mut acc = [zero; NV];
+    let row_bytes = 16 * NV * E::DTYPE.nbytes();
+    for r in 0..g {
+        let p = x.add(r * c);
+        let mut b = 0;
+        while b < row_bytes {
+            _mm_prefetch::<_MM_HINT_T1>((pf.wrapping_add(r * c) as *const i8).wrapping_add(b));
+            b += 64;
         }
-        _mm512_storeu_ps(lo.as_mut_ptr().add(cb), mn0);
-        _mm512_storeu_ps(lo.as_mut_ptr().add(cb + 16), mn1);
-        _mm512_storeu_ps(hi.as_mut_ptr().add(cb), mx0);
-        _mm512_storeu_ps(hi.as_mut_ptr().add(cb + 16), mx1);
-        for (h, ac) in [(0usize, ac0), (16, ac1)] {
-            let z = _mm512_mul_ps(ac, zero);
-            let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
-            _mm512_storeu_ps(fin.as_mut_ptr().add(cb + h), one);
-            if bad != 0 {
-                for j in 0..16 {
-                    if bad >> j & 1 != 0 {
-                        let ok = (0..g).all(|r| (*x.add(r * c + cb + h + j)).to_f32().is_finite());
-                        fin[cb + h + j] = ok as u8 as f32;
-                    }
+        for j in 0..NV {
+            let v = load16(p.add(16 * j));
+            acc[j] = _mm512_fmadd_ps(v, zero, acc[j]);
+            mn[j] = _mm512_min_ps(mn[j], v);
+            mx[j] = _mm512_max_ps(mx[j], v);
+        }
+    }
+    for j in 0..NV {
+        _mm512_storeu_ps(lo.as_mut_ptr().add(16 * j), mn[j]);
+        _mm512_storeu_ps(hi.as_mut_ptr().add(16 * j), mx[j]);
+        _mm512_storeu_ps(fin.as_mut_ptr().add(16 * j), _mm512_set1_ps(1.0));
+        let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(acc[j], acc[j]);
+        if bad != 0 {
+            for l in 0..16 {
+                if bad >> l & 1 != 0 {
+                    let ch = 16 * j + l;
+                    fin[ch] = (0..g).all(|r| (*x.add(r * c + ch)).to_f32().is_finite()) as u8 as f32;
                 }
             }
         }
-        cb += 32;
+    }
+}
+
+/// Per-channel tiles are this many channels wide (the last one of a row may be 32): at group 32
+/// and fp16 a tile is 4 KiB, so the code pass re-reads it from L1.
+const TILE_CH: usize = 64;
+/// Tiles ahead that the statistics pass prefetches (into L2), in tile order: along the rows, then
+/// on into the next token group. Two tiles = 8 KiB at fp16 and group 32, as `PF_DIST`.
+const TILE_PF_AHEAD: usize = 2;
+
+/// Codes of one row of a per-channel tile (`NV` = 4: 64 channels, 2: 32) into `out`.
+#[inline(always)]
+unsafe fn tile_row_codes<E: Elem, const BITS: u8, const ASYM: bool, const NV: usize>(
+    xr: *const E,
+    p: &[P; 4],
+    k: &K,
+    out: *mut u8,
+) {
+    if NV == 4 {
+        let v = [load16(xr), load16(xr.add(16)), load16(xr.add(32)), load16(xr.add(48))];
+        pack64::<BITS, false>(codes4::<ASYM>(v, *p, k), out);
+    } else {
+        let v = [load16(xr), load16(xr.add(16))];
+        let q = codes4::<ASYM>([v[0], v[1], v[0], v[1]], [p[0], p[1], p[0], p[1]], k);
+        pack64::<BITS, true>(q, out);
     }
 }
 
@@ -430,7 +619,7 @@ pub unsafe fn quant_chunk<E: Elem>(
             quant_chunk_t::<E, $b, $a>(cfg, c, x, codes, scales, mins)
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -454,12 +643,7 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
         let brows = (2048 / c).max(1);
         let gmax = brows * c / g;
         let mut scratch = Scratch::take(6 * gmax);
-        let s = &mut scratch[..];
-        let (lo, s) = s.split_at_mut(gmax);
-        let (hi, s) = s.split_at_mut(gmax);
-        let (fin, s) = s.split_at_mut(gmax);
-        let (pdiv, s) = s.split_at_mut(gmax);
-        let (prcp, pm) = s.split_at_mut(gmax);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(gmax);
         let mut r0 = 0;
         while r0 < rows {
             let nr = brows.min(rows - r0);
@@ -467,7 +651,7 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
             let ng = n / g;
             let xb = x.as_ptr().add(e0);
             stats_rows(xb, g, ng, lo, hi, fin);
-            params::<E>(cfg, ng, lo, hi, fin, sp.add(e0 / g * es), mp.add(e0 / g * es), pdiv, prcp, pm);
+            params16::<E>(cfg, ng, lo, hi, fin, sp.add(e0 / g * es), mp.add(e0 / g * es), pdiv, prcp, pm);
             scale_rcp(&mut prcp[..ng]);
             let ob = op.add(e0 * bpe / 8);
             // the four vectors from element e (a macro: closures lose the target features). The
@@ -506,40 +690,46 @@ unsafe fn quant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool>(
             r0 += nr;
         }
     } else {
+        // Per-channel groups run down the tokens: tiles of TILE_CH channels x g tokens, each
+        // statistics (in registers), parameters, then codes while the tile is in L1. (Whole token
+        // groups at a time, 64 KiB at group 32 and 1024 channels, left the code pass reading L2.)
         let units = x.len() / (g * c);
-        let mut scratch = Scratch::take(6 * c);
-        let s = &mut scratch[..];
-        let (lo, s) = s.split_at_mut(c);
-        let (hi, s) = s.split_at_mut(c);
-        let (fin, s) = s.split_at_mut(c);
-        let (pdiv, s) = s.split_at_mut(c);
-        let (prcp, pm) = s.split_at_mut(c);
+        let mut scratch = Scratch::take(6 * TILE_CH);
+        let [lo, hi, fin, pdiv, prcp, pm] = scratch.split(TILE_CH);
+        let x0 = x.as_ptr();
         for u in 0..units {
-            let xu = x.as_ptr().add(u * g * c);
-            stats_cols32(xu, c, g, lo, hi, fin);
-            params::<E>(cfg, c, lo, hi, fin, sp.add(u * c * es), mp.add(u * c * es), pdiv, prcp, pm);
-            scale_rcp(&mut prcp[..c]);
-            for r in 0..g {
-                let xr = xu.add(r * c);
-                let orow = op.add((u * g + r) * c * bpe / 8);
-                let mut e = 0;
-                while e + 64 <= c {
-                    let v = [load16(xr.add(e)), load16(xr.add(e + 16)), load16(xr.add(e + 32)), load16(xr.add(e + 48))];
-                    let p = [
-                        P::lanes(pdiv, prcp, pm, e),
-                        P::lanes(pdiv, prcp, pm, e + 16),
-                        P::lanes(pdiv, prcp, pm, e + 32),
-                        P::lanes(pdiv, prcp, pm, e + 48),
-                    ];
-                    pack64::<BITS, false>(codes4::<ASYM>(v, p, &k), orow.add(e * bpe / 8));
-                    e += 64;
+            let mut cb = 0;
+            while cb < c {
+                let w = TILE_CH.min(c - cb);
+                let xt = x0.add(u * g * c + cb);
+                // the tile TILE_PF_AHEAD on: further along these rows, or in the next token group
+                let pcb = cb + TILE_PF_AHEAD * TILE_CH;
+                let pf = if pcb < c { xt.wrapping_add(pcb - cb) } else { x0.wrapping_add((u + 1) * g * c + pcb - c) };
+                if w == 64 {
+                    stats_tile::<E, 4>(xt, pf, c, g, lo, hi, fin);
+                } else {
+                    stats_tile::<E, 2>(xt, pf, c, g, lo, hi, fin);
                 }
-                if e < c {
-                    let v = [load16(xr.add(e)), load16(xr.add(e + 16))];
-                    let p = [P::lanes(pdiv, prcp, pm, e), P::lanes(pdiv, prcp, pm, e + 16)];
-                    let q = codes4::<ASYM>([v[0], v[1], v[0], v[1]], [p[0], p[1], p[0], p[1]], &k);
-                    pack64::<BITS, true>(q, orow.add(e * bpe / 8));
+                let g0 = u * c + cb;
+                params16::<E>(cfg, w, lo, hi, fin, sp.add(g0 * es), mp.add(g0 * es), pdiv, prcp, pm);
+                scale_rcp(&mut prcp[..w]);
+                let p = [
+                    P::lanes(pdiv, prcp, pm, 0),
+                    P::lanes(pdiv, prcp, pm, 16),
+                    P::lanes(pdiv, prcp, pm, 32),
+                    P::lanes(pdiv, prcp, pm, 48),
+                ];
+                for r in 0..g {
+                    let xr = xt.add(r * c);
+                    let out = op.add(((u * g + r) * c + cb) * bpe / 8);
+                    _mm_prefetch::<_MM_HINT_ET0>(out.wrapping_add(TILE_PF_AHEAD * TILE_CH * bpe / 8) as *const i8);
+                    if w == 64 {
+                        tile_row_codes::<E, BITS, ASYM, 4>(xr, &p, &k, out);
+                    } else {
+                        tile_row_codes::<E, BITS, ASYM, 2>(xr, &p, &k, out);
+                    }
                 }
+                cb += w;
             }
         }
     }
@@ -568,7 +758,7 @@ pub unsafe fn dequant_chunk<E: Elem>(
             }
         };
     }
-    crate::kernel::for_bits_asym!(cfg, go);
+    crate::math::for_bits_asym!(cfg, go);
 }
 
 #[inline(always)]
@@ -592,31 +782,26 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
 ) {
     let g = cfg.group_size;
     let off = _mm512_set1_ps(CodeRange::of(cfg).off);
-    let (cp, outp) = (codes.as_ptr(), out.as_mut_ptr());
+    let cp = codes.as_ptr();
+    // both layouts visit the output front to back, 16 elements at a time
+    let mut w = Writer::<E, NT>::new(out.as_mut_ptr());
     if cfg.axis == 0 {
         let ng = out.len() / g;
         let mut scratch = Scratch::take(2 * ng);
-        let s = &mut scratch[..];
-        let (ps, pm) = s.split_at_mut(ng);
+        let [ps, pm] = scratch.split(ng);
         crate::avx2::load_meta::<E>(scales, mins, cfg.asym, 0, ng, ps, pm);
         for gi in 0..ng {
             let (sv, mv) = (_mm512_set1_ps(ps[gi]), _mm512_set1_ps(pm[gi]));
             let mut e = gi * g;
             while e < (gi + 1) * g {
-                let y = dec16::<ASYM>(codes16::<BITS>(cp, e), sv, mv, off);
-                if NT {
-                    store16_nt(outp.add(e), y)
-                } else {
-                    store16(outp.add(e), y)
-                }
+                w.push(dec16::<ASYM>(codes16::<BITS>(cp, e), sv, mv, off));
                 e += 16;
             }
         }
     } else {
         let units = out.len() / (g * c);
         let mut scratch = Scratch::take(2 * c);
-        let s = &mut scratch[..];
-        let (ps, pm) = s.split_at_mut(c);
+        let [ps, pm] = scratch.split(c);
         for u in 0..units {
             crate::avx2::load_meta::<E>(scales, mins, cfg.asym, u * c, c, ps, pm);
             for r in 0..g {
@@ -624,15 +809,11 @@ unsafe fn dequant_chunk_t<E: Elem, const BITS: u8, const ASYM: bool, const NT: b
                 let mut e = 0;
                 while e < c {
                     let (sv, mv) = (_mm512_loadu_ps(ps.as_ptr().add(e)), _mm512_loadu_ps(pm.as_ptr().add(e)));
-                    let y = dec16::<ASYM>(codes16::<BITS>(cp, row + e), sv, mv, off);
-                    if NT {
-                        store16_nt(outp.add(row + e), y)
-                    } else {
-                        store16(outp.add(row + e), y)
-                    }
+                    w.push(dec16::<ASYM>(codes16::<BITS>(cp, row + e), sv, mv, off));
                     e += 16;
                 }
             }
         }
     }
+    w.finish();
 }

@@ -20,7 +20,7 @@ pub trait Elem: Copy + Send + Sync + PartialEq + 'static {
 }
 
 macro_rules! half_like {
-    ($t:ty, $dt:expr, $nan:expr) => {
+    ($t:ty, $dt:expr) => {
         impl Elem for $t {
             const DTYPE: DType = $dt;
             #[inline]
@@ -50,7 +50,7 @@ macro_rules! half_like {
             }
             #[inline]
             fn nan() -> Self {
-                <$t>::from_bits($nan)
+                <$t>::from_bits($dt.nan_bits() as u16)
             }
             #[inline]
             fn zero() -> Self {
@@ -68,8 +68,8 @@ macro_rules! half_like {
     };
 }
 
-half_like!(f16, DType::F16, 0x7E00);
-half_like!(bf16, DType::BF16, 0x7FC0);
+half_like!(f16, DType::F16);
+half_like!(bf16, DType::BF16);
 
 impl Elem for f32 {
     const DTYPE: DType = DType::F32;
@@ -87,7 +87,7 @@ impl Elem for f32 {
     }
     #[inline]
     fn nan() -> Self {
-        f32::from_bits(0x7FC0_0000)
+        f32::from_bits(DType::F32.nan_bits())
     }
     #[inline]
     fn zero() -> Self {

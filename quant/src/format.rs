@@ -77,6 +77,14 @@ impl DType {
             _ => Err(QuantError::type_(format!("dtype must be one of 'float16', 'bfloat16', 'float32', got {s:?}"))),
         }
     }
+    /// The canonical quiet NaN stored for a group holding NaN or Inf (FORMAT.md), as bits.
+    pub fn nan_bits(self) -> u32 {
+        match self {
+            DType::F16 => 0x7E00,
+            DType::BF16 => 0x7FC0,
+            DType::F32 => 0x7FC0_0000,
+        }
+    }
     pub fn from_code(c: u8) -> Option<DType> {
         match c {
             1 => Some(DType::F16),
@@ -108,6 +116,15 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// A shape from a caller's integers (signed: Python passes int64); `Config::validate` checks
+    /// the rest (heads and head_dim >= 1).
+    pub fn new(tokens: i64, heads: i64, head_dim: i64) -> Result<Shape> {
+        let dim = |name: &str, v: i64| {
+            usize::try_from(v).map_err(|_| QuantError::value(format!("{name} must be >= 0, got {v}")))
+        };
+        Ok(Shape { tokens: dim("tokens", tokens)?, heads: dim("heads", heads)?, head_dim: dim("head_dim", head_dim)? })
+    }
+
     /// Elements per token row (`heads * head_dim`); checked by `Layout::new`.
     pub fn row(&self) -> usize {
         self.heads * self.head_dim
@@ -117,24 +134,53 @@ impl Shape {
     }
 }
 
+/// Largest group_size and residual_length: the header stores them as u32.
+const U32_FIELD_MAX: i128 = u32::MAX as i128;
+
+/// The range of each parameter, checked in one place for configurations built by callers
+/// (`Config::new`) and read from headers (`Layout::new`). Values arrive widened (a Python int, a
+/// header's u32) so that a negative or oversized value is reported as given.
+fn check_params(bits: i128, axis: i128, group_size: i128, residual_length: i128) -> Result<()> {
+    if !matches!(bits, 2 | 4 | 8) {
+        return Err(QuantError::value(format!("bits must be 2, 4 or 8, got {bits}")));
+    }
+    if !matches!(axis, 0 | 1) {
+        return Err(QuantError::value(format!("axis must be 0 (per-token) or 1 (per-channel), got {axis}")));
+    }
+    if group_size < 1 {
+        return Err(QuantError::value(format!("group_size must be a positive integer, got {group_size}")));
+    }
+    if group_size > U32_FIELD_MAX {
+        return Err(QuantError::value(format!("group_size must be at most {U32_FIELD_MAX}, got {group_size}")));
+    }
+    if residual_length < 0 {
+        return Err(QuantError::value(format!("residual_length must be >= 0, got {residual_length}")));
+    }
+    if residual_length > U32_FIELD_MAX {
+        return Err(QuantError::value(format!(
+            "residual_length must be at most {U32_FIELD_MAX}, got {residual_length}"
+        )));
+    }
+    Ok(())
+}
+
 impl Config {
-    /// Checks the parameters against a shape; messages name the argument and the expected value.
+    /// A configuration from a caller's integers (signed: Python passes int64), every range checked.
+    pub fn new(bits: i64, asym: bool, axis: i64, group_size: i64, residual_length: i64) -> Result<Config> {
+        check_params(bits.into(), axis.into(), group_size.into(), residual_length.into())?;
+        // in range after the check
+        Ok(Config {
+            bits: bits as u8,
+            asym,
+            axis: axis as u8,
+            group_size: group_size as usize,
+            residual_length: residual_length as usize,
+        })
+    }
+
+    /// Checks the parameters and their fit to a shape; messages name the argument and the expected value.
     pub fn validate(&self, shape: &Shape) -> Result<()> {
-        if !matches!(self.bits, 2 | 4 | 8) {
-            return Err(QuantError::value(format!("bits must be 2, 4 or 8, got {}", self.bits)));
-        }
-        if self.axis > 1 {
-            return Err(QuantError::value(format!("axis must be 0 (per-token) or 1 (per-channel), got {}", self.axis)));
-        }
-        if self.group_size == 0 || self.group_size > u32::MAX as usize {
-            return Err(QuantError::value(format!("group_size must be in 1..=4294967295, got {}", self.group_size)));
-        }
-        if self.residual_length > u32::MAX as usize {
-            return Err(QuantError::value(format!(
-                "residual_length must be in 0..=4294967295, got {}",
-                self.residual_length
-            )));
-        }
+        check_params(self.bits.into(), self.axis.into(), self.group_size as i128, self.residual_length as i128)?;
         if shape.heads == 0 || shape.head_dim == 0 {
             return Err(QuantError::value(format!(
                 "shape must have heads >= 1 and head_dim >= 1, got [{}, {}, {}]",

@@ -1,31 +1,15 @@
-//! The quantize / dequantize kernels: a portable scalar path (also the reference the fast path is
-//! tested against) and an AVX2+FMA+F16C path chosen at run time, so one wheel runs on any x86-64.
+//! The public quantize / dequantize entry points (single blobs and pages) and the choice of kernel
+//! family at run time: AVX-512 (`avx512`), AVX2+FMA+F16C (`avx2`) or the portable code
+//! (`portable`), so one wheel runs on any x86-64 and every family writes the same bytes.
 //!
 //! Work is split into chunks of whole rows (per-token) or whole token groups (per-channel) whose
 //! codes start on a byte boundary; chunks run in parallel on the crate's rayon pool.
 
 use crate::elem::Elem;
 use crate::format::{Config, DType, Header, Layout, QuantError, Result, Shape, HEADER_NBYTES};
+use crate::math::{get_code, CodeRange};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
-
-/// Calls the caller's `go!(BITS, ASYM)` macro with the config's bit width and symmetry as
-/// literals, so a SIMD kernel is monomorphised once per supported combination; the list of
-/// combinations lives here only (`Config` has already rejected any other bit width).
-macro_rules! for_bits_asym {
-    ($cfg:expr, $go:ident) => {
-        match ($cfg.bits, $cfg.asym) {
-            (2, true) => $go!(2, true),
-            (2, false) => $go!(2, false),
-            (4, true) => $go!(4, true),
-            (4, false) => $go!(4, false),
-            (8, true) => $go!(8, true),
-            _ => $go!(8, false),
-        }
-    };
-}
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
-pub(crate) use for_bits_asym;
 
 /// Kernel families, best last.
 pub const SCALAR: u8 = 0;
@@ -76,92 +60,6 @@ pub fn simd_enabled() -> bool {
     simd_level() > SCALAR
 }
 
-/// Per-group parameters derived from the group's statistics.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GroupParams<E> {
-    pub s_store: E,
-    pub m_store: E,
-    /// Divisor for the codes: the scale, or +inf for a zero scale (so every code becomes 0).
-    pub div: f32,
-    /// 1/scale when it is exact enough for the fast quotient, else NaN (which forces the division).
-    pub rcp: f32,
-    pub m: f32,
-}
-
-/// Code range and offset: asymmetric codes are q in [0, 2^b-1]; symmetric q in [-qmax, qmax] stored as q + 2^(b-1).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct CodeRange {
-    pub lo: f32,
-    pub hi: f32,
-    pub off: f32,
-}
-
-impl CodeRange {
-    pub fn of(cfg: &Config) -> CodeRange {
-        if cfg.asym {
-            CodeRange { lo: 0.0, hi: cfg.levels() as f32, off: 0.0 }
-        } else {
-            let q = cfg.qmax() as f32;
-            CodeRange { lo: -q, hi: q, off: cfg.sym_offset() as f32 }
-        }
-    }
-}
-
-/// The normative group math (FORMAT.md): `lo`/`hi` are the group's min and max, `finite` false when it
-/// holds NaN or +-Inf. `+ 0.0` turns a -0.0 into +0.0 so the stored bytes do not depend on which of
-/// two equal zeros a min/max reduction happened to return.
-#[inline]
-pub(crate) fn group_params<E: Elem>(cfg: &Config, finite: bool, lo: f32, hi: f32) -> GroupParams<E> {
-    if !finite {
-        let n = E::nan();
-        return GroupParams { s_store: n, m_store: n, div: f32::NAN, rcp: f32::NAN, m: f32::NAN };
-    }
-    let (s32, m_store) = if cfg.asym {
-        ((hi - lo) / cfg.levels() as f32 + 0.0, E::from_f32(lo + 0.0))
-    } else {
-        (hi.max(-lo) / cfg.qmax() as f32 + 0.0, E::zero())
-    };
-    let s_store = E::up(s32);
-    let s = s_store.to_f32();
-    let div = if s == 0.0 { f32::INFINITY } else { s };
-    // Outside this range 1/s loses precision (subnormal) or overflows; NaN sends those groups to the
-    // exact division.
-    let rcp = if (1.0e-37..=1.0e37).contains(&s) { 1.0 / s } else { f32::NAN };
-    let m = if cfg.asym { m_store.to_f32() } else { 0.0 };
-    GroupParams { s_store, m_store, div, rcp, m }
-}
-
-/// One code: `clamp(round_half_even((x - m) / div))`, a NaN quotient giving 0.
-#[inline]
-pub(crate) fn code_of(x: f32, div: f32, m: f32, r: CodeRange) -> u32 {
-    let t = (x - m) / div;
-    let t = if t.is_nan() { 0.0 } else { t };
-    (t.round_ties_even().max(r.lo).min(r.hi) + r.off) as u32
-}
-
-#[inline]
-fn put_code(codes: &mut [u8], idx: usize, bits: u8, code: u32) {
-    let bit = idx * bits as usize;
-    codes[bit / 8] |= (code << (bit % 8)) as u8;
-}
-
-#[inline]
-pub(crate) fn get_code(codes: &[u8], idx: usize, bits: u8) -> u32 {
-    let bit = idx * bits as usize;
-    ((codes[bit / 8] >> (bit % 8)) as u32) & ((1u32 << bits) - 1)
-}
-
-fn stats_scalar<E: Elem>(xs: impl Iterator<Item = E>) -> (bool, f32, f32) {
-    let (mut fin, mut lo, mut hi) = (true, f32::INFINITY, f32::NEG_INFINITY);
-    for v in xs {
-        let f = v.to_f32();
-        fin &= f.is_finite();
-        lo = lo.min(f);
-        hi = hi.max(f);
-    }
-    (fin, lo, hi)
-}
-
 /// The kernel family for chunks with row length `c` under `cfg`.
 fn fast_ok(cfg: &Config, c: usize) -> u8 {
     let level = simd_level();
@@ -169,7 +67,8 @@ fn fast_ok(cfg: &Config, c: usize) -> u8 {
     if level >= AVX512 && crate::avx512::fits(cfg, c) {
         return AVX512;
     }
-    if level >= AVX2 && c % 32 == 0 && (cfg.axis == 1 || cfg.group_size % 8 == 0) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= AVX2 && crate::avx2::fits(cfg, c) {
         return AVX2;
     }
     SCALAR
@@ -195,59 +94,7 @@ fn quant_chunk<E: Elem>(
         _ => {}
     }
     let _ = fast;
-    let g = cfg.group_size;
-    let es = E::DTYPE.nbytes();
-    let bits = cfg.bits;
-    let range = CodeRange::of(cfg);
-    codes.fill(0);
-    if cfg.axis == 0 {
-        for gi in 0..x.len() / g {
-            let xs = &x[gi * g..(gi + 1) * g];
-            let (fin, lo, hi) = stats_scalar(xs.iter().copied());
-            let p = group_params::<E>(cfg, fin, lo, hi);
-            p.s_store.put(&mut scales[gi * es..]);
-            if cfg.asym {
-                p.m_store.put(&mut mins[gi * es..]);
-            }
-            for (j, v) in xs.iter().enumerate() {
-                put_code(codes, gi * g + j, bits, code_of(v.to_f32(), p.div, p.m, range));
-            }
-        }
-    } else {
-        let units = x.len() / (g * c);
-        let (mut lo, mut hi, mut fin) = (vec![0f32; c], vec![0f32; c], vec![0u8; c]);
-        let (mut pdiv, mut pm) = (vec![0f32; c], vec![0f32; c]);
-        for u in 0..units {
-            let xu = &x[u * g * c..(u + 1) * g * c];
-            lo.fill(f32::INFINITY);
-            hi.fill(f32::NEG_INFINITY);
-            fin.fill(1);
-            for r in 0..g {
-                for ch in 0..c {
-                    let f = xu[r * c + ch].to_f32();
-                    fin[ch] &= f.is_finite() as u8;
-                    lo[ch] = lo[ch].min(f);
-                    hi[ch] = hi[ch].max(f);
-                }
-            }
-            for ch in 0..c {
-                let p = group_params::<E>(cfg, fin[ch] != 0, lo[ch], hi[ch]);
-                let gi = u * c + ch;
-                p.s_store.put(&mut scales[gi * es..]);
-                if cfg.asym {
-                    p.m_store.put(&mut mins[gi * es..]);
-                }
-                pdiv[ch] = p.div;
-                pm[ch] = p.m;
-            }
-            for r in 0..g {
-                let row = u * g + r;
-                for (ch, v) in xu[r * c..(r + 1) * c].iter().enumerate() {
-                    put_code(codes, row * c + ch, bits, code_of(v.to_f32(), pdiv[ch], pm[ch], range));
-                }
-            }
-        }
-    }
+    crate::portable::quant_chunk(cfg, c, x, codes, scales, mins)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -269,39 +116,7 @@ fn dequant_chunk<E: Elem>(
         _ => {}
     }
     let _ = (fast, nt);
-    let g = cfg.group_size;
-    let es = E::DTYPE.nbytes();
-    let bits = cfg.bits;
-    let off = CodeRange::of(cfg).off;
-    let meta = |gi: usize| -> (f32, f32) {
-        let s = E::get(&scales[gi * es..]).to_f32();
-        let m = if cfg.asym { E::get(&mins[gi * es..]).to_f32() } else { 0.0 };
-        (s, m)
-    };
-    // x_hat = q * s + m in f32 (not fused), rounded once to the output dtype
-    if cfg.axis == 0 {
-        for gi in 0..out.len() / g {
-            let (s, m) = meta(gi);
-            for j in 0..g {
-                let i = gi * g + j;
-                out[i] = E::from_f32((get_code(codes, i, bits) as f32 - off) * s + m);
-            }
-        }
-    } else {
-        let units = out.len() / (g * c);
-        let (mut ps, mut pm) = (vec![0f32; c], vec![0f32; c]);
-        for u in 0..units {
-            for ch in 0..c {
-                (ps[ch], pm[ch]) = meta(u * c + ch);
-            }
-            for r in 0..g {
-                let row = u * g + r;
-                for (ch, y) in out[row * c..(row + 1) * c].iter_mut().enumerate() {
-                    *y = E::from_f32((get_code(codes, row * c + ch, bits) as f32 - off) * ps[ch] + pm[ch]);
-                }
-            }
-        }
-    }
+    crate::portable::dequant_chunk(cfg, c, codes, scales, mins, out)
 }
 
 /// A raw pointer that may cross threads; each chunk touches a disjoint range of it.
@@ -527,6 +342,9 @@ fn check_ids(ids: &[i64], rows: usize) -> Result<Vec<usize>> {
 
 fn page_shape(total_tokens: usize, n: usize, heads: usize, head_dim: usize) -> Result<Shape> {
     if n == 0 {
+        if total_tokens != 0 {
+            return Err(QuantError::value(format!("x/out has {total_tokens} tokens but page_ids is empty")));
+        }
         return Ok(Shape { tokens: 0, heads, head_dim });
     }
     if total_tokens % n != 0 {

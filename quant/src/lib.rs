@@ -14,6 +14,9 @@ mod avx512;
 pub mod elem;
 pub mod format;
 pub mod kernel;
+mod math;
+mod portable;
+mod scratch;
 pub mod threads;
 
 #[cfg(feature = "python")]

@@ -38,12 +38,19 @@ fn pool() -> Arc<ThreadPool> {
     p
 }
 
-/// Sets the number of worker threads (>= 1) used by later calls.
-pub fn set_num_threads(n: usize) -> Result<()> {
-    if n == 0 || n > 4096 {
-        return Err(QuantError::value(format!("n must be in 1..=4096 threads, got {n}")));
+/// Most threads a pool may have (far above any core count; keeps a typo from starting a million).
+pub const MAX_THREADS: i64 = 4096;
+
+/// Sets the number of worker threads (1..=`MAX_THREADS`) used by later calls. Signed because
+/// Python passes int64: the range check lives here only.
+pub fn set_num_threads(n: i64) -> Result<()> {
+    if n < 1 {
+        return Err(QuantError::value(format!("n must be >= 1, got {n}")));
     }
-    let p = build(n)?;
+    if n > MAX_THREADS {
+        return Err(QuantError::value(format!("n must be at most {MAX_THREADS}, got {n}")));
+    }
+    let p = build(n as usize)?;
     *POOL.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
     Ok(())
 }

@@ -194,6 +194,57 @@ fn simd_and_scalar_paths_give_identical_bytes() {
     }
 }
 
+fn as_bytes<E: Elem>(x: &[E]) -> &[u8] {
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+/// Dequantizes `blob` into a window of a larger buffer that starts `shift` bytes past a 64-byte
+/// boundary; returns the window's bytes, after checking that nothing around it was written.
+fn dequantize_at<E: Elem>(blob: &[u8], n: usize, shift: usize) -> Vec<u8> {
+    let es = std::mem::size_of::<E>();
+    let canary = E::from_f32(7.0);
+    let mut buf = vec![canary; n + 128 / es];
+    let lead = (64 - buf.as_ptr() as usize % 64) % 64 + shift;
+    assert_eq!(lead % es, 0);
+    let start = lead / es;
+    dequantize_into(blob, &mut buf[start..start + n]).unwrap();
+    assert!(buf[..start].iter().chain(&buf[start + n..]).all(|&v| v == canary), "wrote outside the output");
+    as_bytes(&buf[start..start + n]).to_vec()
+}
+
+fn streamed_output_equals_portable<E: Elem>(x: &[E], sh: &Shape) {
+    let n = x.len();
+    for c in [cfg(4, true, 0, 64, 0), cfg(2, false, 1, 32, 0)] {
+        let blob = quantize(x, sh, &c).unwrap();
+        set_force_scalar(true);
+        let want = dequantize_at::<E>(&blob, n, 0);
+        for level in [AVX2, AVX512] {
+            set_max_simd_level(level);
+            if simd_level() != level {
+                continue;
+            }
+            // 16 bytes past a 32-byte boundary is numpy's usual alignment: the shifted stream
+            for shift in [0, 16, 32, 48] {
+                assert!(dequantize_at::<E>(&blob, n, shift) == want, "level {level} shift {shift} {c:?}");
+            }
+        }
+        set_force_scalar(false);
+    }
+}
+
+/// Outputs of 8 MiB and more are written with non-temporal stores (32-byte ones for 2-byte dtypes,
+/// shifted by half a vector when the output is 16 mod 32): same bytes as the portable path at
+/// every 16-byte alignment, nothing written around the output.
+#[test]
+fn large_outputs_streamed_at_any_16_byte_alignment() {
+    let _g = PATH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let sh = Shape { tokens: 2048, heads: 16, head_dim: 128 }; // 4 Mi elements: 8 MiB of fp16
+    let v = rand_vals(77, sh.numel().unwrap());
+    streamed_output_equals_portable(&v.iter().map(|&f| f16::from_f32(f)).collect::<Vec<_>>(), &sh);
+    streamed_output_equals_portable(&v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>(), &sh);
+    streamed_output_equals_portable(&v, &sh);
+}
+
 /// Rows of 96 elements: the AVX-512 code pass steps 64 elements and ends each row (per-channel) or
 /// block (per-token, group 32) with a half step; half of the groups hold values on a grid of
 /// half-steps, so many quotients are exact ties or within 2^-12 of one (the fast path must give
@@ -281,6 +332,27 @@ fn config_errors_name_the_argument() {
     assert!(e.msg.contains("axis"), "{}", e.msg);
     let e = quantize(&x, &sh, &cfg(4, true, 0, 0, 0)).unwrap_err();
     assert!(e.msg.contains("group_size"), "{}", e.msg);
+}
+
+/// Caller integers (Python passes int64) are range-checked by the core, and a struct-built config
+/// with the same value gets the same message: the checks live in one place.
+#[test]
+fn caller_parameters_are_checked_by_the_core() {
+    let msg = |r: Result<Config>| r.unwrap_err().msg;
+    assert_eq!(msg(Config::new(3, true, 0, 32, 0)), "bits must be 2, 4 or 8, got 3");
+    assert_eq!(msg(Config::new(4, true, -1, 32, 0)), "axis must be 0 (per-token) or 1 (per-channel), got -1");
+    assert_eq!(msg(Config::new(4, true, 0, 0, 0)), "group_size must be a positive integer, got 0");
+    assert_eq!(msg(Config::new(4, true, 0, 1 << 32, 0)), "group_size must be at most 4294967295, got 4294967296");
+    assert_eq!(msg(Config::new(4, true, 0, 32, -1)), "residual_length must be >= 0, got -1");
+    assert_eq!(msg(Config::new(4, true, 0, 32, 1 << 32)), "residual_length must be at most 4294967295, got 4294967296");
+    assert_eq!(Config::new(4, false, 1, 32, 7).unwrap(), cfg(4, false, 1, 32, 7));
+    let sh = Shape { tokens: 4, heads: 1, head_dim: 64 };
+    assert_eq!(cfg(4, true, 0, 0, 0).validate(&sh).unwrap_err().msg, "group_size must be a positive integer, got 0");
+    assert_eq!(Shape::new(-1, 1, 64).unwrap_err().msg, "tokens must be >= 0, got -1");
+    assert_eq!(Shape::new(1, 1, -64).unwrap_err().msg, "head_dim must be >= 0, got -64");
+    assert_eq!(Shape::new(4, 1, 64).unwrap(), sh);
+    assert_eq!(set_num_threads(-1).unwrap_err().msg, "n must be >= 1, got -1");
+    assert_eq!(set_num_threads(5000).unwrap_err().msg, "n must be at most 4096, got 5000");
 }
 
 #[test]

@@ -455,6 +455,8 @@ def test_pages_errors_and_no_partial_success():
         ValueError, match=r"out has 48 tokens, expected a multiple of len\(page_ids\) = 5"
     ):
         kq.dequantize_pages(dst, np.array([4, 1, 2, 0, 3]), out, **cfg)
+    with pytest.raises(ValueError, match="out has 48 tokens but page_ids is empty"):
+        kq.dequantize_pages(dst, np.array([], np.int64), out, **cfg)
     assert (out == 9).all()
     with pytest.raises(ValueError, match="must not share memory"):
         kq.quantize_pages(x, x.view(np.uint8).reshape(n * P, -1)[:5], ids, page_tokens=P, **cfg)
