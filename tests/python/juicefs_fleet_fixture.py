@@ -249,3 +249,37 @@ def make_fleet():
     finally:
         for f in made:
             f.destroy()
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def fill_random(pool, seed: int = 0) -> None:
+    """Random bytes in every host page of ``pool``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    raw = pool.kv_buffer.view(torch.uint8)
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+
+
+def page_bytes(pool, page: int) -> bytes:
+    import torch
+
+    flat = pool.get_data_page(page * pool.page_size, flat=True)
+    return flat.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def indices(pool, pages):
+    """Host token indices of whole pages, the shape batch_get_v1 / batch_set_v1 take."""
+    import torch
+
+    ps = pool.page_size
+    return torch.cat([torch.arange(p * ps, (p + 1) * ps) for p in pages])
+
+
+def keys_for(prefix: str, n: int) -> List[str]:
+    """Page keys shaped like SGLang's (SHA-256 hex)."""
+    import hashlib
+
+    return [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(n)]
