@@ -142,6 +142,7 @@ pub fn group(era: Era) -> Option<Group> {
             backend_module!("backend-options", "options.py"),
             backend_module!("backend-page-file", "page_file.py"),
             backend_module!("backend-volume", "volume.py"),
+            backend_module!("backend-eviction", "eviction.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",

@@ -560,7 +560,8 @@ def test_capacity_refuses_new_pages_when_full(mnt):
     fill_random(pool, seed=16)
     probe = backend(mnt, pool)
     per_page = HEADER_SIZE + probe.page_bytes
-    b = backend(mnt, pool, capacity_bytes=2 * per_page, root_dir="cap")
+    # High watermark 1: no eviction, so a full namespace refuses.
+    b = backend(mnt, pool, capacity_bytes=2 * per_page, root_dir="cap", high_watermark=1.0)
     keys = keys_for("cap", 3)
     assert b.batch_set_v1(keys, indices(pool, [0, 1, 2])) == [True, True, False]
     assert b.counters["set_refused"] == 1

@@ -28,7 +28,7 @@ from juicefs_fleet_fixture import (  # noqa: E402,F401  (fleet, make_fleet: fixt
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
 
-from kvtuner_hicache.juicefs_storage import JuiceFSStorage  # noqa: E402
+from kvtuner_hicache.juicefs import JuiceFSStorage  # noqa: E402
 
 
 def server(mount, pool, root, **kw) -> JuiceFSStorage:
@@ -45,7 +45,7 @@ def root(request):
 
 
 def test_fleet_is_one_volume_on_redis(fleet):
-    from kvtuner_hicache.juicefs_storage import mount_fstype
+    from kvtuner_hicache.juicefs import mount_fstype
 
     assert fleet.redis.url.startswith("redis://127.0.0.1:")
     assert [mount_fstype(m)[1] for m in fleet.mnts] == ["fuse.juicefs"] * 2
