@@ -36,8 +36,10 @@ def redis_server_binary() -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
             pytest.skip(f"redis-server could not be installed: {proc.stderr.strip()[-400:]}")
@@ -82,13 +84,32 @@ class RedisServer:
         for _ in range(5):  # the free port may be taken between probe and bind
             port = self.port or free_port()
             proc = subprocess.Popen(
-                [self.binary, "--port", str(port), "--bind", "127.0.0.1",
-                 "--protected-mode", "yes", "--dir", str(self.workdir),
-                 "--maxmemory-policy", "noeviction", "--save", "",
-                 # The append-only file brings the metadata back after stop() / start().
-                 "--appendonly", "yes", "--appendfsync", "everysec",
-                 "--logfile", str(self.workdir / "redis.log")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    self.binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--protected-mode",
+                    "yes",
+                    "--dir",
+                    str(self.workdir),
+                    "--maxmemory-policy",
+                    "noeviction",
+                    "--save",
+                    "",
+                    # The append-only file brings the metadata back after stop() / start().
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--logfile",
+                    str(self.workdir / "redis.log"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and proc.poll() is None:
                 if redis_ping(port):
@@ -98,7 +119,9 @@ class RedisServer:
             proc.kill()
             proc.wait()
         log = self.workdir / "redis.log"
-        raise RuntimeError(f"redis-server did not start: {log.read_text()[-600:] if log.exists() else ''}")
+        raise RuntimeError(
+            f"redis-server did not start: {log.read_text()[-600:] if log.exists() else ''}"
+        )
 
     def stop(self) -> None:
         """Clean shutdown (SIGTERM: the append-only file is flushed); same port on restart."""
@@ -127,18 +150,37 @@ class Mount:
     def mount(self) -> None:
         os.makedirs(self.path, exist_ok=True)
         proc = subprocess.run(
-            [self.binary, "mount", "-d", "--no-usage-report", "--cache-dir", self.cache,
-             "--log", self.log, *self.options, self.meta, self.path],
-            capture_output=True, text=True, timeout=120)
+            [
+                self.binary,
+                "mount",
+                "-d",
+                "--no-usage-report",
+                "--cache-dir",
+                self.cache,
+                "--log",
+                self.log,
+                *self.options,
+                self.meta,
+                self.path,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0 or not is_juicefs_mount(self.path):
             tail = Path(self.log).read_text()[-600:] if os.path.exists(self.log) else ""
-            raise RuntimeError(f"juicefs mount failed ({proc.returncode}): "
-                               f"{proc.stderr.strip()[-600:]} {tail}")
+            raise RuntimeError(
+                f"juicefs mount failed ({proc.returncode}): {proc.stderr.strip()[-600:]} {tail}"
+            )
 
     def umount(self) -> None:
         if is_juicefs_mount(self.path):
-            subprocess.run([self.binary, "umount", "--force", self.path],
-                           capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                [self.binary, "umount", "--force", self.path],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             for _ in range(50):  # the FUSE daemon exits asynchronously
                 if not is_juicefs_mount(self.path):
                     break
@@ -178,8 +220,9 @@ class Fleet:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def create_fleet(name: str = "kvfleet", servers: int = 2,
-                 options: Optional[List[str]] = None) -> Fleet:
+def create_fleet(
+    name: str = "kvfleet", servers: int = 2, options: Optional[List[str]] = None
+) -> Fleet:
     """Start Redis, format a volume on it (trash off) and mount it ``servers`` times."""
     reason = _fuse_unavailable()
     if reason:
@@ -191,16 +234,36 @@ def create_fleet(name: str = "kvfleet", servers: int = 2,
     try:
         fleet.redis.start()
         proc = subprocess.run(
-            [binary, "format", "--storage", "file", "--bucket", f"{base}/bucket/",
-             "--trash-days", "0", fleet.redis.url, name],
-            capture_output=True, text=True, timeout=120)
+            [
+                binary,
+                "format",
+                "--storage",
+                "file",
+                "--bucket",
+                f"{base}/bucket/",
+                "--trash-days",
+                "0",
+                fleet.redis.url,
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"juicefs format failed: {proc.stderr.strip()[-600:]}")
         for i in range(servers):
             server = chr(ord("a") + i)
-            fleet.mounts.append(Mount(binary, fleet.redis.url, str(base / f"mnt-{server}"),
-                                      str(base / f"cache-{server}"), str(base / f"{server}.log"),
-                                      list(options if options is not None else MOUNT_OPTIONS)))
+            fleet.mounts.append(
+                Mount(
+                    binary,
+                    fleet.redis.url,
+                    str(base / f"mnt-{server}"),
+                    str(base / f"cache-{server}"),
+                    str(base / f"{server}.log"),
+                    list(options if options is not None else MOUNT_OPTIONS),
+                )
+            )
             fleet.mounts[-1].mount()
     except RuntimeError as e:
         fleet.destroy()
@@ -238,8 +301,9 @@ def make_fleet():
     """Factory for private fleets (tests that stop Redis or unmount); destroyed after the test."""
     made: List[Fleet] = []
 
-    def factory(name: str = "kvprivfleet", servers: int = 2,
-                options: Optional[List[str]] = None) -> Fleet:
+    def factory(
+        name: str = "kvprivfleet", servers: int = 2, options: Optional[List[str]] = None
+    ) -> Fleet:
         f = create_fleet(name, servers, options)
         made.append(f)
         return f

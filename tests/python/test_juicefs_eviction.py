@@ -17,9 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-from juicefs_fleet_fixture import (  # noqa: E402,F401  (fleet: a fixture)
+from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
-    fleet,
     indices,
     keys_for,
     page_bytes,
@@ -73,8 +72,13 @@ def snapshot(ns_dir):
 
 
 def test_options_are_validated(tmp_path):
-    for bad in ({"high_watermark": 1.5}, {"low_watermark": 0}, {"high_watermark": 0.8,
-                "low_watermark": 0.9}, {"evict_interval": 0}, {"recency_resolution": -1}):
+    for bad in (
+        {"high_watermark": 1.5},
+        {"low_watermark": 0},
+        {"high_watermark": 0.8, "low_watermark": 0.9},
+        {"evict_interval": 0},
+        {"recency_resolution": -1},
+    ):
         with pytest.raises(ValueError, match="|".join(bad)):
             JuiceFSStorage(storage_config(str(tmp_path), capacity_bytes="1GiB", **bad), {})
     ok = JuiceFSStorage(storage_config(str(tmp_path), capacity_bytes="1GiB"), {}).options
@@ -90,8 +94,9 @@ def test_two_servers_fill_past_high_watermark_lru_pages_go(fleet, root, caplog):
     b = server(fleet.mnts[1], pools[1], root, capacity_bytes=cap, **QUIET)
     file_bytes = HEADER_SIZE + a.page_bytes
     # Another namespace on the same volume and root, with the same capacity: never touched.
-    other = server(fleet.mnts[0], make_mha_host_pool(), root, model="org/other", capacity_bytes=cap,
-                   **QUIET)
+    other = server(
+        fleet.mnts[0], make_mha_host_pool(), root, model="org/other", capacity_bytes=cap, **QUIET
+    )
     other_keys = keys_for("other", 12)
     assert other.batch_set_v1(other_keys, indices(other.mem_pool_host, range(12))) == [True] * 12
     other_before = snapshot(other.ns_dir)
@@ -100,7 +105,7 @@ def test_two_servers_fill_past_high_watermark_lru_pages_go(fleet, root, caplog):
     # pages at once: 50 pages > 38 (high), so 16 must go, and only cold old pages qualify.
     old = keys_for("old", 30)
     for i in range(0, 30, 10):
-        assert a.batch_set_v1(old[i:i + 10], indices(pools[0], range(10))) == [True] * 10
+        assert a.batch_set_v1(old[i : i + 10], indices(pools[0], range(10))) == [True] * 10
     expected = {k: page_bytes(pools[0], i % 10) for i, k in enumerate(old)}
     time.sleep(0.05)  # hot reads strictly later than every old write
     hot = old[5:15]
@@ -116,8 +121,10 @@ def test_two_servers_fill_past_high_watermark_lru_pages_go(fleet, root, caplog):
         return srv.batch_set_v1(keys, indices(srv.mem_pool_host, range(10)))
 
     results = {}
-    threads = [threading.Thread(target=lambda s=s, k=k: results.__setitem__(id(s), fill(s, k)))
-               for s, k in ((a, new_a), (b, new_b))]
+    threads = [
+        threading.Thread(target=lambda s=s, k=k: results.__setitem__(id(s), fill(s, k)))
+        for s, k in ((a, new_a), (b, new_b))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -146,8 +153,12 @@ def test_two_servers_fill_past_high_watermark_lru_pages_go(fleet, root, caplog):
     passes = {}
     try:
         barrier = threading.Barrier(2)
-        workers = [threading.Thread(target=lambda s=s: (barrier.wait(), passes.__setitem__(
-            id(s), s.maintain()))) for s in (a, b)]
+        workers = [
+            threading.Thread(
+                target=lambda s=s: (barrier.wait(), passes.__setitem__(id(s), s.maintain()))
+            )
+            for s in (a, b)
+        ]
         for t in workers:
             t.start()
         for t in workers:
@@ -282,9 +293,11 @@ def test_closed_log_epochs_fold_into_a_checkpoint(fleet, root):
     a.evictor.epoch_seconds = 0.3  # epochs close within the test (600 s in service)
     keys = keys_for("fold", 18)
     # Same story as the restart test, each step flushed into its own epoch.
-    for step in (lambda: a.batch_set_v1(keys[:6], indices(pool, range(6))),
-                 lambda: a.batch_set_v1(keys[6:], indices(pool, range(12))),
-                 lambda: a.batch_get_v1(keys[:3], indices(pool, [13, 14, 15]))):
+    for step in (
+        lambda: a.batch_set_v1(keys[:6], indices(pool, range(6))),
+        lambda: a.batch_set_v1(keys[6:], indices(pool, range(12))),
+        lambda: a.batch_get_v1(keys[:3], indices(pool, [13, 14, 15])),
+    ):
         assert all(step())
         assert a.flush_access_log()
         time.sleep(0.35)

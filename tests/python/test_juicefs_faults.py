@@ -17,11 +17,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-from juicefs_fleet_fixture import (  # noqa: E402,F401  (make_fleet: a fixture)
+from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
     indices,
     keys_for,
-    make_fleet,
     page_bytes,
 )
 
@@ -53,8 +52,7 @@ def test_redis_down_gives_misses_then_service_resumes(make_fleet):
     fill_random(pool_a, seed=41)
     cap = 100 * (HEADER_SIZE + pool_a.page_size * pool_a.size_per_token)
     # A runs its maintenance thread (access log, lease, passes) all along.
-    a = server(f.mnts[0], pool_a, capacity_bytes=cap, evict_interval=0.5,
-               access_flush_interval=0.2)
+    a = server(f.mnts[0], pool_a, capacity_bytes=cap, evict_interval=0.5, access_flush_interval=0.2)
     b = server(f.mnts[1], pool_b)
     keys = keys_for("redis", 4)
     expected = [page_bytes(pool_a, p) for p in range(4)]

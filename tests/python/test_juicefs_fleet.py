@@ -16,12 +16,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-from juicefs_fleet_fixture import (  # noqa: E402,F401  (fleet, make_fleet: fixtures)
+from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
-    fleet,
     indices,
     keys_for,
-    make_fleet,
     page_bytes,
 )
 
@@ -107,9 +105,11 @@ def test_restarted_server_serves_old_pages_and_other_configs_never_see_them(make
     # Another quantization config, another model, another TP rank: never the old pages.
     quant = make_mha_host_pool()
     quant.kvtuner_namespace_tag = lambda: "bf16-k4v4-g64"
-    others = [server(f.mnts[1], quant, "fleet"),
-              server(f.mnts[1], make_mha_host_pool(), "fleet", model="org/other-model"),
-              server(f.mnts[1], make_mha_host_pool(), "fleet", tp_rank=1, tp_size=2)]
+    others = [
+        server(f.mnts[1], quant, "fleet"),
+        server(f.mnts[1], make_mha_host_pool(), "fleet", model="org/other-model"),
+        server(f.mnts[1], make_mha_host_pool(), "fleet", tp_rank=1, tp_size=2),
+    ]
     for other in others:
         assert other.batch_exists(keys) == 0
         assert other.batch_get_v1(keys[:2], indices(other.mem_pool_host, [0, 1])) == [False] * 2

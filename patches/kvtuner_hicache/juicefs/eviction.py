@@ -108,9 +108,19 @@ class PassResult:
 class NamespaceEvictor:
     """Access logging, the evictor lease and eviction passes for one namespace directory."""
 
-    def __init__(self, ns_dir: str, page_file_bytes: int, capacity: int, high: float,
-                 low: float, executor: Executor, *, resolution: float = 60.0,
-                 lease_seconds: float = 30.0, stale_tmp_age: float = 3600.0):
+    def __init__(
+        self,
+        ns_dir: str,
+        page_file_bytes: int,
+        capacity: int,
+        high: float,
+        low: float,
+        executor: Executor,
+        *,
+        resolution: float = 60.0,
+        lease_seconds: float = 30.0,
+        stale_tmp_age: float = 3600.0,
+    ):
         self.ns_dir = ns_dir
         self.page_file_bytes = page_file_bytes
         self.capacity = capacity
@@ -189,8 +199,9 @@ class NamespaceEvictor:
 
     def _create_lease(self) -> bool:
         try:
-            fd = os.open(self.lease_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o644)
+            fd = os.open(
+                self.lease_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
         except FileExistsError:
             return False
         try:
@@ -228,8 +239,11 @@ class NamespaceEvictor:
                 os.unlink(stale)
                 return False
             os.unlink(stale)
-            logger.info("juicefs backend: taking over the expired evictor lease of %s in %s",
-                        owner, self.ns_dir)
+            logger.info(
+                "juicefs backend: taking over the expired evictor lease of %s in %s",
+                owner,
+                self.ns_dir,
+            )
             return self._create_lease()
         except OSError as e:
             logger.warning("juicefs backend: evictor lease %s: %s", self.lease_path, e)
@@ -254,9 +268,17 @@ class NamespaceEvictor:
 
     def _publish_usage(self, usage: int, pages: int) -> None:
         try:
-            _write_replace(self.usage_path, json.dumps({
-                "bytes": usage, "pages": pages, "time": time.time(), "owner": self.owner,
-            }).encode())
+            _write_replace(
+                self.usage_path,
+                json.dumps(
+                    {
+                        "bytes": usage,
+                        "pages": pages,
+                        "time": time.time(),
+                        "owner": self.owner,
+                    }
+                ).encode(),
+            )
         except OSError as e:
             logger.warning("juicefs backend: could not publish usage: %s", e)
 
@@ -273,7 +295,10 @@ class NamespaceEvictor:
                         names.append(f"{shard}/{entry.name}")
                     elif entry.name.startswith(TMP_PREFIX):
                         try:
-                            if now - entry.stat(follow_symlinks=False).st_mtime > self.stale_tmp_age:
+                            if (
+                                now - entry.stat(follow_symlinks=False).st_mtime
+                                > self.stale_tmp_age
+                            ):
                                 os.unlink(entry.path)
                         except OSError:
                             pass
@@ -308,8 +333,9 @@ class NamespaceEvictor:
         for e in epochs:
             directory = os.path.join(self.lru_dir, str(e))
             try:
-                files += [os.path.join(directory, n) for n in os.listdir(directory)
-                          if n.endswith(".log")]
+                files += [
+                    os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".log")
+                ]
             except FileNotFoundError:
                 continue
 
@@ -369,10 +395,11 @@ class NamespaceEvictor:
             victims = live[:need]
             for i in range(0, len(victims), _EVICT_CHUNK):
                 if i and not self.still_holds_lease():
-                    logger.warning("juicefs backend: lost the evictor lease mid-pass in %s",
-                                   self.ns_dir)
+                    logger.warning(
+                        "juicefs backend: lost the evictor lease mid-pass in %s", self.ns_dir
+                    )
                     break
-                chunk = victims[i:i + _EVICT_CHUNK]
+                chunk = victims[i : i + _EVICT_CHUNK]
                 for name, outcome in zip(chunk, self.executor.map(self._unlink, chunk)):
                     evicted += outcome == "evicted"
                     if outcome != "kept":
@@ -387,15 +414,24 @@ class NamespaceEvictor:
             result.folded_epochs = self._fold(live, recency, closed)
         result.seconds = time.monotonic() - start
         if evicted:
-            logger.info("juicefs backend: evicted %d pages (%d bytes) from %s: usage %d -> %d "
-                        "of %d bytes in %.2f s", evicted, result.evicted_bytes, self.ns_dir,
-                        result.usage_before, usage, self.capacity, result.seconds)
+            logger.info(
+                "juicefs backend: evicted %d pages (%d bytes) from %s: usage %d -> %d "
+                "of %d bytes in %.2f s",
+                evicted,
+                result.evicted_bytes,
+                self.ns_dir,
+                result.usage_before,
+                usage,
+                self.capacity,
+                result.seconds,
+            )
         return result
 
     def _fold(self, live: List[str], recency: Dict[str, float], closed: List[int]) -> int:
         """Write the recency of surviving pages to the checkpoint, then drop closed epochs."""
-        body = b"".join(b"%.3f %s\n" % (recency[n], n.encode("utf-8", "surrogatepass"))
-                        for n in live)
+        body = b"".join(
+            b"%.3f %s\n" % (recency[n], n.encode("utf-8", "surrogatepass")) for n in live
+        )
         try:
             os.makedirs(self.lru_dir, exist_ok=True)
             _write_replace(os.path.join(self.lru_dir, CHECKPOINT), body)

@@ -22,8 +22,17 @@ REPROBE_INTERVAL = 5.0
 PROBE_INTERVAL = 1.0
 # Errors that mean the volume (its metadata engine or FUSE daemon) is not answering, as opposed
 # to one page being absent or damaged.
-VOLUME_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNREFUSED,
-                           errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+VOLUME_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ENOTCONN,
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 _SAFE_PART = re.compile(r"[^A-Za-z0-9._+=-]")
@@ -51,6 +60,7 @@ def mount_fstype(path: str) -> Tuple[str, str]:
 
 
 def blake(data: str, size: int) -> bytes:
+    """BLAKE2b of ``data`` in ``size`` bytes."""
     return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=size).digest()
 
 
@@ -150,10 +160,15 @@ class MountWatch:
                 return
             self.unanswering = True
             self.outages += 1
-        logger.error("juicefs backend: volume at %s is not answering (%s); every lookup misses "
-                     "and every write is refused until it answers again", self.mount_point, error)
-        threading.Thread(target=self._probe, args=(marker,), name="juicefs-hicache-probe",
-                         daemon=True).start()
+        logger.error(
+            "juicefs backend: volume at %s is not answering (%s); every lookup misses "
+            "and every write is refused until it answers again",
+            self.mount_point,
+            error,
+        )
+        threading.Thread(
+            target=self._probe, args=(marker,), name="juicefs-hicache-probe", daemon=True
+        ).start()
 
     def _probe(self, marker: str) -> None:
         while not self._stopped.is_set():
@@ -175,8 +190,12 @@ class MountWatch:
         self._stopped.set()
 
     def _lost(self, why: str) -> bool:
+        """Log the first loss of the volume; always False."""
         if not self._lost_logged:
             self._lost_logged = True
-            logger.error("juicefs backend: volume at %s unavailable (%s); all lookups miss",
-                         self.mount_point, why)
+            logger.error(
+                "juicefs backend: volume at %s unavailable (%s); all lookups miss",
+                self.mount_point,
+                why,
+            )
         return False
