@@ -597,6 +597,7 @@ def test_capacity_refuses_new_pages_when_full(mnt):
     assert b.batch_get_v1(keys[:2], indices(pool, [4, 5])) == [True, True]
     assert b.clear()
     assert b.batch_set_v1(keys[2:], indices(pool, [2])) == [True]
+    b.close()  # stops its maintenance thread before the volume goes away
 
 
 def test_used_before_pool_registration_is_a_miss(mnt):
