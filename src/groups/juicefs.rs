@@ -136,6 +136,7 @@ pub fn group(era: Era) -> Option<Group> {
             package_module!("backend-options", "juicefs/options.py"),
             package_module!("backend-page-file", "juicefs/page_file.py"),
             package_module!("backend-volume", "juicefs/volume.py"),
+            package_module!("backend-eviction", "juicefs/eviction.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",

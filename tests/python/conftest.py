@@ -158,3 +158,6 @@ def kvh(sgl):
 
 # JuiceFS volume fixtures (tests/python/juicefs_fixture.py), shared by the test_juicefs_* suites.
 from juicefs_fixture import juicefs_volume, make_volume  # noqa: E402,F401
+
+# A fleet: real Redis metadata, one volume mounted once per server (juicefs_fleet_fixture.py).
+from juicefs_fleet_fixture import fleet, make_fleet  # noqa: E402,F401

@@ -588,7 +588,8 @@ def test_capacity_refuses_new_pages_when_full(mnt):
     fill_random(pool, seed=16)
     probe = backend(mnt, pool)
     per_page = HEADER_SIZE + probe.page_bytes
-    b = backend(mnt, pool, capacity_bytes=2 * per_page, root_dir="cap")
+    # High watermark 1: no eviction, so a full namespace refuses.
+    b = backend(mnt, pool, capacity_bytes=2 * per_page, root_dir="cap", high_watermark=1.0)
     keys = keys_for("cap", 3)
     assert b.batch_set_v1(keys, indices(pool, [0, 1, 2])) == [True, True, False]
     assert b.counters["set_refused"] == 1
@@ -596,6 +597,7 @@ def test_capacity_refuses_new_pages_when_full(mnt):
     assert b.batch_get_v1(keys[:2], indices(pool, [4, 5])) == [True, True]
     assert b.clear()
     assert b.batch_set_v1(keys[2:], indices(pool, [2])) == [True]
+    b.close()  # stops its maintenance thread before the volume goes away
 
 
 def test_used_before_pool_registration_is_a_miss(mnt):

@@ -67,9 +67,19 @@ class JuiceFSOptions:
     root_dir: str = "sglang-hicache"
     # Worker threads for batch I/O (FUSE requests overlap; the GIL is released in syscalls).
     threads: int = 8
-    # Bytes this backend may publish into its namespace; a full namespace refuses new pages
-    # (set returns False, SGLang stops that backup) while existing pages keep serving reads.
+    # Bytes the namespace may hold (all servers sharing it together). Past it new pages are
+    # refused; eviction keeps usage between the watermarks below.
     capacity_bytes: Optional[int] = None
+    # Evict least recently used pages once usage passes high x capacity, down to low x capacity
+    # (high 1.0: no eviction, a full namespace refuses new pages).
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    # Seconds between two maintenance rounds (flush the access log, hold the lease, list).
+    evict_interval: float = 10.0
+    # Seconds between two appends of this server's access log.
+    access_flush_interval: float = 5.0
+    # A page is logged at most once per this many seconds per server (the LRU's granularity).
+    recency_resolution: float = 60.0
     # Refuse a mount point that is not a JuiceFS mount instead of warning.
     require_juicefs: bool = False
     # fsync each page before publishing (JuiceFS already uploads on close; off by default).
@@ -77,7 +87,7 @@ class JuiceFSOptions:
     # Seconds a confirmed page is remembered as present without asking the file system.
     exists_cache_ttl: float = 60.0
     # Temporaries older than this (seconds; left by killed writers) are removed by the
-    # startup scan that a capacity triggers; clear() removes all of them.
+    # eviction passes that a capacity turns on; clear() removes all of them.
     stale_tmp_age: float = 3600.0
 
     @classmethod
@@ -111,11 +121,30 @@ class JuiceFSOptions:
                 f"juicefs backend: threads must be an integer in 1..256, got {threads!r}"
             )
         floats = {}
-        for name in ("exists_cache_ttl", "stale_tmp_age"):
+        for name in (
+            "exists_cache_ttl",
+            "stale_tmp_age",
+            "recency_resolution",
+            "evict_interval",
+            "access_flush_interval",
+            "high_watermark",
+            "low_watermark",
+        ):
             value = extra.get(name, getattr(cls, name))
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"juicefs backend: {name} must be a number >= 0, got {value!r}")
             floats[name] = float(value)
+        for name in ("evict_interval", "access_flush_interval"):
+            if floats[name] <= 0:
+                raise ValueError(
+                    f"juicefs backend: {name} must be > 0 seconds, got {extra.get(name)!r}"
+                )
+        if not 0 < floats["low_watermark"] < floats["high_watermark"] <= 1:
+            raise ValueError(
+                "juicefs backend: watermarks must satisfy 0 < low_watermark < high_watermark "
+                f"<= 1, got low_watermark={floats['low_watermark']!r}, "
+                f"high_watermark={floats['high_watermark']!r}"
+            )
         return cls(
             mount_point=os.path.realpath(mount),
             root_dir=root_dir.strip("/"),

@@ -3,6 +3,7 @@ JuiceFS (FUSE) mount. Design and options: ``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 from sglang.srt.observability.metrics_collector import StorageMetrics
 
+from .eviction import NamespaceEvictor, PassResult
 from .options import JuiceFSOptions
 from .page_file import (
     FORMAT_VERSION,
@@ -29,7 +31,6 @@ from .page_file import (
     ORDER_FLAT,
     ORDER_META,
     PAGE_SUFFIX,
-    TMP_PREFIX,
     Publisher,
     algo_available,
     default_algo,
@@ -99,6 +100,7 @@ class JuiceFSStorage(HiCacheStorage):
         self._unregistered_logged = False
         self._closed = False
         self.used_bytes = 0
+        self._reserved = 0  # bytes this server ever reserved (and kept): marks for _set_usage
         self._capacity_logged = False
         self.counters = {
             k: 0
@@ -111,8 +113,20 @@ class JuiceFSStorage(HiCacheStorage):
                 "set_existing",
                 "set_refused",
                 "set_errors",
+                "volume_outages",
+                "eviction_passes",
+                "evicted_pages",
+                "evicted_bytes",
+                "usage_bytes",
             )
         }
+        # Capacity: the fleet-wide LRU (eviction.py), run by a maintenance thread.
+        self.evictor: Optional[NamespaceEvictor] = None
+        self._maintenance: Optional[threading.Thread] = None
+        self._maintenance_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._first_round = threading.Event()
+        self._round_mark = 0  # _reserved at the end of the last maintenance round
         self._metrics = StorageMetrics()
         self.mem_pool_host = None
         self.namespace: Optional[str] = None
@@ -167,7 +181,7 @@ class JuiceFSStorage(HiCacheStorage):
             self.flat_order = ORDER_META
 
     def _open_namespace(self, pool) -> None:
-        """Create this pool's namespace directory and marker; start the capacity scan."""
+        """Create this pool's namespace directory and marker; start the capacity maintenance."""
         fields = self._namespace_fields(pool)
         self.namespace_fields = fields
         self.namespace = namespace_name(fields)
@@ -183,11 +197,7 @@ class JuiceFSStorage(HiCacheStorage):
             self.v1_order,
             self.is_writer,
         )
-        if self.is_writer and self.options.capacity_bytes is not None:
-            # Only a capacity needs the walk (it costs a lookup per page on FUSE).
-            threading.Thread(
-                target=self._scan_namespace, name="juicefs-hicache-scan", daemon=True
-            ).start()
+        self._start_maintenance()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
         """Accept the KV pool again; refuse the other pools of hybrid models."""
@@ -249,6 +259,12 @@ class JuiceFSStorage(HiCacheStorage):
             return False
         return self.mount.holds(os.path.join(self.ns_dir, NAMESPACE_MARKER))
 
+    def _io_failed(self, error: Optional[OSError]) -> None:
+        """Tell the volume watch about an I/O error (a volume that stopped answering)."""
+        if self.ns_dir is not None:
+            self.mount.failed(error, os.path.join(self.ns_dir, NAMESPACE_MARKER))
+            self.counters["volume_outages"] = self.mount.outages
+
     def _ready(self) -> bool:
         """Whether a host pool is registered and the volume is mounted."""
         if self.mem_pool_host is None:
@@ -282,12 +298,14 @@ class JuiceFSStorage(HiCacheStorage):
             self.counters["get_misses"] += 1
             return False
         except OSError as e:
+            self._io_failed(e)
             return self._read_failed(key, f"open: {e}")
         try:
             header, tail = bytearray(HEADER_SIZE), bytearray(1)
             # The extra byte detects files longer than a page.
             got = preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
         except OSError as e:
+            self._io_failed(e)
             return self._read_failed(key, f"read: {e}")
         finally:
             os.close(fd)
@@ -314,6 +332,7 @@ class JuiceFSStorage(HiCacheStorage):
         if digest(algo, views) != checksum:
             return self._read_failed(key, "checksum mismatch", corrupt=True)
         self._remember(key)
+        self._used(key)
         self.counters["get_hits"] += 1
         return True
 
@@ -358,6 +377,7 @@ class JuiceFSStorage(HiCacheStorage):
         for i, (ok, views) in enumerate(zip(present, pages)):
             if ok:
                 self.counters["set_existing"] += 1
+                self._used(keys[i])  # backed up again: the prefix is in use
             elif views is not None and not full:
                 if self._reserve(HEADER_SIZE + sum(v.nbytes for v in views)):
                     admitted.append(i)
@@ -382,9 +402,12 @@ class JuiceFSStorage(HiCacheStorage):
             self._key_tag(key, order),
         )
         try:
+            if self.mount.unanswering:  # found out during this batch: skip another long wait
+                raise OSError(errno.EIO, "volume not answering")
             outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
         except OSError as e:
             outcome = None
+            self._io_failed(e)
             logger.warning("juicefs backend: writing page %s failed: %s", key, e)
         if outcome != "new":
             self._release(HEADER_SIZE + size)
@@ -393,6 +416,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
         self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
         self._remember(key)
+        self._used(key)
         return True
 
     def _publish_bytes(self, path: str, data: bytes) -> None:
@@ -421,41 +445,120 @@ class JuiceFSStorage(HiCacheStorage):
                     )
                 return False
             self.used_bytes += nbytes
+            self._reserved += nbytes
             return True
 
     def _release(self, nbytes: int) -> None:
         """Give back capacity a write did not use."""
         with self._lock:
             self.used_bytes -= nbytes
+            self._reserved -= nbytes
 
-    def _scan_namespace(self) -> None:
-        """Count published bytes (for capacity) and sweep temporaries left by killed writers."""
-        ns_dir, total, now = self.ns_dir, 0, time.time()
-        try:
-            shards = os.listdir(ns_dir)
-        except OSError:
-            return
-        for shard in shards:
-            directory = os.path.join(ns_dir, shard)
-            try:
-                with os.scandir(directory) as it:
-                    for entry in it:
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                            if entry.name.startswith(TMP_PREFIX):
-                                if now - st.st_mtime > self.options.stale_tmp_age:
-                                    os.unlink(entry.path)
-                            elif entry.name.endswith(PAGE_SUFFIX):
-                                total += st.st_size
-                        except OSError:
-                            continue
-            except (NotADirectoryError, FileNotFoundError):
-                continue
-            except OSError:
-                return
+    def _set_usage(self, nbytes: int, mark: int) -> None:
+        """Adopt a namespace-wide count taken after ``mark`` (a ``_reserved`` reading): this
+        server's reservations since then may be missing from it, so they are added."""
         with self._lock:
-            if self.ns_dir == ns_dir:
-                self.used_bytes += total
+            self.used_bytes = nbytes + self._reserved - mark
+            self.counters["usage_bytes"] = nbytes
+            cap = self.options.capacity_bytes
+            if self._capacity_logged and cap is not None and nbytes < cap:
+                self._capacity_logged = False
+
+    # ---------------------------------------------------------------- eviction
+
+    def _used(self, key: str) -> None:
+        """Note a page use for the fleet-wide LRU (memory only; flushed in batches)."""
+        if self.evictor is not None:
+            self.evictor.note(page_relpath(key, PAGE_SUFFIX))
+
+    def _start_maintenance(self) -> None:
+        """With a capacity, writer ranks keep the namespace under it (see eviction.py)."""
+        cap = self.options.capacity_bytes
+        if not self.is_writer or cap is None:
+            self._first_round.set()
+            return
+        o = self.options
+        # A new pool may mean a new namespace: the running thread picks up the new evictor.
+        self.evictor = NamespaceEvictor(
+            self.ns_dir,
+            HEADER_SIZE + self.page_bytes,
+            cap,
+            o.high_watermark,
+            o.low_watermark,
+            self._executor,
+            resolution=o.recency_resolution,
+            lease_seconds=max(30.0, 3 * o.evict_interval),
+            stale_tmp_age=o.stale_tmp_age,
+        )
+        if self._maintenance is None:
+            self._maintenance = threading.Thread(
+                target=self._maintenance_loop, name="juicefs-hicache-evict", daemon=True
+            )
+            self._maintenance.start()
+
+    def _maintenance_loop(self) -> None:
+        o = self.options
+        next_flush = next_round = time.monotonic()  # first round at once: learn the usage
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_round:
+                    next_round = now + o.evict_interval
+                    self.maintain()
+                    self._first_round.set()
+                elif now >= next_flush and self._volume_ok():
+                    self._flush_access_log()
+            except Exception as e:  # never let the thread die: the next round retries
+                logger.error("juicefs backend: maintenance round failed: %s", e)
+            if now >= next_flush:
+                next_flush = now + o.access_flush_interval
+            self._stop.wait(max(0.0, min(next_flush, next_round) - time.monotonic()))
+
+    def maintain(self) -> Optional[PassResult]:
+        """One maintenance round: flush the access log, then as the lease holder run an
+        eviction pass, else adopt the usage the holder published. None when not the holder."""
+        evictor = self.evictor
+        if evictor is None or not self._volume_ok():
+            return None
+        with self._maintenance_lock:
+            try:
+                self._flush_access_log()
+                if not evictor.hold_lease():
+                    published = evictor.read_usage()
+                    if published and isinstance(published.get("bytes"), int):
+                        # Counted at some point since the last round: add what we wrote since.
+                        self._set_usage(published["bytes"], self._round_mark)
+                    self._round_mark = self._reserved
+                    return None
+                mark = self._reserved
+                result = evictor.run_pass()
+                self._round_mark = self._reserved
+            except OSError as e:
+                self._io_failed(e)
+                logger.warning("juicefs backend: eviction pass failed: %s", e)
+                return None
+        self._set_usage(result.usage_after, mark)
+        if result.evicted_pages:
+            self._known.clear()  # never answer "present" from memory for an evicted page
+        with self._lock:
+            self.counters["eviction_passes"] += 1
+            self.counters["evicted_pages"] += result.evicted_pages
+            self.counters["evicted_bytes"] += result.evicted_bytes
+        return result
+
+    def flush_access_log(self) -> bool:
+        """Append this server's pending page uses to its access log now."""
+        return self.evictor is None or self._flush_access_log()
+
+    def _flush_access_log(self) -> bool:
+        if self.evictor.flush():
+            return True
+        self._io_failed(self.evictor.last_error)
+        return False
+
+    def wait_for_maintenance(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the first maintenance round (it learns the namespace's usage)."""
+        return self._first_round.wait(timeout)
 
     # ---------------------------------------------------------------- v1 (zero-copy)
 
@@ -670,7 +773,8 @@ class JuiceFSStorage(HiCacheStorage):
             return True
         try:
             st = os.stat(self._path(key))
-        except OSError:
+        except OSError as e:
+            self._io_failed(e)
             self._known.pop(key, None)
             return False
         # A file of the wrong size can never verify: report it absent right away.
@@ -749,9 +853,17 @@ class JuiceFSStorage(HiCacheStorage):
         return metrics
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._executor.shutdown(wait=True)
+        if self._closed:
+            return
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=60)
+            if self._volume_ok():
+                self._flush_access_log()  # this life's page uses count after a restart
+                self.evictor.release_lease()  # another server takes over without waiting
+        self.mount.stop()
+        self._closed = True
+        self._executor.shutdown(wait=True)
 
 
 __all__ = ["JuiceFSStorage", "BACKEND_NAME"]

@@ -3,19 +3,36 @@ Directory layout and volume health: ``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 import time
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE_MARKER = "namespace.json"
 # Seconds between probes of a mount point that changed device (a remount in progress).
 REPROBE_INTERVAL = 5.0
+# Seconds between probes of a volume that stopped answering.
+PROBE_INTERVAL = 1.0
+# Errors that mean the volume (its metadata engine or FUSE daemon) is not answering, as opposed
+# to one page being absent or damaged.
+VOLUME_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ENOTCONN,
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 _SAFE_PART = re.compile(r"[^A-Za-z0-9._+=-]")
@@ -90,21 +107,33 @@ class MountWatch:
     After an unmount (or a dead FUSE daemon) every check fails, so nothing lands on the local
     disk under the bare mount point. A new mount of the same file system type that holds the
     namespace marker is adopted (probed at most every ``REPROBE_INTERVAL`` seconds) and
-    ``on_remount`` runs."""
+    ``on_remount`` runs.
+
+    A volume that stops answering (metadata engine down: JuiceFS fails each operation with EIO
+    after 10-45 s of retries) is reported by ``failed``: from then on every check fails at once,
+    and a background probe reopens the marker every ``PROBE_INTERVAL`` seconds until it answers
+    (then ``on_remount`` runs too)."""
 
     def __init__(self, mount_point: str, fstype: str, on_remount: Callable[[], None]):
         self.mount_point = mount_point
         self.fstype = fstype
         self.dev = os.stat(mount_point).st_dev
         self.last_reprobe = 0.0
+        self.unanswering = False
+        self.outages = 0
         self._on_remount = on_remount
         self._lost_logged = False
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
 
     def holds(self, marker: str) -> bool:
         """True while the volume is mounted; ``marker`` is a file the volume must hold."""
+        if self.unanswering:
+            return False
         try:
             dev = os.stat(self.mount_point).st_dev
         except OSError as e:  # ENOTCONN after the FUSE daemon died, ENOENT, ...
+            self.failed(e, marker)
             return self._lost(f"stat failed: {e}")
         if dev == self.dev:
             return True
@@ -120,6 +149,45 @@ class MountWatch:
             self._on_remount()
             return True
         return self._lost("a different file system is mounted there now")
+
+    def failed(self, error: Optional[OSError], marker: str) -> None:
+        """An I/O error on the volume: when it says the volume is not answering, miss at once
+        from now on instead of waiting out JuiceFS's retries per operation."""
+        if error is None or error.errno not in VOLUME_ERRNOS:
+            return
+        with self._lock:
+            if self.unanswering or self._stopped.is_set():
+                return
+            self.unanswering = True
+            self.outages += 1
+        logger.error(
+            "juicefs backend: volume at %s is not answering (%s); every lookup misses "
+            "and every write is refused until it answers again",
+            self.mount_point,
+            error,
+        )
+        threading.Thread(
+            target=self._probe, args=(marker,), name="juicefs-hicache-probe", daemon=True
+        ).start()
+
+    def _probe(self, marker: str) -> None:
+        while not self._stopped.is_set():
+            try:
+                # open() reaches the file system (the kernel caches lookups, not opens).
+                with open(marker, "rb") as f:
+                    f.read(1)
+                break
+            except OSError:
+                self._stopped.wait(PROBE_INTERVAL)
+        if self._stopped.is_set():
+            return
+        self._on_remount()
+        self.unanswering = False
+        logger.warning("juicefs backend: volume at %s answers again; resuming", self.mount_point)
+
+    def stop(self) -> None:
+        """No more probes (the backend is closing)."""
+        self._stopped.set()
 
     def _lost(self, why: str) -> bool:
         """Log the first loss of the volume; always False."""
