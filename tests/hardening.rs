@@ -107,10 +107,23 @@ fn run_limited(args: &[&str], root: &Path, limit: Duration) -> (i32, String, Str
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read both pipes while waiting: a child blocked on a full pipe is not a hang.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut s).ok();
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut s).ok();
+        s
+    });
     let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if start.elapsed() > limit {
             child.kill().ok();
@@ -118,12 +131,11 @@ fn run_limited(args: &[&str], root: &Path, limit: Duration) -> (i32, String, Str
             panic!("kvtuner-patch {args:?} still running after {limit:?} (hang)");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    };
     (
-        exit_code(&out.status),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
+        exit_code(&status),
+        String::from_utf8_lossy(&out_reader.join().unwrap()).to_string(),
+        String::from_utf8_lossy(&err_reader.join().unwrap()).to_string(),
     )
 }
 
@@ -597,8 +609,29 @@ fn revert_on_a_reinstalled_other_release_refuses_naming_both() {
 fn deep_nesting_non_utf8_roots_and_closed_stdout_give_exit_codes_not_crashes() {
     // ~50k nested brackets in a file the structural lookups search.
     let t = copy_tree(&fixture("sglang-0.5.23"), "");
-    let deep = format!("x = {}{}\n", "[".repeat(50_000), "]".repeat(50_000));
-    fs::write(t.path().join("sglang/srt/mem_cache/deep.py"), deep).unwrap();
+    // It names the classes and functions the anchors look for, so every search parses it.
+    let deep = format!(
+        "# ServerArgs HiCacheController MHATokenToKVPoolHost get_mha_host_pool_cls\n\
+         # StorageBackendFactory run_scheduler_process add_cli_args class def\n\
+         x = {}{}\n",
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
+    for dir in [
+        "sglang/srt",
+        "sglang/srt/managers",
+        "sglang/srt/mem_cache",
+        "sglang/srt/mem_cache/storage",
+        "sglang/srt/mem_cache/pool_host",
+        "sglang/srt/arg_groups",
+    ] {
+        fs::write(t.path().join(dir).join("deep_nesting.py"), &deep).unwrap();
+    }
+    // ... and in a file the groups edit.
+    let target = t.path().join("sglang/srt/mem_cache/pool_host/mha.py");
+    let mut text = fs::read_to_string(&target).unwrap();
+    text.push_str(&deep);
+    fs::write(&target, text).unwrap();
     for args in [
         &["status"][..],
         &["apply", "--dry-run"],
