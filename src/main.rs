@@ -1,9 +1,10 @@
-//! Command-line front door: parse arguments, call `ops`, print text or JSON, exit with the
+//! Command-line front door: parse arguments, call `commands`, print text or JSON, exit with the
 //! documented code.
 
 use clap::{Args, Parser, Subcommand};
-use kvtuner_patch::ops::{self, GroupState, GroupStatus};
-use kvtuner_patch::python::Python;
+use kvtuner_patch::commands::{self, GroupState, GroupStatus};
+use kvtuner_patch::engine::python::Python;
+use kvtuner_patch::groups;
 use kvtuner_patch::refusal::{exit_code, Refusal, EXIT_DRIFT, EXIT_OK};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -50,9 +51,8 @@ struct Root {
 
 #[derive(Args)]
 struct Only {
-    /// Only this patch group (repeatable). Groups: kvtuner (server arguments), hostpool
-    /// (quantizing host pool), juicefs (storage backend; needs hostpool applied or selected).
-    #[arg(long, value_name = "GROUP")]
+    // The help lists the registered groups (`groups::only_help`).
+    #[arg(long, value_name = "GROUP", help = groups::only_help())]
     only: Vec<String>,
 }
 
@@ -169,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
     match cli.command {
         Command::Status { root, only } => {
-            let (r, code) = ops::status(&root.sglang_root, &only.only)?;
+            let (r, code) = commands::status(&root.sglang_root, &only.only)?;
             if json {
                 print_json(
                     &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
@@ -187,7 +187,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 println!(
                     "era:         {}",
-                    r.tree.era.map(|e| e.describe()).unwrap_or("not recognised")
+                    r.tree
+                        .era
+                        .map(|e| e.describe())
+                        .unwrap_or_else(|| "not recognised".into())
                 );
                 println!(
                     "supported:   {} - {}",
@@ -211,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             dry_run,
             python,
         } => {
-            let r = ops::apply(
+            let r = commands::apply(
                 &root.sglang_root,
                 &only.only,
                 &Python::pick(python.python),
@@ -245,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Diff { root, only, python } => {
-            let r = ops::apply(
+            let r = commands::apply(
                 &root.sglang_root,
                 &only.only,
                 &Python::pick(python.python),
@@ -267,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Verify { root, only, python } => {
             let check_import = python.is_some();
-            let (r, code) = ops::verify(
+            let (r, code) = commands::verify(
                 &root.sglang_root,
                 &only.only,
                 &Python::pick(python),
@@ -299,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(code)
         }
         Command::Revert { root, force } => {
-            let r = ops::revert(&root.sglang_root, force)?;
+            let r = commands::revert(&root.sglang_root, force)?;
             if json {
                 print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
             } else if r.nothing_to_do {

@@ -239,7 +239,7 @@ fn mutated_trees_are_refused_and_untouched() {
             "newer-release",
             ALL,
             2,
-            &["0.5.24", "newer than the newest release"],
+            &["999.0", "newer than the newest release"],
         ),
         (
             "older-release",

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
+use kvtuner_patch::era::Era;
 use kvtuner_patch::groups::{eras_of, REGISTRY};
-use kvtuner_patch::tree::Era;
 use std::fs;
 use std::path::Path;
 
@@ -271,10 +271,10 @@ fn status_on_a_newer_release_reports_each_anchor() {
     assert_eq!(code, 2);
     let r = &v["report"];
     assert_eq!(r["support"]["supported"], false);
-    assert!(r["support"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("newer than the newest release this tool knows (0.5.23)"));
+    let newest = kvtuner_patch::era::newest();
+    assert!(r["support"]["reason"].as_str().unwrap().contains(&format!(
+        "newer than the newest release this tool knows ({newest})"
+    )));
     assert_eq!(r["anchors"][0]["patch"], "kvtuner/memory-fields");
     assert_eq!(r["anchors"][0]["found"], true);
     assert_eq!(

@@ -4,12 +4,14 @@
 
 mod common;
 use common::*;
-use kvtuner_patch::anchor::{self, PatchState};
-use kvtuner_patch::group::{BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
-use kvtuner_patch::plan::Plan;
-use kvtuner_patch::python::Python;
-use kvtuner_patch::sources::Sources;
-use kvtuner_patch::tree::SglangTree;
+use kvtuner_patch::engine::anchor::{self, DriftReason, Lookup, PatchState};
+use kvtuner_patch::engine::changeset::ChangeSet;
+use kvtuner_patch::engine::python::Python;
+use kvtuner_patch::engine::sources::Sources;
+use kvtuner_patch::patch::{
+    BodyAt, ClassRef, FileRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet,
+};
+use kvtuner_patch::sglang_tree::SglangTree;
 use std::fs;
 
 const FACTORY: &str = r#"class BackendFactory:
@@ -114,7 +116,7 @@ fn toy_group() -> Group {
                 id: "register",
                 what: "statement after a call",
                 kind: PatchKind::AfterCall {
-                    file: "sglang/srt/storage/factory.py",
+                    file: FileRef::Path("sglang/srt/storage/factory.py"),
                     callee: "register_backend",
                     first_arg: Some("nixl"),
                     block: Snippet::Text(
@@ -154,18 +156,28 @@ fn states(tree: &SglangTree, g: &Group) -> Vec<PatchState> {
     let mut src = Sources::new(tree);
     g.patches
         .iter()
-        .map(|p| anchor::detect(&mut src, g, p).unwrap().0)
+        .map(|p| {
+            anchor::locate(&mut src, g, p)
+                .and_then(Lookup::found)
+                .unwrap()
+                .state
+        })
         .collect()
 }
 
-fn plan_all(tree: &SglangTree, g: &Group) -> Plan {
+fn plan_all(tree: &SglangTree, g: &Group) -> ChangeSet {
     let mut src = Sources::new(tree);
     let planned = g
         .patches
         .iter()
-        .map(|p| anchor::plan(&mut src, g, p).unwrap())
+        .map(|p| {
+            anchor::locate(&mut src, g, p)
+                .and_then(Lookup::found)
+                .map(|l| l.edit)
+                .unwrap()
+        })
         .collect();
-    Plan::build(planned, &mut src).unwrap()
+    ChangeSet::build(planned, &mut src).unwrap()
 }
 
 /// A fresh tree through the whole write path: nothing applied yet, the plan validates (parse
@@ -196,7 +208,7 @@ fn every_edit_kind_plans_validates_applies_and_is_detected() {
 
     // The trailing comma the list item needed is outside the markers: only the manifest can
     // undo it, which is why revert uses the manifest and not marker removal.
-    let r = kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    let r = kvtuner_patch::commands::revert(t.path(), false).unwrap();
     assert_eq!(
         r.removed,
         vec!["sglang/srt/storage/toy_store.py".to_string()]
@@ -226,9 +238,14 @@ fn overlapping_patches_are_refused() {
     let planned = g
         .patches
         .iter()
-        .map(|p| anchor::plan(&mut src, &g, p).unwrap())
+        .map(|p| {
+            anchor::locate(&mut src, &g, p)
+                .and_then(Lookup::found)
+                .map(|l| l.edit)
+                .unwrap()
+        })
         .collect();
-    let err = Plan::build(planned, &mut src).unwrap_err().to_string();
+    let err = ChangeSet::build(planned, &mut src).unwrap_err().to_string();
     assert!(
         err.contains("factory.py") && err.contains("overlapping"),
         "{err}"
@@ -247,7 +264,11 @@ fn hand_edited_injected_file_is_drift() {
     assert!(text.starts_with("# kvtuner-patch:toy/store-file sha256="));
     fs::write(&path, text.replace("pass", "x = 1")).unwrap();
     match &states(&tree, &g)[0] {
-        PatchState::Drifted(d) => assert!(d.contains("edited by hand"), "{d}"),
+        PatchState::Drifted(d) => assert!(
+            matches!(d, DriftReason::InjectedFileEdited { .. })
+                && d.to_string().contains("edited by hand"),
+            "{d}"
+        ),
         s => panic!("{s:?}"),
     }
 }
@@ -266,7 +287,11 @@ fn elif_chain_and_call_anchors_report_counts() {
     let g = toy_group();
     let mut src = Sources::new(&tree);
     let reg = g.patches.iter().find(|p| p.id == "register").unwrap();
-    let err = anchor::plan(&mut src, &g, reg).unwrap_err().to_string();
+    let err = anchor::locate(&mut src, &g, reg)
+        .and_then(Lookup::found)
+        .map(|l| l.edit)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("toy/register: sglang/srt/storage/factory.py: looked for call `register_backend(\"nixl\", ...)`: found 2 matches"),
         "{err}"
@@ -287,7 +312,7 @@ fn list_item_in_an_add_argument_call() {
             what: "",
             kind: PatchKind::ListItem {
                 list: ListRef::CallKeyword {
-                    file: "sglang/srt/cli.py",
+                    file: FileRef::Path("sglang/srt/cli.py"),
                     callee: "add_argument",
                     first_arg: "--backend",
                     keyword: "choices",
@@ -390,11 +415,15 @@ fn list_item_in_the_list_of_a_method_holding_an_item() {
         .collect();
     fs::write(&path, unmarked).unwrap();
     match &states(&tree, &g)[0] {
-        PatchState::Drifted(d) => assert!(d.contains("without kvtuner-patch markers"), "{d}"),
+        PatchState::Drifted(d) => assert!(
+            matches!(d, DriftReason::CodeWithoutMarkers { .. })
+                && d.to_string().contains("without kvtuner-patch markers"),
+            "{d}"
+        ),
         s => panic!("{s:?}"),
     }
     fs::write(&path, &applied).unwrap();
-    kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    kvtuner_patch::commands::revert(t.path(), false).unwrap();
     assert_same_tree(&original, &snapshot(t.path()));
 }
 
@@ -419,7 +448,8 @@ fn list_holding_an_item_must_be_unique_in_its_method() {
         let err = plan_err(&tree, &g, "zero-copy");
         assert!(err.contains(want), "`{want}` not in: {err}");
         let mut src = Sources::new(&tree);
-        let err = anchor::detect(&mut src, &g, &g.patches[0])
+        let err = anchor::locate(&mut src, &g, &g.patches[0])
+            .and_then(Lookup::found)
             .unwrap_err()
             .to_string();
         assert!(err.contains(want), "`{want}` not in: {err}");
@@ -490,7 +520,11 @@ fn fn_group() -> Group {
 fn plan_err(tree: &SglangTree, g: &Group, id: &str) -> String {
     let mut src = Sources::new(tree);
     let p = g.patches.iter().find(|p| p.id == id).unwrap();
-    anchor::plan(&mut src, g, p).unwrap_err().to_string()
+    anchor::locate(&mut src, g, p)
+        .and_then(Lookup::found)
+        .map(|l| l.edit)
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -522,11 +556,11 @@ fn function_start_and_after_assign_apply_detect_and_revert() {
     )
     .unwrap();
     match &states(&tree, &g)[1] {
-        PatchState::Drifted(d) => assert!(d.contains("toy/after-cfg"), "{d}"),
+        PatchState::Drifted(d) => assert!(d.to_string().contains("toy/after-cfg"), "{d}"),
         s => panic!("{s:?}"),
     }
     fs::write(&path, &hooks).unwrap();
-    kvtuner_patch::ops::revert(t.path(), false).unwrap();
+    kvtuner_patch::commands::revert(t.path(), false).unwrap();
     assert_same_tree(&original, &snapshot(t.path()));
 }
 

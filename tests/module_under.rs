@@ -2,12 +2,12 @@
 //! it (upstream moved `get_mha_host_pool_cls` from `memory_pool_host.py` to `pool_host/mha.py`),
 //! exactly once, and the patch lands in that file.
 
-use kvtuner_patch::anchor::{self, PatchState};
-use kvtuner_patch::group::{FnRef, Group, Patch, PatchKind, Snippet};
-use kvtuner_patch::plan::Plan;
-use kvtuner_patch::python::Python;
-use kvtuner_patch::sources::Sources;
-use kvtuner_patch::tree::SglangTree;
+use kvtuner_patch::engine::anchor::{self, Lookup, PatchState};
+use kvtuner_patch::engine::changeset::ChangeSet;
+use kvtuner_patch::engine::python::Python;
+use kvtuner_patch::engine::sources::Sources;
+use kvtuner_patch::patch::{FnRef, Group, Patch, PatchKind, Snippet};
+use kvtuner_patch::sglang_tree::SglangTree;
 use std::fs;
 
 const CHOOSER: &str = "def choose(device_pool):\n    return Narrow\n";
@@ -50,11 +50,13 @@ fn group() -> Group {
     }
 }
 
-fn plan(tree: &SglangTree) -> anyhow::Result<Plan> {
+fn plan(tree: &SglangTree) -> anyhow::Result<ChangeSet> {
     let mut src = Sources::new(tree);
     let g = group();
-    let planned = vec![anchor::plan(&mut src, &g, &g.patches[0])?];
-    Plan::build(planned, &mut src)
+    let planned = vec![anchor::locate(&mut src, &g, &g.patches[0])
+        .and_then(Lookup::found)
+        .map(|l| l.edit)?];
+    ChangeSet::build(planned, &mut src)
 }
 
 #[test]
@@ -72,7 +74,10 @@ fn found_in_either_file_and_patched_there() {
         let g = group();
         let mut src = Sources::new(&tree);
         assert_eq!(
-            anchor::detect(&mut src, &g, &g.patches[0]).unwrap().0,
+            anchor::locate(&mut src, &g, &g.patches[0])
+                .and_then(Lookup::found)
+                .unwrap()
+                .state,
             PatchState::Applied
         );
     }

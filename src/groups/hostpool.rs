@@ -29,13 +29,11 @@
 //!     at startup on the resolved arguments before any model load (0.5.19 also has the hook
 //!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all share).
 
-use crate::group::{BodyAt, ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
-use crate::tree::Era;
+use crate::era::Era;
+use crate::kvtuner_package;
+use crate::patch::{BodyAt, ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
 
 pub const ID: &str = "hostpool";
-
-/// Where the package is injected (the `juicefs` group puts its backend here too).
-pub const PACKAGE_DIR: &str = "sglang/srt/mem_cache/kvtuner_hicache";
 
 /// One injected module of `patches/kvtuner_hicache/`, embedded at build time.
 macro_rules! module {
@@ -44,7 +42,7 @@ macro_rules! module {
             id: $id,
             what: concat!("inject kvtuner_hicache/", $file),
             kind: PatchKind::InjectFile {
-                dest: concat!("sglang/srt/mem_cache/kvtuner_hicache/", $file),
+                dest: concat!(kvtuner_package!(dir), "/", $file),
                 source: include_str!(concat!("../../patches/kvtuner_hicache/", $file)),
             },
         }
@@ -53,50 +51,69 @@ macro_rules! module {
 
 /// Asked first: the quantizing pool class with the flag on, else `None` and the stock choice
 /// below runs untouched.
-const SELECT: &str = "
-from sglang.srt.mem_cache.kvtuner_hicache.selection import select_mha_host_pool_cls
-
+const SELECT: &str = concat!(
+    "from ",
+    kvtuner_package!(module),
+    ".selection import select_mha_host_pool_cls
+",
+    "
 _kvtuner_cls = select_mha_host_pool_cls({first_param}, None)
 if _kvtuner_cls is not None:
     return _kvtuner_cls
-";
+"
+);
 
-const CHECK: &str = "
-from sglang.srt.mem_cache.kvtuner_hicache.config import check_server_args
-
+const CHECK: &str = concat!(
+    "from ",
+    kvtuner_package!(module),
+    ".config import check_server_args
+",
+    "
 check_server_args(cfg)
-";
+"
+);
 
 /// The same check as the first statements of `ServerArgs.check_server_args(self)`; imported
 /// under another name so the method's own name is not shadowed in its body.
-const CHECK_METHOD: &str = "
-from sglang.srt.mem_cache.kvtuner_hicache.config import (
+const CHECK_METHOD: &str = concat!(
+    "from ",
+    kvtuner_package!(module),
+    ".config import (
     check_server_args as _kvtuner_check_server_args,
 )
 
 _kvtuner_check_server_args({first_param})
-";
+"
+);
 
 /// 0.5.3 - 0.5.13.post1: the class choice inside the stock class (see the module docs). Only
 /// the stock class itself is redirected (the quantizing subclass is built as it is asked).
-const NEW: &str = "
+const NEW: &str = concat!(
+    "
 def __new__(cls, *args, **kwargs):
     chosen = cls
     if cls is MHATokenToKVPoolHost:
-        from sglang.srt.mem_cache.kvtuner_hicache.selection import (
+        from ",
+    kvtuner_package!(module),
+    ".selection import (
             select_mha_host_pool_cls,
         )
 
         device_pool = args[0] if args else kwargs.get(\"device_pool\")
         chosen = select_mha_host_pool_cls(device_pool, None) or cls
     return super().__new__(chosen)
-";
+"
+);
 
-const PUBLISH: &str = "
-from sglang.srt.mem_cache.kvtuner_hicache.config import publish_server_args
-
+const PUBLISH: &str = concat!(
+    "from ",
+    kvtuner_package!(module),
+    ".config import publish_server_args
+",
+    "
 publish_server_args({first_param})
-";
+"
+);
 
 /// The group's form for `era` (every era has one).
 pub fn group(era: Era) -> Option<Group> {
@@ -132,8 +149,10 @@ pub fn group(era: Era) -> Option<Group> {
             id: "check-server-args",
             what: "startup check of the kvtuner flags in handle_hicache_ratio_default",
             kind: PatchKind::AfterAssign {
-                function: FnRef::Module {
-                    file: "sglang/srt/arg_groups/hicache_hook.py",
+                // `arg_groups/hicache_hook.py` in 0.5.19 - 0.5.23; found by name, so a move
+                // to another module is no new form.
+                function: FnRef::ModuleUnder {
+                    under: "sglang/srt",
                     name: "handle_hicache_ratio_default",
                 },
                 target: "cfg",
@@ -164,22 +183,30 @@ pub fn group(era: Era) -> Option<Group> {
         select,
         check,
     ];
-    if era == Era::DataclassAddArgument {
-        patches.push(Patch {
+    // Only the oldest era needs the server args handed over (see the module docs).
+    let publish = match era {
+        Era::DataclassAddArgument => Some(Patch {
             id: "publish-server-args",
             what: "run_scheduler_process hands its server_args to kvtuner_hicache",
             kind: PatchKind::FunctionStart {
-                function: FnRef::Module {
-                    file: "sglang/srt/managers/scheduler.py",
+                // `managers/scheduler.py` in every release of the era.
+                function: FnRef::ModuleUnder {
+                    under: "sglang/srt",
                     name: "run_scheduler_process",
                 },
                 block: Snippet::Text(PUBLISH),
             },
-        });
-    }
+        }),
+        Era::AnnotatedServerArgs | Era::NamespacedServerArgs | Era::MemoryStruct => None,
+    };
+    patches.extend(publish);
     Some(Group {
         id: ID,
-        summary: "quantizing HiCache host pool (sglang.srt.mem_cache.kvtuner_hicache)",
+        summary: concat!(
+            "quantizing HiCache host pool (",
+            kvtuner_package!(module),
+            ")"
+        ),
         patches,
     })
 }
@@ -199,13 +226,16 @@ mod tests {
             .filter(|n| n.ends_with(".py") && n != "juicefs_storage.py")
             .collect();
         on_disk.sort();
-        let mut injected: Vec<String> = group(Era::MemoryStruct)
+        let mut injected: Vec<String> = group(Era::newest())
             .unwrap()
             .patches
             .iter()
             .filter_map(|p| match p.kind {
                 PatchKind::InjectFile { dest, .. } => {
-                    assert!(dest.starts_with(&format!("{PACKAGE_DIR}/")), "{dest}");
+                    assert!(
+                        dest.starts_with(&format!("{}/", super::super::PACKAGE_DIR)),
+                        "{dest}"
+                    );
                     Some(dest.rsplit('/').next().unwrap().to_string())
                 }
                 _ => None,

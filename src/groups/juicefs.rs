@@ -27,12 +27,12 @@
 //!   zero-copy functions. The `if` is in `attach_storage_backend` from 0.5.9 and in
 //!   `HiCacheController.__init__` before.
 
-use crate::group::{ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
-use crate::tree::Era;
+use crate::era::Era;
+use crate::kvtuner_package;
+use crate::patch::{ClassRef, FileRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
 
 pub const ID: &str = "juicefs";
 
-const FACTORY_PY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 const FACTORY: ClassRef = ClassRef {
     name: "StorageBackendFactory",
     under: "sglang/srt",
@@ -46,19 +46,29 @@ self.page_set_func = self._page_set_zero_copy
 ";
 
 /// Written in the file's own style for registrations that do not fit one line.
-const REGISTER: &str = r#"
+const REGISTER: &str = concat!(
+    r#"
 StorageBackendFactory.register_backend(
     "juicefs",
-    "sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage",
+    ""#,
+    kvtuner_package!(module),
+    r#".juicefs_storage",
     "JuiceFSStorage",
 )
-"#;
+"#
+);
 
 /// 0.5.3 - 0.5.13.post1: the choice added to the action `parser.add_argument(...)` just made
 /// (its list may be on one line; see the module docs).
 const CHOICE_ACTION: &str = r#"
 parser._option_string_actions["--hicache-storage-backend"].choices.append("juicefs")
 "#;
+
+/// The class holding the server arguments up to 0.5.19.
+const SERVER_ARGS: ClassRef = ClassRef {
+    name: "ServerArgs",
+    under: "sglang/srt",
+};
 
 /// `"juicefs"` in the `choices=[...]` of the `hicache_storage_backend` field of `class`.
 fn choice_in_field(class: &'static str) -> PatchKind {
@@ -107,7 +117,7 @@ pub fn group(era: Era) -> Option<Group> {
         }
         Era::DataclassAddArgument => (
             PatchKind::AfterCall {
-                file: "sglang/srt/server_args.py",
+                file: FileRef::OfClass(SERVER_ARGS),
                 callee: "add_argument",
                 first_arg: Some("--hicache-storage-backend"),
                 block: Snippet::Text(CHOICE_ACTION),
@@ -126,7 +136,7 @@ pub fn group(era: Era) -> Option<Group> {
                 id: "backend-file",
                 what: "inject kvtuner_hicache/juicefs_storage.py",
                 kind: PatchKind::InjectFile {
-                    dest: "sglang/srt/mem_cache/kvtuner_hicache/juicefs_storage.py",
+                    dest: concat!(kvtuner_package!(dir), "/juicefs_storage.py"),
                     source: include_str!("../../patches/kvtuner_hicache/juicefs_storage.py"),
                 },
             },
@@ -139,7 +149,7 @@ pub fn group(era: Era) -> Option<Group> {
                 id: "register",
                 what: "register_backend(\"juicefs\", ...) after the \"file\" registration",
                 kind: PatchKind::AfterCall {
-                    file: FACTORY_PY,
+                    file: FileRef::OfClass(FACTORY),
                     callee: "register_backend",
                     first_arg: Some("file"),
                     block: Snippet::Text(REGISTER),
@@ -175,14 +185,11 @@ mod tests {
     /// really defines.
     #[test]
     fn backend_file_sits_in_the_hostpool_package_and_names_its_class() {
-        let g = group(Era::MemoryStruct).unwrap();
+        let g = group(Era::newest()).unwrap();
         let PatchKind::InjectFile { dest, source } = g.patches[0].kind else {
             panic!("first patch injects the backend")
         };
-        assert_eq!(
-            dest.rsplit_once('/').unwrap().0,
-            super::super::hostpool::PACKAGE_DIR
-        );
+        assert_eq!(dest.rsplit_once('/').unwrap().0, super::super::PACKAGE_DIR);
         assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
         assert!(REGISTER.contains("\"JuiceFSStorage\""));
     }
@@ -190,7 +197,7 @@ mod tests {
     /// The zero-copy path calls `batch_get_v1` / `batch_set_v1`: the backend must have both.
     #[test]
     fn zero_copy_backend_has_the_v1_batch_methods() {
-        let g = group(Era::MemoryStruct).unwrap();
+        let g = group(Era::newest()).unwrap();
         let PatchKind::InjectFile { source, .. } = g.patches[0].kind else {
             panic!("first patch injects the backend")
         };

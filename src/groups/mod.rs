@@ -1,37 +1,42 @@
-//! The registry of patch groups.
+//! The registry of patch groups: data only (the engine in `engine/` is generic over
+//! [`PatchKind`](crate::patch::PatchKind)).
 //!
-//! To add a group (e.g. `hostpool`, `juicefs`): write its injected Python under
-//! `patches/<group>/`, add `groups/<group>.rs` with a `pub fn group() -> Group` built from
-//! the [`PatchKind`](crate::group::PatchKind)s it needs, and list it in [`REGISTRY`]. The
-//! order of [`REGISTRY`] is the order groups are applied and reported in.
-//!
-//! SGLang moves things between releases, so a group has one form per layout [`Era`] it
-//! supports (`kvtuner` adds dataclass fields + `add_argument` calls in one era and annotated
-//! fields in the others). An entry maps an era to the group's form for it, or to `None` where
-//! the group cannot patch that era yet: such a tree is refused for that group, by name,
-//! instead of being half-patched. A group written for the newest era only registers as
-//! `Entry { id: "x", for_era: |era| newest_only(era, x::group), requires: &[] }`.
-//!
-//! Every registered group has a form for every era (details in each group's module and in
-//! `docs/compat.md`):
-//!
-//! | era | releases | `kvtuner` | `hostpool` pool choice | `juicefs` choice |
-//! | --- | --- | --- | --- | --- |
-//! | `dataclass-add-argument` | 0.5.3 - 0.5.13.post1 | dataclass fields + `add_argument` calls | `__new__` of `MHATokenToKVPoolHost` | appended to the `add_argument` action |
-//! | `annotated-server-args` | 0.5.14 - 0.5.16 | `A[T, Arg(...)]` fields | `get_mha_host_pool_cls` | `ServerArgs` field `choices` |
-//! | `namespaced-server-args` | 0.5.17 - 0.5.19 | the same with `NS("memory")` | `get_mha_host_pool_cls` | `ServerArgs` field `choices` |
-//! | `memory-struct` | 0.5.20 - 0.5.23 | `class Memory` fields | `get_mha_host_pool_cls` | `Memory` field `choices` |
+//! A group is a `groups/<group>.rs` with `pub fn group(era: Era) -> Option<Group>`: one form per
+//! layout era (a `match` on [`Era`] without a wildcard, so a new era row makes the compiler name
+//! every form to write), `None` where the group cannot patch that era yet: such a tree is
+//! refused for that group, by name, instead of being half-patched. The order of [`REGISTRY`]
+//! is the order groups are applied and reported in. Which form each group has per era:
+//! `docs/compat.md`; how to add a release or an era: `docs/adding-a-release.md`.
 
-use crate::group::Group;
-use crate::tree::Era;
+use crate::era::Era;
+use crate::patch::Group;
 
 pub mod hostpool;
 pub mod juicefs;
 pub mod kvtuner;
 
+/// The injected Python package `patches/kvtuner_hicache/` (`hostpool` injects it, `juicefs`
+/// adds its backend to it), as a package-relative folder and as a dotted module. A macro, so
+/// `include_str!`/`concat!` paths can be built from it; [`PACKAGE_DIR`] is the one to use
+/// elsewhere.
+#[macro_export]
+macro_rules! kvtuner_package {
+    (dir) => {
+        "sglang/srt/mem_cache/kvtuner_hicache"
+    };
+    (module) => {
+        "sglang.srt.mem_cache.kvtuner_hicache"
+    };
+}
+
+/// Package-relative folder of the injected package (see [`kvtuner_package!`]).
+pub const PACKAGE_DIR: &str = kvtuner_package!(dir);
+
 /// One registered group.
 pub struct Entry {
     pub id: &'static str,
+    /// A few words for `--only`'s help.
+    pub about: &'static str,
     /// The group's form for an era, `None` where it has none (yet).
     pub for_era: fn(Era) -> Option<Group>,
     /// Groups that must be applied with (or before) this one: `apply --only` it alone on a
@@ -43,21 +48,44 @@ pub struct Entry {
 pub const REGISTRY: &[Entry] = &[
     Entry {
         id: kvtuner::ID,
+        about: "server arguments",
         for_era: kvtuner::group,
         requires: &[],
     },
     Entry {
         id: hostpool::ID,
+        about: "quantizing host pool",
         for_era: hostpool::group,
         requires: &[],
     },
     Entry {
         // Its backend module lives in the package `hostpool` injects.
         id: juicefs::ID,
+        about: "storage backend",
         for_era: juicefs::group,
         requires: &[hostpool::ID],
     },
 ];
+
+/// `--only`'s help: the registered groups, what each is, and what it needs.
+pub fn only_help() -> String {
+    let groups: Vec<String> = REGISTRY
+        .iter()
+        .map(|e| match e.requires {
+            [] => format!("{} ({})", e.id, e.about),
+            req => format!(
+                "{} ({}; needs {} applied or selected)",
+                e.id,
+                e.about,
+                req.join(", ")
+            ),
+        })
+        .collect();
+    format!(
+        "Only this patch group (repeatable). Groups: {}.",
+        groups.join(", ")
+    )
+}
 
 /// The groups `id` requires.
 pub fn requires(id: &str) -> &'static [&'static str] {
@@ -67,15 +95,15 @@ pub fn requires(id: &str) -> &'static [&'static str] {
         .map_or(&[], |e| e.requires)
 }
 
-/// For groups that only know the newest layout (`Era::MemoryStruct`, 0.5.20 - 0.5.23).
+/// For a group written for the newest era only (`Entry { for_era: |era| newest_only(era,
+/// x::group), .. }`): no form for the older ones.
 pub fn newest_only(era: Era, group: fn() -> Group) -> Option<Group> {
-    (era == Era::MemoryStruct).then(group)
+    (era == Era::newest()).then(group)
 }
 
 /// The eras a registered group has a form for.
 pub fn eras_of(entry: &Entry) -> Vec<Era> {
-    Era::ALL
-        .into_iter()
+    Era::all()
         .filter(|e| (entry.for_era)(*e).is_some())
         .collect()
 }
@@ -159,6 +187,22 @@ mod tests {
         }
     }
 
+    /// The help lists every group, and `juicefs` as needing `hostpool`.
+    #[test]
+    fn only_help_names_every_group() {
+        assert_eq!(
+            only_help(),
+            "Only this patch group (repeatable). Groups: kvtuner (server arguments), hostpool \
+             (quantizing host pool), juicefs (storage backend; needs hostpool applied or selected)."
+        );
+    }
+
+    /// The folder and the module of the package are the same path.
+    #[test]
+    fn package_dir_and_module_agree() {
+        assert_eq!(PACKAGE_DIR.replace('/', "."), kvtuner_package!(module));
+    }
+
     /// A group written for the newest layout only: selected there, reported (not silently
     /// dropped) on older eras, and `--only` can leave it out.
     #[test]
@@ -173,16 +217,18 @@ mod tests {
         let registry = [
             Entry {
                 id: kvtuner::ID,
+                about: "",
                 for_era: kvtuner::group,
                 requires: &[],
             },
             Entry {
                 id: "toy",
+                about: "",
                 for_era: |era| newest_only(era, toy),
                 requires: &[],
             },
         ];
-        let sel = select_from(&registry, &[], Era::MemoryStruct).unwrap();
+        let sel = select_from(&registry, &[], Era::newest()).unwrap();
         assert_eq!(sel.groups.len(), 2);
         assert!(sel.unsupported.is_empty());
         let sel = select_from(&registry, &[], Era::DataclassAddArgument).unwrap();
@@ -192,11 +238,14 @@ mod tests {
         assert_eq!(id, "toy");
         assert_eq!(
             why,
-            "group `toy` has no form for era dataclass-add-argument yet (it supports: memory-struct)"
+            &format!(
+                "group `toy` has no form for era dataclass-add-argument yet (it supports: {})",
+                Era::newest().name()
+            )
         );
         let only = ["kvtuner".to_string()];
         let sel = select_from(&registry, &only, Era::DataclassAddArgument).unwrap();
         assert!(sel.groups.len() == 1 && sel.unsupported.is_empty());
-        assert!(select_from(&registry, &["nope".into()], Era::MemoryStruct).is_err());
+        assert!(select_from(&registry, &["nope".into()], Era::newest()).is_err());
     }
 }

@@ -16,15 +16,14 @@
 //! file is renamed into place. If `apply` dies midway, a file still holding its pre-apply
 //! hash is simply skipped by `revert`. A later `apply` keeps the earliest original.
 
-use crate::marker::sha256;
-use crate::sources::STATE_DIR;
-use crate::tree::SglangTree;
+use crate::engine::sources::STATE_DIR;
+use crate::fsio::{sha256, write_atomic};
+use crate::sglang_tree::SglangTree;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const FORMAT: u32 = 1;
 
@@ -114,40 +113,4 @@ impl Manifest {
         );
         Ok(bytes)
     }
-}
-
-/// Write `bytes` to `path` via a temporary file in the same folder and a rename, so readers
-/// see the old or the new content, never a mix. Keeps the mode of the file it replaces
-/// (or uses `mode_from`'s, or 0644 for new files).
-pub fn write_atomic(path: &Path, bytes: &[u8], mode_from: Option<&Path>) -> Result<()> {
-    let dir = path.parent().context("path without a parent folder")?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let perms = fs::metadata(path)
-        .or_else(|_| mode_from.map_or_else(|| Err(std::io::Error::other("none")), fs::metadata))
-        .map(|m| m.permissions())
-        .ok();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kvtuner-patch-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    let perms = perms.unwrap_or_else(|| {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::Permissions::from_mode(0o644)
-        }
-        #[cfg(not(unix))]
-        {
-            tmp.as_file()
-                .metadata()
-                .expect("temp file metadata")
-                .permissions()
-        }
-    });
-    fs::set_permissions(tmp.path(), perms)?;
-    tmp.persist(path)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }

@@ -3,8 +3,8 @@
 //! Planning and detection read the same files many times; each is read and parsed once per
 //! command. Paths are package-relative (`sglang/srt/...`).
 
-use crate::syntax::PyFile;
-use crate::tree::SglangTree;
+use crate::engine::syntax::PyFile;
+use crate::sglang_tree::SglangTree;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fs;

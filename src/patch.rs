@@ -1,11 +1,11 @@
-//! Patch groups as plain data.
+//! The vocabulary patch groups are written in: plain data, no logic.
 //!
 //! A [`Group`] is a named, independently applicable set of [`Patch`]es (`kvtuner`,
 //! `hostpool`, `juicefs`). Each patch says *where* (an anchor found by structure, see
-//! `anchor.rs`) and *what* (a [`Snippet`], usually the body of a class in a real `.py` file
-//! under `patches/`, embedded with `include_str!`). Groups carry no logic: planning,
-//! detection and drift reporting are generic over [`PatchKind`], so adding a group means
-//! writing data (see `groups/mod.rs`).
+//! `engine/anchor.rs`) and *what* (a [`Snippet`], usually the body of a class in a real `.py`
+//! file under `patches/`, embedded with `include_str!`). Lookup, detection, planning,
+//! rendering and drift reporting are generic over [`PatchKind`] (in `engine/`), so adding a
+//! group means writing data (see `groups/mod.rs`).
 
 /// A class found by name in any `.py` file below `under` (a package-relative folder such as
 /// `sglang/srt`), so it is found again after upstream moves it between modules.
@@ -13,6 +13,16 @@
 pub struct ClassRef {
     pub name: &'static str,
     pub under: &'static str,
+}
+
+/// A file an anchor is looked up in.
+#[derive(Debug, Clone, Copy)]
+pub enum FileRef {
+    /// This package-relative path (where no structure names the file).
+    Path(&'static str),
+    /// The file that defines the class, found by structure: a release that moves the class to
+    /// another module needs no new form.
+    OfClass(ClassRef),
 }
 
 /// Where in a class body a block goes.
@@ -37,7 +47,7 @@ pub enum ListRef {
     },
     /// `keyword=[...]` in a call `callee("first_arg", ...)` in `file` (e.g. `add_argument`).
     CallKeyword {
-        file: &'static str,
+        file: FileRef,
         callee: &'static str,
         first_arg: &'static str,
         keyword: &'static str,
@@ -54,7 +64,8 @@ pub enum ListRef {
 /// A function: the one holding an if/elif chain, a list, a block.
 #[derive(Debug, Clone, Copy)]
 pub enum FnRef {
-    /// Module-level `def name` in `file`.
+    /// Module-level `def name` in `file` (prefer [`FnRef::ModuleUnder`] where the name is
+    /// unique under a folder: it survives the function moving between modules).
     Module {
         file: &'static str,
         name: &'static str,
@@ -96,6 +107,28 @@ pub enum Snippet {
     },
     /// A few literal lines (for one-liners such as a `register_backend(...)` call).
     Text(&'static str),
+    /// The flag declarations in the body of `class` in `source` (each
+    /// `name: A[T, Arg(help=..., choices=...)] = default`, the way SGLang 0.5.14+ declares
+    /// arguments), rendered in an older era's syntax by `engine/declarations.rs`.
+    Declarations {
+        source: &'static str,
+        source_path: &'static str,
+        class: &'static str,
+        form: DeclarationForm,
+    },
+}
+
+/// How [`Snippet::Declarations`] are written out.
+#[derive(Debug, Clone, Copy)]
+pub enum DeclarationForm {
+    /// As declared, with this namespace marker (e.g. `NS("memory")`) added as the last element
+    /// of each `A[...]`.
+    Namespaced(&'static str),
+    /// Plain dataclass fields `name: T = default`, under a heading comment.
+    DataclassFields { heading: &'static str },
+    /// One `parser.add_argument(...)` per flag in the style of `ServerArgs.add_cli_args`, under
+    /// a heading comment.
+    AddArguments { heading: &'static str },
 }
 
 /// What a patch does.
@@ -116,7 +149,7 @@ pub enum PatchKind {
     },
     /// Insert `block` after the statement holding a call `callee("first_arg", ...)` in `file`.
     AfterCall {
-        file: &'static str,
+        file: FileRef,
         callee: &'static str,
         first_arg: Option<&'static str>,
         block: Snippet,

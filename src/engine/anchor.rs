@@ -6,20 +6,22 @@
 //! were found, so a user of a newer SGLang learns at once what moved. Indentation of an
 //! inserted block is taken from the anchor it goes next to.
 
-use crate::edit::Edit;
-use crate::group::{
-    BodyAt, ClassRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet, FIRST_PARAM,
+use crate::engine::declarations;
+use crate::engine::edit::Edit;
+use crate::engine::marker;
+use crate::engine::sources::Sources;
+use crate::engine::syntax::{self, PyFile};
+use crate::patch::{
+    BodyAt, ClassRef, DeclarationForm, FileRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet,
+    FIRST_PARAM,
 };
-use crate::marker;
-use crate::sources::Sources;
-use crate::syntax::{self, PyFile};
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::fmt;
 use tree_sitter::Node;
 
 /// An anchor that did not match exactly once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     /// `group/patch`.
     pub patch: String,
@@ -67,9 +69,9 @@ fn drift(
     })
 }
 
-/// What one patch changes.
+/// What one patch changes on the tree as it is now.
 #[derive(Debug, Clone)]
-pub enum Planned {
+pub enum PatchEdit {
     Edits { rel: String, edits: Vec<Edit> },
     Create { rel: String, text: String },
 }
@@ -80,7 +82,122 @@ pub enum Planned {
 pub enum PatchState {
     Applied,
     NotApplied,
-    Drifted(String),
+    Drifted(DriftReason),
+}
+
+/// Why a patch counts as drifted: the tree is not what the patch expects. Kept typed up to
+/// the report and the exit code; shown (and serialised) as one line naming the patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriftReason {
+    /// An anchor did not match exactly once (the patch cannot be placed or checked).
+    AnchorNotFound(Drift),
+    /// The begin/end markers in the file do not pair up.
+    BrokenMarkers { rel: String, error: String },
+    /// A marked block whose content no longer matches its marker hash.
+    BlockEdited { tag: String, at: Vec<String> },
+    /// The injected code is there without markers.
+    CodeWithoutMarkers { tag: String, rel: String },
+    /// Markers without the injected code.
+    MarkersWithoutCode { tag: String, rel: String },
+    /// Some, not all, of the injected definitions.
+    Partial {
+        tag: String,
+        rel: String,
+        present: usize,
+        total: usize,
+    },
+    /// An injected file whose content no longer matches its header hash.
+    InjectedFileEdited { tag: String, rel: String },
+    /// A file where one would be injected, not written by kvtuner-patch.
+    ForeignFile { tag: String, rel: String },
+    /// This patch is missing while other patches of its group are there.
+    MissingFromGroup { tag: String, rel: String },
+}
+
+impl DriftReason {
+    /// Whether the anchor itself was found (every reason but [`DriftReason::AnchorNotFound`]).
+    pub fn anchor_found(&self) -> bool {
+        !matches!(self, DriftReason::AnchorNotFound(_))
+    }
+}
+
+impl fmt::Display for DriftReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DriftReason::AnchorNotFound(d) => write!(f, "{d}"),
+            DriftReason::BrokenMarkers { rel, error } => write!(f, "{rel}: broken markers: {error}"),
+            DriftReason::BlockEdited { tag, at } => write!(
+                f,
+                "{tag}: injected block edited by hand (content hash differs from its marker) at {}",
+                at.join(", ")
+            ),
+            DriftReason::CodeWithoutMarkers { tag, rel } => write!(
+                f,
+                "{tag}: {rel}: the code is present but without kvtuner-patch markers (added by hand, or upstream now has it)"
+            ),
+            DriftReason::MarkersWithoutCode { tag, rel } => write!(
+                f,
+                "{tag}: {rel}: markers present but the injected code is missing"
+            ),
+            DriftReason::Partial {
+                tag,
+                rel,
+                present,
+                total,
+            } => write!(
+                f,
+                "{tag}: {rel}: only {present} of {total} injected definitions present"
+            ),
+            DriftReason::InjectedFileEdited { tag, rel } => write!(
+                f,
+                "{tag}: {rel}: injected file edited by hand (hash differs from its header)"
+            ),
+            DriftReason::ForeignFile { tag, rel } => write!(
+                f,
+                "{tag}: {rel}: exists but was not written by kvtuner-patch"
+            ),
+            DriftReason::MissingFromGroup { tag, rel } => write!(
+                f,
+                "{tag}: {rel}: not applied, but other patches of the group are"
+            ),
+        }
+    }
+}
+
+/// Serialised as the line it prints (the JSON report's `detail`).
+impl Serialize for DriftReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A patch's anchor resolved once on the tree as it is now; its state and its edits both
+/// come from that one lookup, so detection and planning cannot disagree.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// Package-relative file the patch lives in.
+    pub rel: String,
+    pub state: PatchState,
+    /// What applying the patch to the tree as it is now would change (meaningful when the
+    /// state is [`PatchState::NotApplied`]).
+    pub edit: PatchEdit,
+}
+
+/// The outcome of looking a patch up: located, or an anchor that did not match exactly once.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Found(Located),
+    NotFound(Drift),
+}
+
+impl Lookup {
+    /// The located patch, or the drift as an error (for callers to whom drift is a failure).
+    pub fn found(self) -> Result<Located> {
+        match self {
+            Lookup::Found(l) => Ok(l),
+            Lookup::NotFound(d) => Err(d.into()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -114,6 +231,18 @@ fn resolve_class(src: &mut Sources, tag: &str, c: ClassRef) -> Result<String> {
         .0
         .to_string();
     Ok(rel)
+}
+
+/// The file a [`FileRef`] names, loaded into `src`; `what` is what the patch looks for in it
+/// (for the drift report when there is no such file).
+fn resolve_file(src: &mut Sources, tag: &str, file: FileRef, what: &str) -> Result<String> {
+    match file {
+        FileRef::Path(rel) => {
+            load_required(src, tag, rel, what)?;
+            Ok(rel.to_string())
+        }
+        FileRef::OfClass(class) => resolve_class(src, tag, class),
+    }
 }
 
 fn the_class<'t>(file: &'t PyFile, name: &str) -> Node<'t> {
@@ -314,7 +443,8 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
             first_arg,
             keyword,
         } => {
-            let pf = load_required(src, tag, file, &format!("`{callee}(\"{first_arg}\", ...)`"))?;
+            let rel = resolve_file(src, tag, file, &format!("`{callee}(\"{first_arg}\", ...)`"))?;
+            let pf = src.get(&rel).expect("loaded");
             let call = exactly_one(
                 tag,
                 pf,
@@ -324,7 +454,7 @@ fn list_node(src: &mut Sources, tag: &str, l: ListRef) -> Result<(String, usize)
             let list = keyword_list(tag, pf, call, keyword, || {
                 format!("`{callee}(\"{first_arg}\", ...)`")
             })?;
-            Ok((file.to_string(), list.start_byte()))
+            Ok((rel, list.start_byte()))
         }
         ListRef::ContainingItem { function, has_item } => {
             let (rel, start) = function_node(src, tag, function)?;
@@ -452,15 +582,15 @@ fn function_block(
     }
 }
 
-/// Code signal of the line-shaped kinds: 1 if every non-blank line of `block` (trimmed) is a
-/// line of `text`, else 0.
-fn lines_present(text: &str, block: &str) -> usize {
+/// Code signal of the line-shaped kinds: whether every non-blank line of `block` (trimmed) is
+/// a line of `text`.
+fn lines_present(text: &str, block: &str) -> bool {
     let have: std::collections::HashSet<&str> = text.lines().map(str::trim).collect();
     block
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .all(|l| have.contains(l)) as usize
+        .all(|l| have.contains(l))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -470,58 +600,82 @@ fn lines_present(text: &str, block: &str) -> usize {
 /// Unindented lines of a snippet (each ending in `\n`) and the names its statements bind.
 fn snippet_lines(s: Snippet) -> Result<(String, Vec<String>)> {
     match s {
-        Snippet::Text(t) => {
-            let text = dedent(t.trim_matches('\n'));
-            // Names the lines bind (`name: T = v` fields): the code signal of `detect`.
-            let pf = PyFile::parse("<snippet>", text.clone())?;
-            let names = match pf.syntax_error() {
-                Some(_) => Vec::new(),
-                None => {
-                    let root = pf.root();
-                    let mut c = root.walk();
-                    let stmts: Vec<Node> = root.named_children(&mut c).collect();
-                    stmts
-                        .into_iter()
-                        .filter_map(|n| syntax::statement_binds(&pf, n))
-                        .collect()
-                }
-            };
-            Ok((text, names))
-        }
+        Snippet::Text(t) => text_lines(t),
         Snippet::ClassBodyOf {
             source,
             source_path,
             class,
-        } => {
-            let pf = PyFile::parse(source_path, source.to_string())?;
-            if let Some(e) = pf.syntax_error() {
-                bail!("embedded patch {source_path} does not parse: {e}");
+        } => class_body_lines(source, source_path, class),
+        Snippet::Declarations {
+            source,
+            source_path,
+            class,
+            form,
+        } => match form {
+            DeclarationForm::Namespaced(marker) => {
+                let text = declarations::with_namespace(source, source_path, class, marker)?;
+                class_body_lines(&text, &format!("{source_path} (+ {marker})"), class)
             }
-            let cls = syntax::classes(&pf, class);
-            let [cls] = cls[..] else {
-                bail!("embedded patch {source_path}: expected one class `{class}`")
-            };
-            let mut stmts = syntax::body_statements(cls);
-            let start = match stmts.first() {
-                Some(first) if syntax::is_docstring(*first) => {
-                    let end = syntax::line_end(&pf.src, first.end_byte());
-                    stmts.remove(0);
-                    end
-                }
-                Some(first) => syntax::line_start(&pf.src, first.start_byte()),
-                None => bail!("embedded patch {source_path}: class `{class}` is empty"),
-            };
-            let last = stmts.last().ok_or_else(|| {
-                anyhow!("embedded patch {source_path}: `{class}` has only a docstring")
-            })?;
-            let end = syntax::line_end(&pf.src, last.end_byte());
-            let names = stmts
-                .iter()
-                .filter_map(|n| syntax::statement_binds(&pf, *n))
-                .collect();
-            Ok((dedent(pf.src[start..end].trim_start_matches('\n')), names))
-        }
+            DeclarationForm::DataclassFields { heading } => {
+                let flags = declarations::read(source, source_path, class)?;
+                text_lines(&declarations::dataclass_fields(&flags, heading)?)
+            }
+            DeclarationForm::AddArguments { heading } => {
+                let flags = declarations::read(source, source_path, class)?;
+                text_lines(&declarations::add_arguments(&flags, heading)?)
+            }
+        },
     }
+}
+
+/// Literal lines, dedented, and the names they bind (`name: T = v` fields: the code signal).
+fn text_lines(t: &str) -> Result<(String, Vec<String>)> {
+    let text = dedent(t.trim_matches('\n'));
+    let pf = PyFile::parse("<snippet>", text.clone())?;
+    let names = match pf.syntax_error() {
+        Some(_) => Vec::new(),
+        None => {
+            let root = pf.root();
+            let mut c = root.walk();
+            let stmts: Vec<Node> = root.named_children(&mut c).collect();
+            stmts
+                .into_iter()
+                .filter_map(|n| syntax::statement_binds(&pf, n))
+                .collect()
+        }
+    };
+    Ok((text, names))
+}
+
+/// The body (docstring excluded) of `class` in `source`, dedented, and the names it binds.
+fn class_body_lines(source: &str, source_path: &str, class: &str) -> Result<(String, Vec<String>)> {
+    let pf = PyFile::parse(source_path, source.to_string())?;
+    if let Some(e) = pf.syntax_error() {
+        bail!("embedded patch {source_path} does not parse: {e}");
+    }
+    let cls = syntax::classes(&pf, class);
+    let [cls] = cls[..] else {
+        bail!("embedded patch {source_path}: expected one class `{class}`")
+    };
+    let mut stmts = syntax::body_statements(cls);
+    let start = match stmts.first() {
+        Some(first) if syntax::is_docstring(*first) => {
+            let end = syntax::line_end(&pf.src, first.end_byte());
+            stmts.remove(0);
+            end
+        }
+        Some(first) => syntax::line_start(&pf.src, first.start_byte()),
+        None => bail!("embedded patch {source_path}: class `{class}` is empty"),
+    };
+    let last = stmts
+        .last()
+        .ok_or_else(|| anyhow!("embedded patch {source_path}: `{class}` has only a docstring"))?;
+    let end = syntax::line_end(&pf.src, last.end_byte());
+    let names = stmts
+        .iter()
+        .filter_map(|n| syntax::statement_binds(&pf, *n))
+        .collect();
+    Ok((dedent(pf.src[start..end].trim_start_matches('\n')), names))
 }
 
 /// Remove the common leading whitespace; blank lines become empty; ends with `\n`.
@@ -574,27 +728,73 @@ fn marked_block(
     indent: &str,
     tag: &str,
     lines: &str,
-) -> Planned {
+) -> PatchEdit {
     let text = marker::wrap(indent, tag, &indent_lines(lines, indent));
-    Planned::Edits {
+    PatchEdit::Edits {
         rel,
         edits: vec![insertion(src, pos, text)],
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Planning
+// Locating a patch: one lookup, from which both its state and its edits follow
 // ---------------------------------------------------------------------------------------------
 
-/// The edits (or new file) that apply `patch` to the tree as it is now.
-pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> {
+/// Look `patch` up on the tree as it is now. An anchor that does not match exactly once is
+/// [`Lookup::NotFound`]; an error is anything else (I/O, an embedded snippet that does not
+/// parse, an anchor shape the engine cannot edit).
+pub fn locate(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Lookup> {
     let tag = group.tag(patch);
-    let tag = tag.as_str();
+    match resolve(src, &tag, patch) {
+        Ok((rel, code, edit)) => {
+            let state = match code {
+                Code::File(state) => state,
+                Code::Present { present, total } => {
+                    let text = src.text(&rel)?.expect("resolved files exist");
+                    combine(&tag, &rel, present, total, text)
+                }
+            };
+            Ok(Lookup::Found(Located { rel, state, edit }))
+        }
+        Err(e) => e.downcast::<Drift>().map(Lookup::NotFound),
+    }
+}
+
+/// The code signal of a located patch: how much of the injected code is in the file (combined
+/// with the marker signal by [`combine`]), or, for an injected file, its state outright.
+enum Code {
+    Present { present: usize, total: usize },
+    File(PatchState),
+}
+
+/// The file, code signal and edits of `patch` on the tree as it is now.
+fn resolve(src: &mut Sources, tag: &str, patch: &Patch) -> Result<(String, Code, PatchEdit)> {
+    let one = |present: bool| Code::Present {
+        present: present as usize,
+        total: 1,
+    };
     match patch.kind {
-        PatchKind::InjectFile { dest, source } => Ok(Planned::Create {
-            rel: dest.to_string(),
-            text: format!("{}{source}", marker::file_header(tag, source)),
-        }),
+        PatchKind::InjectFile { dest, source } => {
+            let state = match src.text(dest)? {
+                None => PatchState::NotApplied,
+                Some(text) => match marker::check_file_header(tag, text) {
+                    Some(true) => PatchState::Applied,
+                    Some(false) => PatchState::Drifted(DriftReason::InjectedFileEdited {
+                        tag: tag.into(),
+                        rel: dest.into(),
+                    }),
+                    None => PatchState::Drifted(DriftReason::ForeignFile {
+                        tag: tag.into(),
+                        rel: dest.into(),
+                    }),
+                },
+            };
+            let edit = PatchEdit::Create {
+                rel: dest.to_string(),
+                text: format!("{}{source}", marker::file_header(tag, source)),
+            };
+            Ok((dest.to_string(), Code::File(state), edit))
+        }
         PatchKind::ClassBody {
             class,
             at,
@@ -616,8 +816,17 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             }
             let cls = the_class(pf, class.name);
             let (pos, indent) = class_anchor(pf, tag, cls, class, at)?;
-            let (lines, _) = snippet_lines(block)?;
-            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
+            let (lines, names) = snippet_lines(block)?;
+            let have: Vec<String> = syntax::body_statements(cls)
+                .iter()
+                .filter_map(|s| syntax::statement_binds(pf, *s))
+                .collect();
+            let code = Code::Present {
+                present: names.iter().filter(|n| have.contains(n)).count(),
+                total: names.len(),
+            };
+            let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
+            Ok((rel, code, edit))
         }
         PatchKind::AfterCall {
             file,
@@ -631,7 +840,8 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
                     .map(|a| format!("\"{a}\", ..."))
                     .unwrap_or("...".into())
             );
-            let pf = load_required(src, tag, file, &what)?;
+            let rel = resolve_file(src, tag, file, &what)?;
+            let pf = src.get(&rel).expect("loaded");
             let call = exactly_one(
                 tag,
                 pf,
@@ -642,14 +852,9 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
             let (lines, _) = snippet_lines(block)?;
             let pos = syntax::line_end(&pf.src, stmt.end_byte());
-            Ok(marked_block(
-                file.to_string(),
-                &pf.src,
-                pos,
-                &indent,
-                tag,
-                &lines,
-            ))
+            let code = one(lines_present(&pf.src, &lines));
+            let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
+            Ok((rel, code, edit))
         }
         PatchKind::ListItem { list, item } => {
             let (rel, start) = list_node(src, tag, list)?;
@@ -669,6 +874,7 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let Some(last) = items.last() else {
                 bail!("{tag}: {rel}: list is empty; nothing to take indentation from")
             };
+            let code = one(items.iter().any(|n| pf.text(*n) == item));
             let indent = syntax::indent_at(&pf.src, last.start_byte()).to_string();
             let mut edits = Vec::new();
             // A trailing comma is needed before our item unless the list already has one.
@@ -685,7 +891,11 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             }
             let text = marker::wrap(&indent, tag, &format!("{indent}{item},\n"));
             edits.push(Edit::insert(syntax::line_start(&pf.src, close), text));
-            Ok(Planned::Edits { rel, edits })
+            let edit = PatchEdit::Edits {
+                rel: rel.clone(),
+                edits,
+            };
+            Ok((rel, code, edit))
         }
         PatchKind::ElifBranch {
             function,
@@ -696,6 +906,7 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let (rel, func_start) = function_node(src, tag, function)?;
             let pf = src.get(&rel).expect("loaded");
             let chain = chain_node(tag, pf, func_start, chain_has)?;
+            let code = one(syntax::chain_conditions(pf, chain).contains(&condition));
             let indent = syntax::indent_at(&pf.src, chain.start_byte()).to_string();
             let inner = chain
                 .child_by_field_name("consequence")
@@ -716,11 +927,13 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
                 Some(e) => syntax::line_start(&pf.src, e.start_byte()),
                 None => syntax::line_end(&pf.src, chain.end_byte()),
             };
-            Ok(Planned::Edits {
-                rel,
+            let edit = PatchEdit::Edits {
+                rel: rel.clone(),
                 edits: vec![insertion(&pf.src, pos, text)],
-            })
+            };
+            Ok((rel, code, edit))
         }
+        // The block's lines inside the function are the code signal.
         PatchKind::FunctionStart { function, block } => {
             let (rel, start) = function_node(src, tag, function)?;
             let pf = src.get(&rel).expect("loaded");
@@ -747,7 +960,9 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
                 syntax::line_start(&pf.src, first.start_byte())
             };
             let lines = function_block(tag, pf, func, function, block)?;
-            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
+            let code = one(lines_present(pf.text(func), &lines));
+            let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
+            Ok((rel, code, edit))
         }
         PatchKind::AfterAssign {
             function,
@@ -760,120 +975,43 @@ pub fn plan(src: &mut Sources, group: &Group, patch: &Patch) -> Result<Planned> 
             let stmt = assignment_node(tag, pf, func, function, target)?;
             let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
             let lines = function_block(tag, pf, func, function, block)?;
+            let code = one(lines_present(pf.text(func), &lines));
             let pos = syntax::line_end(&pf.src, stmt.end_byte());
-            Ok(marked_block(rel, &pf.src, pos, &indent, tag, &lines))
+            let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
+            Ok((rel, code, edit))
         }
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Detection
-// ---------------------------------------------------------------------------------------------
 
 /// Combine the code signal (how much of the injected code is there) with the marker signal.
 fn combine(tag: &str, rel: &str, present: usize, total: usize, file_text: &str) -> PatchState {
     let blocks = match marker::find_blocks(file_text) {
         Ok(b) => b.into_iter().filter(|b| b.tag == tag).collect::<Vec<_>>(),
-        Err(e) => return PatchState::Drifted(format!("{rel}: broken markers: {e}")),
+        Err(error) => {
+            return PatchState::Drifted(DriftReason::BrokenMarkers {
+                rel: rel.into(),
+                error,
+            })
+        }
     };
     let edited: Vec<String> = blocks
         .iter()
         .filter(|b| !b.intact())
         .map(|b| format!("{rel}:{}", b.line))
         .collect();
-    match (present, blocks.is_empty()) {
-        (0, true) => PatchState::NotApplied,
-        (p, false) if p == total && edited.is_empty() => PatchState::Applied,
-        (p, false) if p == total => PatchState::Drifted(format!(
-            "{tag}: injected block edited by hand (content hash differs from its marker) at {}",
-            edited.join(", ")
-        )),
-        (p, true) if p == total => PatchState::Drifted(format!(
-            "{tag}: {rel}: the code is present but without kvtuner-patch markers (added by hand, or upstream now has it)"
-        )),
-        (0, false) => PatchState::Drifted(format!("{tag}: {rel}: markers present but the injected code is missing")),
-        (p, _) => PatchState::Drifted(format!("{tag}: {rel}: only {p} of {total} injected definitions present")),
-    }
-}
-
-/// Whether `patch` is applied, with the package-relative file it lives in.
-pub fn detect(src: &mut Sources, group: &Group, patch: &Patch) -> Result<(PatchState, String)> {
-    let tag = group.tag(patch);
-    let tag = tag.as_str();
-    match patch.kind {
-        PatchKind::InjectFile { dest, .. } => {
-            let state = match src.text(dest)? {
-                None => PatchState::NotApplied,
-                Some(text) => match marker::check_file_header(tag, text) {
-                    Some(true) => PatchState::Applied,
-                    Some(false) => PatchState::Drifted(format!("{tag}: {dest}: injected file edited by hand (hash differs from its header)")),
-                    None => PatchState::Drifted(format!("{tag}: {dest}: exists but was not written by kvtuner-patch")),
-                },
-            };
-            Ok((state, dest.to_string()))
-        }
-        PatchKind::ClassBody { class, block, .. } => {
-            let rel = resolve_class(src, tag, class)?;
-            let pf = src.get(&rel).expect("loaded");
-            let cls = the_class(pf, class.name);
-            let have: Vec<String> = syntax::body_statements(cls)
-                .iter()
-                .filter_map(|s| syntax::statement_binds(pf, *s))
-                .collect();
-            let (_, names) = snippet_lines(block)?;
-            let present = names.iter().filter(|n| have.contains(n)).count();
-            Ok((combine(tag, &rel, present, names.len(), &pf.src), rel))
-        }
-        PatchKind::AfterCall { file, block, .. } => {
-            let (lines, _) = snippet_lines(block)?;
-            let text = src
-                .text(file)?
-                .ok_or_else(|| drift(tag, file, "file".into(), 0, vec![]))?;
-            let present = lines_present(text, &lines);
-            Ok((combine(tag, file, present, 1, text), file.to_string()))
-        }
-        PatchKind::ListItem { list, item } => {
-            let (rel, start) = list_node(src, tag, list)?;
-            let pf = src.get(&rel).expect("loaded");
-            let list = node_at(pf, start, &["list"]);
-            let mut cursor = list.walk();
-            let present = list.named_children(&mut cursor).any(|n| pf.text(n) == item) as usize;
-            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
-        }
-        PatchKind::ElifBranch {
-            function,
-            chain_has,
-            condition,
-            ..
-        } => {
-            let (rel, func_start) = function_node(src, tag, function)?;
-            let pf = src.get(&rel).expect("loaded");
-            let chain = chain_node(tag, pf, func_start, chain_has)?;
-            let present = syntax::chain_conditions(pf, chain).contains(&condition) as usize;
-            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
-        }
-        // The block's lines inside the function (anchors re-checked, so a renamed function
-        // or a duplicated assignment reads as drift, not as "not applied").
-        PatchKind::FunctionStart { function, block } => {
-            let (rel, start) = function_node(src, tag, function)?;
-            let pf = src.get(&rel).expect("loaded");
-            let func = the_function(pf, start);
-            let lines = function_block(tag, pf, func, function, block)?;
-            let present = lines_present(pf.text(func), &lines);
-            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
-        }
-        PatchKind::AfterAssign {
-            function,
-            target,
-            block,
-        } => {
-            let (rel, start) = function_node(src, tag, function)?;
-            let pf = src.get(&rel).expect("loaded");
-            let func = the_function(pf, start);
-            assignment_node(tag, pf, func, function, target)?;
-            let lines = function_block(tag, pf, func, function, block)?;
-            let present = lines_present(pf.text(func), &lines);
-            Ok((combine(tag, &rel, present, 1, &pf.src), rel))
-        }
-    }
+    let (tag, rel) = (tag.to_string(), rel.to_string());
+    let reason = match (present, blocks.is_empty()) {
+        (0, true) => return PatchState::NotApplied,
+        (p, false) if p == total && edited.is_empty() => return PatchState::Applied,
+        (p, false) if p == total => DriftReason::BlockEdited { tag, at: edited },
+        (p, true) if p == total => DriftReason::CodeWithoutMarkers { tag, rel },
+        (0, false) => DriftReason::MarkersWithoutCode { tag, rel },
+        (present, _) => DriftReason::Partial {
+            tag,
+            rel,
+            present,
+            total,
+        },
+    };
+    PatchState::Drifted(reason)
 }

@@ -7,22 +7,16 @@
 //! ```
 //!
 //! Markers are the *second* signal that a patch is applied (the first is the injected code
-//! itself, see `group.rs`). Their job is to make a hand-edited block visible: `verify` and
+//! itself, see `engine/anchor.rs`). Their job is to make a hand-edited block visible: `verify` and
 //! `status` recompute the hash of the lines between the markers and call a mismatch drift.
 //! Injected whole files carry a one-line header of the same shape instead (see [`file_header`]).
 
-use sha2::{Digest, Sha256};
+use crate::fsio::sha256;
 use std::ops::Range;
 
 const BEGIN: &str = "# >>> kvtuner-patch:";
 const END: &str = "# <<< kvtuner-patch:";
 const FILE: &str = "# kvtuner-patch:";
-
-/// Hex sha256 of `bytes`.
-pub fn sha256(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Wrap `body` (already indented, whole lines ending in `\n`) in markers at `indent`.
 pub fn wrap(indent: &str, tag: &str, body: &str) -> String {

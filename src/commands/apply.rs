@@ -1,0 +1,112 @@
+//! `apply` and `diff`: every selected group that is not applied yet, planned in memory as one
+//! change set, validated (tree-sitter + CPython), and (for `apply`) committed.
+
+use super::{era_of, group_status, require_supported, selection, GroupState};
+use crate::engine::anchor::PatchEdit;
+use crate::engine::changeset::ChangeSet;
+use crate::engine::python::Python;
+use crate::engine::sources::Sources;
+use crate::groups;
+use crate::refusal::Refusal;
+use crate::sglang_tree::SglangTree;
+use anyhow::Result;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct ApplyReport {
+    pub dry_run: bool,
+    /// Groups this run applied (or would apply, with `--dry-run`).
+    pub applied: Vec<String>,
+    /// Groups that were already applied and left alone.
+    pub already_applied: Vec<String>,
+    /// Package-relative files written (or that would be).
+    pub files: Vec<String>,
+    /// Unified diff of the change (paths relative to `--sglang-root`).
+    pub diff: String,
+}
+
+/// Plan the selected groups; with `write`, commit the change set (`diff` and `--dry-run`
+/// stop before that).
+pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Result<ApplyReport> {
+    let tree = SglangTree::resolve(root)?;
+    let sel = selection(&tree, only)?;
+    require_supported(&tree, &sel)?;
+    let selected = sel.groups;
+    let mut src = Sources::new(&tree);
+    let mut edits: Vec<PatchEdit> = Vec::new();
+    let (mut applied, mut already, mut problems) = (Vec::new(), Vec::new(), Vec::new());
+    for g in &selected {
+        let st = group_status(&mut src, g)?;
+        match st.state {
+            GroupState::Applied => already.push(g.id.to_string()),
+            GroupState::Drifted => problems.extend(st.problems()),
+            GroupState::NotApplied => {
+                // Every patch was found (else the group would be drifted): its edits come
+                // from the same lookup that found it not applied.
+                edits.extend(st.patches.into_iter().filter_map(|p| p.edit));
+                applied.push(g.id.to_string());
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Refusal::drifts(
+            "refusing to apply: the tree is not what the patches expect; nothing was changed",
+            problems,
+        )
+        .into());
+    }
+    let missing = missing_requirements(&tree, &mut src, &applied, &already)?;
+    if !missing.is_empty() {
+        return Err(Refusal::error(
+            "refusing to apply: a selected group needs another group that is neither applied to this tree nor selected; nothing was changed",
+            missing,
+        )
+        .into());
+    }
+    let changes = ChangeSet::build(edits, &mut src)?;
+    changes.validate(python)?;
+    if write && !changes.is_empty() {
+        let ids: Vec<&str> = applied.iter().map(String::as_str).collect();
+        changes.commit(&tree, &ids)?;
+    }
+    Ok(ApplyReport {
+        dry_run: !write,
+        applied,
+        already_applied: already,
+        files: changes.changes.iter().map(|c| c.rel.clone()).collect(),
+        diff: changes.diff(&tree),
+    })
+}
+
+/// For each group about to be applied, the groups it requires (`groups::REGISTRY`) that are
+/// neither selected in this run nor applied to the tree, as "what to do" lines.
+fn missing_requirements(
+    tree: &SglangTree,
+    src: &mut Sources,
+    applying: &[String],
+    already: &[String],
+) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for id in applying {
+        for req in groups::requires(id) {
+            if applying.iter().chain(already).any(|g| g == req) {
+                continue;
+            }
+            let in_tree = match groups::select(&[req.to_string()], era_of(tree))?
+                .groups
+                .first()
+            {
+                Some(g) => group_status(src, g)?.state == GroupState::Applied,
+                None => false,
+            };
+            if !in_tree {
+                missing.push(format!(
+                    "group `{id}` requires group `{req}`, which is not applied to this tree: \
+                     apply both (`--only {req} --only {id}`, or no --only)"
+                ));
+            }
+        }
+    }
+    Ok(missing)
+}
