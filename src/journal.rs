@@ -224,8 +224,10 @@ fn roll_back(base: &Path, dir: &Path, intent: &Intent) -> Result<()> {
 }
 
 /// Make every change of `txn` or none: journal first, then the changes, then the commit point.
-/// The caller holds the tree lock and has run [`recover`].
-pub fn commit(base: &Path, txn: &Transaction) -> Result<()> {
+/// The caller holds the tree lock and has run [`recover`]. Returns the folders of
+/// `txn.remove_dirs` that were removed (a folder that is not empty then is kept: what is in it
+/// is not ours).
+pub fn commit(base: &Path, txn: &Transaction) -> Result<Vec<String>> {
     preflight(base, txn)?;
     let dir = base.join(JOURNAL_DIR);
     clear_journal(&dir)?;
@@ -302,14 +304,20 @@ pub fn commit(base: &Path, txn: &Transaction) -> Result<()> {
         }
         touched.insert(parent_of(&path));
     }
+    let mut removed = Vec::new();
     for (d, _) in &intent.removed_dirs {
         let path = base.join(d);
-        fs::remove_dir(&path).with_context(|| format!("removing the folder {d}"))?;
+        match fs::remove_dir(&path) {
+            Ok(()) => removed.push(d.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {}
+            Err(e) => return Err(e).with_context(|| format!("removing the folder {d}")),
+        }
         touched.insert(parent_of(&path));
     }
     sync_dirs(&touched)?;
     remove_synced(&dir.join(INTENT))?;
-    clear_journal(&dir)
+    clear_journal(&dir)?;
+    Ok(removed)
 }
 
 /// Everything that can be checked before writing: safe paths, regular targets, permissions.
