@@ -3,9 +3,13 @@
 # release's wheel tree with the CLI, install kvtuner_quant and the standalone kvtuner_hicache
 # package into that release's full-install venv (scripts/sglang-venv.sh), run tests/python
 # against the patched tree, and append `VERSION<TAB>pass|fail` to the results file that
-# scripts/release-matrix.sh reads (a later line for the same release wins).
+# scripts/release-matrix.sh compares with the committed docs/functional-results.tsv (a later
+# line for the same release wins).
 #
-# usage: scripts/functional-matrix.sh [VERSION...]
+# usage: scripts/functional-matrix.sh [--record] [VERSION...]
+#   --record: also write each release's result into docs/functional-results.tsv (tracked; the
+#   README's functional column), replacing that release's line. Without it nothing tracked is
+#   written.
 #   default VERSIONs: one release of each era the host pool supports (0.5.23, 0.5.22, 0.5.19,
 #   0.5.16, 0.5.15, 0.5.13.post1), each only if its venv is cached or can be installed here (a
 #   release whose install fails is reported and skipped, not recorded).
@@ -19,6 +23,9 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
 cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 results=${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}
+record=0
+if [ "${1:-}" = "--record" ]; then record=1; shift; fi
+committed="$here/docs/functional-results.tsv"
 explicit=$#
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(0.5.23 0.5.22 0.5.19 0.5.16 0.5.15 0.5.13.post1)
@@ -65,6 +72,14 @@ for v in "${versions[@]}"; do
     fi
     printf '%s\t%s\n' "$v" "$result" >>"$results"
     echo "functional-matrix: $v $result (recorded in $results)"
+    if [ "$record" = 1 ]; then
+        # Replace this release's line, keep the comments and the others, sorted by version.
+        { grep '^#' "$committed"
+          { grep -v '^#' "$committed" | awk -F'\t' -v v="$v" '$1 != v'
+            printf '%s\t%s\n' "$v" "$result"; } | sort -V; } >"$committed.tmp"
+        mv "$committed.tmp" "$committed"
+        echo "functional-matrix: $v $result written to ${committed#"$here"/}"
+    fi
     [ "$result" = pass ] || failed=1
 done
 exit "$failed"

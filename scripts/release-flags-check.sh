@@ -3,8 +3,8 @@
 # releases, without a full install of each. For each release (default: every release of
 # scripts/releases.txt before the msgspec era, 0.5.3 - 0.5.19) it patches a copy of the wheel
 # tree and imports that tree's `sglang.srt.server_args` with the interpreter of the cached
-# full 0.5.23 install (scripts/sglang-venv.sh), then checks: the nine flags parse with their
-# declared defaults, types and choices (a bad choice exits 2), the dataclass has the nine
+# full 0.5.23 install (scripts/sglang-venv.sh), then checks: the ten flags parse with their
+# declared defaults, types and choices (a bad choice exits 2), the dataclass has the ten
 # fields with the same defaults, and from 0.5.17 every one is in the `memory` namespace.
 # Newer transformers already registers some configs older SGLang registers again at import;
 # that registration is made tolerant (exist_ok) for this check only.
@@ -36,7 +36,7 @@ got = {k: v for k, v in vars(a).items() if "kvtuner" in k}
 fields = {f.name: f.default for f in dataclasses.fields(ServerArgs) if "kvtuner" in f.name}
 want = {**fields, "enable_kvtuner_hicache": True, "kvtuner_hicache_nbits_key": 2,
         "kvtuner_hicache_layer_config": "p.yaml"}
-assert len(fields) == 9 and got == want, (got, fields)
+assert len(fields) == 10 and got == want, (got, fields)
 try:
     p.parse_args(["--model-path", "x", "--kvtuner-hicache-nbits-value", "3"])
     sys.exit("choices not enforced")
@@ -51,7 +51,7 @@ else:
     ns = {k: v for k, v in namespace_of(ServerArgs).items() if "kvtuner" in k}
     assert ns == {k: "memory" for k in fields}, ns
     note = ", all in namespace memory"
-print(f"ok: 9 flags parse, 9 dataclass fields{note}")
+print(f"ok: 10 flags parse, 10 dataclass fields{note}")
 '
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

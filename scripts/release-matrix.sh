@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The release matrix: kvtuner-patch on every SGLang release in scripts/releases.txt.
 #
-# usage: scripts/release-matrix.sh [--out FILE] [--functional FILE] [--only GROUP]... [--jobs N]
-#                                  [--allow-partial] [RELEASE...]
+# usage: scripts/release-matrix.sh [--write] [--out FILE] [--functional FILE] [--run-results FILE]
+#                                  [--only GROUP]... [--jobs N] [--allow-partial] [RELEASE...]
 #
 # Builds the CLI (release profile), then for each release (all of releases.txt, or the ones
 # named): gets the wheel (cached by scripts/sglang-wheel.sh), copies its tree to a temporary
@@ -12,15 +12,20 @@
 #   verify   passes (every group intact, every touched file parses with tree-sitter and
 #            compiles with python3 / $KVTUNER_PYTHON)
 #   revert   succeeds and the tree is byte-identical to the pristine wheel (diff -r)
-# A release whose era some selected group has no form for yet is checked with the groups that
+# A release whose era some selected group has no form for is checked with the groups that
 # do have one and marked partial ("not yet: ..."); partial rows fail unless --allow-partial.
-# Prints one row per release and writes the markdown table between the release-matrix markers
-# of FILE (default README.md; created if missing). Exits 1 if any release fails.
+# Prints one row per release and builds the markdown table of the README's compatibility
+# section. Without --write it only checks (the test command): the table between the
+# release-matrix markers of FILE (default README.md) must equal the one just built, or the run
+# fails and says to run `scripts/release-matrix.sh --write`. With --write it rewrites that part
+# of FILE (created if missing). Exits 1 if any release fails or the check finds a difference.
 #
-# The functional column comes from --functional FILE (default: $KVTUNER_FUNCTIONAL_RESULTS,
-# else target/functional-results.tsv), written by the Python functional tests: one line per
-# release, `RELEASE<TAB>RESULT` (e.g. `0.5.23	pass`), `#` comments; a later line for the same
-# release wins. Releases it does not list show `n/a`.
+# The functional column comes from --functional FILE (default docs/functional-results.tsv, the
+# committed results that `scripts/functional-matrix.sh --record` writes): one line per release,
+# `RELEASE<TAB>RESULT`, `#` comments; a later line for the same release wins. Releases it does
+# not list show `n/a`. --run-results FILE (default: $KVTUNER_FUNCTIONAL_RESULTS, else
+# target/functional-results.tsv, when it exists) holds this run's functional results in the same
+# form; a release whose result there differs from the committed one fails the run.
 #
 # --only GROUP is passed to apply/verify/status (default: every group). --jobs N checks N
 # releases at once (default: the number of CPUs).
@@ -102,7 +107,9 @@ fi
 
 # ---- the matrix --------------------------------------------------------------------------------
 out="$here/README.md"
-functional="${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}"
+functional="$here/docs/functional-results.tsv"
+run_results="${KVTUNER_FUNCTIONAL_RESULTS:-$here/target/functional-results.tsv}"
+write=0
 jobs=$(nproc 2>/dev/null || echo 2)
 only=()
 releases=()
@@ -111,15 +118,18 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --functional) functional=$2; shift 2 ;;
+        --run-results) run_results=$2; shift 2 ;;
+        --write) write=1; shift ;;
         --only) only+=("$2"); shift 2 ;;
         --jobs) jobs=$2; shift 2 ;;
         --allow-partial) allow_partial=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "release-matrix.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) releases+=("$1"); shift ;;
     esac
 done
-if [ ${#releases[@]} -eq 0 ]; then
+named=${#releases[@]}
+if [ "$named" -eq 0 ]; then
     mapfile -t releases < <(grep -v '^\s*#' "$here/scripts/releases.txt" | grep -v '^\s*$')
 fi
 
@@ -133,14 +143,18 @@ t0=$(date +%s)
 export KVTUNER_MATRIX_ONLY="${only[*]:-}"
 printf '%s\n' "${releases[@]}" | xargs -P "$jobs" -I{} bash "$0" --check-one {} "$work"
 
-declare -A func=()
-if [ -f "$functional" ]; then
+# RELEASE<TAB>RESULT lines of a results file into the associative array named $2.
+read_results() {
+    local -n into=$2
+    [ -f "$1" ] || return 0
     while IFS=$'\t' read -r rel res; do
         case "$rel" in ''|'#'*) continue ;; esac
-        func[$rel]=$res
-    done <"$functional"
-fi
-
+        into[$rel]=$res
+    done <"$1"
+}
+declare -A func=() ran=()
+read_results "$functional" func
+read_results "$run_results" ran
 failed=0
 partial=0
 declare -A seen_groups=()
@@ -169,7 +183,7 @@ groups=$(printf '%s\n' "${!seen_groups[@]}" | tr ',' '\n' | sort -u | paste -sd,
 groups=${groups:-none}
 echo "${#releases[@]} releases, $failed failing ($partial with groups not supporting their era yet$([ "$allow_partial" = 1 ] && echo ', allowed')), ${elapsed}s with $jobs jobs (groups: $groups)"
 
-# The table between the markers of $out (the README includes / the lead copies this part).
+# The table between the markers of $out.
 begin='<!-- release-matrix:begin (generated by scripts/release-matrix.sh; do not edit) -->'
 end='<!-- release-matrix:end -->'
 {
@@ -186,18 +200,43 @@ end='<!-- release-matrix:end -->'
     echo
     echo "$end"
 } >"$work/block.md"
-if [ ! -f "$out" ]; then
-    mkdir -p "$(dirname "$out")"
-    printf '# SGLang release compatibility\n' >"$out"
-fi
-if grep -qF '<!-- release-matrix:begin' "$out" && grep -qF "$end" "$out"; then
-    awk -v blockfile="$work/block.md" '
-        /<!-- release-matrix:begin/ { while ((getline l < blockfile) > 0) print l; skip = 1; next }
-        /<!-- release-matrix:end -->/ { skip = 0; next }
-        !skip { print }' "$out" >"$work/out.md"
-    cat "$work/out.md" >"$out"
+
+# This run's functional results must agree with the committed ones the table shows.
+for v in "${!ran[@]}"; do
+    if [ "${ran[$v]}" != "${func[$v]:-n/a}" ]; then
+        echo "functional result of $v: this run says ${ran[$v]}, ${functional#"$here"/} says ${func[$v]:-nothing}" >&2
+        echo "  (after a deliberate change: scripts/functional-matrix.sh --record $v)" >&2
+        failed=$((failed + 1))
+    fi
+done
+
+if [ "$write" = 1 ]; then
+    if [ ! -f "$out" ]; then
+        mkdir -p "$(dirname "$out")"
+        printf '# SGLang release compatibility\n' >"$out"
+    fi
+    if grep -qF '<!-- release-matrix:begin' "$out" && grep -qF "$end" "$out"; then
+        awk -v blockfile="$work/block.md" '
+            /<!-- release-matrix:begin/ { while ((getline l < blockfile) > 0) print l; skip = 1; next }
+            /<!-- release-matrix:end -->/ { skip = 0; next }
+            !skip { print }' "$out" >"$work/out.md"
+        cat "$work/out.md" >"$out"
+    else
+        { echo; cat "$work/block.md"; } >>"$out"
+    fi
+    echo "table written to ${out#"$here"/}"
+elif [ "$named" -gt 0 ]; then
+    echo "releases named: the table in ${out#"$here"/} (every release) is not checked"
 else
-    { echo; cat "$work/block.md"; } >>"$out"
+    # The part of $out between the markers, markers included.
+    awk '/<!-- release-matrix:begin/ { on = 1 } on { print } /<!-- release-matrix:end -->/ { on = 0 }' \
+        "$out" 2>/dev/null >"$work/current.md" || true
+    if ! diff -u "$work/current.md" "$work/block.md" >"$work/table.diff"; then
+        cat "$work/table.diff" >&2
+        echo "the compatibility table in ${out#"$here"/} differs from this run's (above): run scripts/release-matrix.sh --write" >&2
+        failed=$((failed + 1))
+    else
+        echo "table in ${out#"$here"/} matches this run"
+    fi
 fi
-echo "table written to ${out#"$here"/}"
 [ "$failed" -eq 0 ]

@@ -5,6 +5,10 @@ set -euo pipefail
 version=${1:?usage: sglang-wheel.sh VERSION}
 cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 dir="$cache/wheels/$version"
+mkdir -p "$cache/wheels"
+# One download per version at a time: parallel test jobs ask for the same release.
+exec 9>"$cache/wheels/.lock-$version"
+flock 9
 if [ ! -f "$dir/.unpacked" ]; then
     rm -rf "$dir"
     mkdir -p "$dir/dl"

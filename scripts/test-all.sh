@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project, cheapest first; stops at the first failure.
+#   0. Python style: `ruff format --check` and `ruff check` over every Python file (ruff.toml),
+#      with the ruff pinned in scripts/test-requirements.txt, from the cached SGLang venv.
 #   1. Rust: the kvtuner-patch CLI (unit, fixture snapshot, CLI, real-release tests).
 #   2. kvtuner_quant: cargo tests of the core, then pytest against the numpy oracle and real KV.
 #   3. SGLang 0.5.23 for real (cached venv with the full install; scripts/functional-matrix.sh): a
@@ -9,7 +11,9 @@
 #      constructor with the keyword-only base; 0.5.19; 0.5.16; 0.5.15: chooser in
 #      memory_pool_host.py; 0.5.13.post1).
 #   4. The release matrix: apply / verify / apply-again / revert on every release in
-#      scripts/releases.txt; writes docs/compat.md.
+#      scripts/releases.txt; checks that README's compatibility table is what this run found and
+#      that this run's functional results agree with docs/functional-results.tsv. Nothing tracked
+#      is written (the table is rewritten only by `scripts/release-matrix.sh --write`).
 # Caches (wheels, venvs, captured KV) live under ${KVTUNER_CACHE:-~/.cache/kvtuner-patch}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,20 +21,28 @@ repo=$(pwd)
 cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 step() { printf '\n==== %s\n' "$*"; }
 
-rm -f target/functional-results.tsv   # only this run's functional results reach the table
+# Tests never write tracked files: what `git status` says now must still hold at the end.
+git_state() { git status --porcelain=v1 --untracked-files=all 2>/dev/null || true; }
+before=$(git_state)
 
-step "cargo test: kvtuner-patch CLI"
-cargo test --locked
+rm -f target/functional-results.tsv   # this run's functional results, checked by the matrix
 
 step "python venv with the full sglang 0.5.23 install (cached; ~10 min the first time)"
 venv=$(scripts/sglang-venv.sh 0.5.23)
 py="$venv/bin/python"
 
+step "python style: ruff format --check, ruff check (ruff.toml)"
+"$venv/bin/ruff" format --check .
+"$venv/bin/ruff" check .
+
+step "cargo test: kvtuner-patch CLI"
+cargo test --locked
+
 step "kvtuner_quant: cargo test, install, pytest"
 quant/run-tests.sh "$py"
 
 step "SGLang 0.5.23 for real: patch a fresh copy with the CLI, pytest host pool, patched SGLang, JuiceFS (real FUSE mount)"
-# Records `0.5.23<TAB>pass|fail` in target/functional-results.tsv (the matrix's functional column).
+# Records `0.5.23<TAB>pass|fail` in target/functional-results.tsv (untracked).
 scripts/functional-matrix.sh 0.5.23
 
 if [ "${KVTUNER_FULL_MATRIX:-0}" = 1 ]; then
@@ -40,3 +52,11 @@ fi
 
 step "release matrix"
 scripts/release-matrix.sh
+
+step "tracked files unchanged by the tests"
+if [ "$(git_state)" != "$before" ]; then
+    diff <(echo "$before") <(git_state) >&2 || true
+    echo "the test command changed the files above (tests must not write into the checkout)" >&2
+    exit 1
+fi
+echo "git status unchanged"

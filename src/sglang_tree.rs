@@ -80,7 +80,7 @@ impl SglangTree {
     }
 
     /// Whether this tree is a release the patch groups can be applied to, and why (not).
-    /// Whether every selected group has a form for the era is checked by the caller (`ops`).
+    /// Whether every selected group has a form for the era is checked by the caller (`commands`).
     pub fn support(&self) -> Support {
         let no = |reason: String| Support {
             supported: false,

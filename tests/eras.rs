@@ -151,7 +151,7 @@ fn namespaced_server_args_era_full_cycle() {
             let text = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
                 text.matches("kvtuner").count(),
-                9,
+                10,
                 "{text}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -302,6 +302,46 @@ fn status_on_a_newer_release_reports_each_anchor() {
     );
     let (_, out, _) = run(&["status", "--only", "kvtuner"], t.path());
     assert!(out.contains("NOT FOUND kvtuner/memory-fields"), "{out}");
+}
+
+/// A release that moves anchor files between modules (the pretend release of
+/// `docs/adding-a-release.md`) needs no new form: every anchor names a class or function found
+/// by structure, so status finds each one in its new file and the whole cycle works unchanged.
+#[test]
+fn anchor_files_moved_by_a_release_are_found_by_structure() {
+    let t = copy_tree(&fixture("sglang-0.5.23"), "");
+    let root = t.path();
+    let moves = [
+        (HOOK, "sglang/srt/arg_groups/hooks/hicache.py"),
+        (CONTROLLER, "sglang/srt/managers/hicache_controller.py"),
+        (MHA, "sglang/srt/mem_cache/pool_host/dense.py"),
+        (FACTORY, "sglang/srt/mem_cache/storage/factory.py"),
+    ];
+    for (from, to) in moves {
+        fs::create_dir_all(root.join(to).parent().unwrap()).unwrap();
+        fs::rename(root.join(from), root.join(to)).unwrap();
+    }
+    let original = snapshot(root);
+    let (code, v) = run_json(&["status"], root);
+    assert_eq!(code, 1, "supported, not applied: {v}");
+    let mut files: Vec<&str> = Vec::new();
+    for a in v["report"]["anchors"].as_array().unwrap() {
+        assert_eq!(a["found"], true, "{a}");
+        files.push(a["file"].as_str().unwrap());
+    }
+    for (from, to) in moves {
+        assert!(
+            files.contains(&to) && !files.contains(&from),
+            "{to}: {files:?}"
+        );
+    }
+    assert_eq!(run(&["apply"], root).0, 0);
+    let (code, out, err) = run(&["verify"], root);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = run(&["apply"], root);
+    assert!(code == 0 && out.starts_with("nothing to do"), "{out}");
+    assert_eq!(run(&["revert"], root).0, 0);
+    assert_same_tree(&original, &snapshot(root));
 }
 
 /// Without `--only`, a tree is refused when any registered group has no form for its era,

@@ -165,7 +165,7 @@ fn states(tree: &SglangTree, g: &Group) -> Vec<PatchState> {
         .collect()
 }
 
-fn plan_all(tree: &SglangTree, g: &Group) -> ChangeSet {
+fn change_set_of(tree: &SglangTree, g: &Group) -> ChangeSet {
     let mut src = Sources::new(tree);
     let planned = g
         .patches
@@ -180,17 +180,17 @@ fn plan_all(tree: &SglangTree, g: &Group) -> ChangeSet {
     ChangeSet::build(planned, &mut src).unwrap()
 }
 
-/// A fresh tree through the whole write path: nothing applied yet, the plan validates (parse
+/// A fresh tree through the whole write path: nothing applied yet, the change set validates (parse
 /// and compile), its diff matches the snapshot `name` and `git apply` accepts it, then it is
 /// written.
-fn plan_snapshot_and_commit(tree: &SglangTree, g: &Group, name: &str) {
+fn check_snapshot_and_commit(tree: &SglangTree, g: &Group, name: &str) {
     assert!(states(tree, g).iter().all(|s| *s == PatchState::NotApplied));
-    let plan = plan_all(tree, g);
-    plan.validate(&Python::pick(None)).unwrap();
-    let diff = plan.diff(tree);
+    let changes = change_set_of(tree, g);
+    changes.validate(&Python::pick(None)).unwrap();
+    let diff = changes.diff(tree);
     insta::assert_snapshot!(name, diff);
     git_apply(copy_tree(&tree.root, "").path(), &diff, false);
-    plan.commit(tree, &["toy"], &plan.files()).unwrap();
+    changes.commit(tree, &["toy"], &changes.files()).unwrap();
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn every_edit_kind_plans_validates_applies_and_is_detected() {
     let original = snapshot(t.path());
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = toy_group();
-    plan_snapshot_and_commit(&tree, &g, "toy_every_kind_diff");
+    check_snapshot_and_commit(&tree, &g, "toy_every_kind_diff");
     assert!(
         states(&tree, &g).iter().all(|s| *s == PatchState::Applied),
         "{:?}",
@@ -258,8 +258,8 @@ fn hand_edited_injected_file_is_drift() {
     let tree = SglangTree::resolve(t.path()).unwrap();
     let mut g = toy_group();
     g.patches.retain(|p| p.id == "store-file");
-    let plan = plan_all(&tree, &g);
-    plan.commit(&tree, &["toy"], &plan.files()).unwrap();
+    let changes = change_set_of(&tree, &g);
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     let path = t.path().join("sglang/srt/storage/toy_store.py");
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.starts_with("# kvtuner-patch:toy/store-file sha256="));
@@ -322,15 +322,15 @@ fn list_item_in_an_add_argument_call() {
             },
         }],
     };
-    let plan = plan_all(&tree, &g);
-    plan.validate(&Python::pick(None)).unwrap();
-    assert!(plan.changes[0]
+    let changes = change_set_of(&tree, &g);
+    changes.validate(&Python::pick(None)).unwrap();
+    assert!(changes.changes[0]
         .after
         .contains("            \"file\",\n            # >>> kvtuner-patch:toy/choice sha256="));
-    assert!(plan.changes[0].after.contains(
+    assert!(changes.changes[0].after.contains(
         "            \"toy\",\n            # <<< kvtuner-patch:toy/choice\n        ],\n"
     ));
-    plan.commit(&tree, &["toy"], &plan.files()).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 }
 
@@ -390,9 +390,9 @@ fn list_item_in_the_list_of_a_method_holding_an_item() {
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = controller_group();
     assert_eq!(states(&tree, &g), vec![PatchState::NotApplied]);
-    let plan = plan_all(&tree, &g);
-    plan.validate(&Python::pick(None)).unwrap();
-    let after = &plan.changes[0].after;
+    let changes = change_set_of(&tree, &g);
+    changes.validate(&Python::pick(None)).unwrap();
+    let after = &changes.changes[0].after;
     assert!(
         after.contains("            \"quick\",  # already zero-copy\n            # >>> kvtuner-patch:toy/zero-copy sha256=")
             && after.contains("            \"toy\",\n            # <<< kvtuner-patch:toy/zero-copy\n        ]:\n"),
@@ -403,7 +403,7 @@ fn list_item_in_the_list_of_a_method_holding_an_item() {
     assert!(
         after.starts_with("FAST = [\"fast\"]\n") && after.ends_with("        return [\"fast\"]\n")
     );
-    plan.commit(&tree, &["toy"], &plan.files()).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 
     // The item without its markers is drift, not "applied".
@@ -534,7 +534,7 @@ fn function_start_and_after_assign_apply_detect_and_revert() {
     let original = snapshot(t.path());
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = fn_group();
-    plan_snapshot_and_commit(&tree, &g, "toy_function_kinds_diff");
+    check_snapshot_and_commit(&tree, &g, "toy_function_kinds_diff");
     assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
     let chooser = fs::read_to_string(t.path().join("sglang/srt/chooser.py")).unwrap();
     assert!(
@@ -571,9 +571,9 @@ fn function_start_uses_the_real_first_parameter_and_keeps_the_docstring_first() 
     let t = fn_tree(CHOOSER_OLD, HOOK);
     let tree = SglangTree::resolve(t.path()).unwrap();
     let g = fn_group();
-    let plan = plan_all(&tree, &g);
-    plan.validate(&Python::pick(None)).unwrap();
-    let after = &plan
+    let changes = change_set_of(&tree, &g);
+    changes.validate(&Python::pick(None)).unwrap();
+    let after = &changes
         .changes
         .iter()
         .find(|c| c.rel == "sglang/srt/chooser.py")
@@ -584,7 +584,7 @@ fn function_start_uses_the_real_first_parameter_and_keeps_the_docstring_first() 
             && after.contains("    picked = pick(device_pool)\n"),
         "{after}"
     );
-    plan.commit(&tree, &["toy"], &plan.files()).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
 }
 

@@ -50,7 +50,7 @@ fn group() -> Group {
     }
 }
 
-fn plan(tree: &SglangTree) -> anyhow::Result<ChangeSet> {
+fn change_set(tree: &SglangTree) -> anyhow::Result<ChangeSet> {
     let mut src = Sources::new(tree);
     let g = group();
     let planned = vec![anchor::locate(&mut src, &g, &g.patches[0])
@@ -64,7 +64,7 @@ fn found_in_either_file_and_patched_there() {
     for rel in ["old.py", "pool/new.py"] {
         let t = tree(&[(rel, CHOOSER), ("decoy.py", DECOY)]);
         let tree = SglangTree::resolve(t.path()).unwrap();
-        let p = plan(&tree).unwrap();
+        let p = change_set(&tree).unwrap();
         p.validate(&Python::pick(None)).unwrap();
         let changed: Vec<&str> = p.changes.iter().map(|c| c.rel.as_str()).collect();
         assert_eq!(changed, [format!("sglang/srt/mem/{rel}")]);
@@ -86,7 +86,7 @@ fn found_in_either_file_and_patched_there() {
 #[test]
 fn none_or_two_definitions_are_drift_naming_the_folder() {
     let t = tree(&[("decoy.py", DECOY)]);
-    let err = plan(&SglangTree::resolve(t.path()).unwrap())
+    let err = change_set(&SglangTree::resolve(t.path()).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
@@ -94,7 +94,7 @@ fn none_or_two_definitions_are_drift_naming_the_folder() {
         "{err}"
     );
     let t = tree(&[("old.py", CHOOSER), ("pool/new.py", CHOOSER)]);
-    let err = plan(&SglangTree::resolve(t.path()).unwrap())
+    let err = change_set(&SglangTree::resolve(t.path()).unwrap())
         .unwrap_err()
         .to_string();
     assert!(

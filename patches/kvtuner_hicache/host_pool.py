@@ -1,99 +1,10 @@
-"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.3 - 0.5.23).
-
-``KVTunerMHATokenToKVPoolHost`` subclasses the release's ``MHATokenToKVPoolHost``
-and replaces its fp16/bf16 host buffer with one ``uint8`` row per host page. A row
-holds, for every layer, a K blob and a V blob quantized by ``kvtuner_quant`` with
-that layer's bits (byte layout: :mod:`.page_format`). ``get_size_per_token()``
-reports row bytes / page size, so the host budget (``--hicache-size``) buys
-3-5x more tokens than the stock pool.
-
-Transfers
-    ``backup_from_device_all_layer`` gathers each layer's device rows (a torch index
-    on the device buffers, one device->host copy per layer) and quantizes whole pages
-    straight into the host rows (``kvtuner_quant.quantize_pages``, multi-threaded,
-    GIL released). ``load_to_device_per_layer`` dequantizes that layer's pages and
-    copies them to the device rows. Both run the same code for ``io_backend``
-    ``"kernel"`` and ``"direct"`` (the release's CUDA copy kernels cannot quantize);
-    ``"kernel_ascend"`` is refused. The ``_physical`` wrappers and ``is_draft`` of the
-    base class are honoured (draft layers packed after the target layers, like the
-    stock pool).
-
-Sizing
-    ``--hicache-size`` is a byte budget as in the stock pool. ``--hicache-ratio``
-    (and the release's auto-sizing, which derives the ratio from a byte budget and
-    the device pool's fp16 bytes) is read as a memory ratio: the pool takes
-    ``ratio x device tokens x fp16 bytes/token`` bytes, i.e. the memory the stock
-    pool would take, and holds stock/quantized times more tokens.
-
-Layouts
-    Host rows are page-major whatever ``--hicache-mem-layout`` says, so
-    ``page_first`` (the 0.5.23 default) and ``page_first_direct`` both work and behave
-    identically. ``layer_first``, ``page_head`` and ``page_unified`` are refused at
-    startup: their meaning (per-layer or per-head spans for the copy kernels and for
-    split-head storage) does not exist for a quantized row.
-
-Storage (L3)
-    ``get_data_page`` / ``set_from_flat_data_page`` / ``get_dummy_flat_data_page`` /
-    ``get_page_buffer_meta`` expose the quantized row bytes, so every backend stores
-    quantized pages. ``get_page_buffer_meta`` returns two spans per page (the row's
-    first and second half, contiguous), the K/V pair shape MHA zero-copy backends
-    expect; ``kvtuner_page_spans`` gives one span per page. A page written under
-    another config is never read back, at three levels:
-
-    1. namespace: ``storage_format_tag`` (read by the 0.5.23 cache controller into the
-       storage model name, so e.g. ``HiCacheFile`` keys differ) and
-       ``kvtuner_namespace_tag()`` for backends that build their own namespace;
-    2. page header: every row starts with a header carrying a digest of the config;
-       ``set_from_flat_data_page`` raises ``ValueError`` on a mismatch (the controller
-       turns that into a miss) and ``kvtuner_check_pages`` lets zero-copy backends
-       test pages they wrote into host rows themselves;
-    3. blob headers: ``dequantize_pages`` re-checks bits/axis/group/dtype/shape of
-       every blob on load and raises rather than decode foreign bytes.
-
-Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
-    A prefix cache has no single "most recent token": it backs up spans of many
-    requests. Here the window is defined per backup call: the last
-    ``ceil(R / page_size)`` pages of every ``backup_from_device_all_layer`` call (the
-    newest tokens of the span it writes) are additionally kept bit-exact in a
-    full-precision overlay. Every page is always stored quantized too, so storage
-    backends and evictions never depend on the overlay. The overlay is a ring of
-    ``n`` exact page slots carved out of the same host budget: it takes at most
-    ``OVERLAY_BUDGET_FRACTION`` of the pool's bytes (the quantized area shrinks by
-    the same amount, so the pool never exceeds the budget). When the ring is full,
-    the oldest window is evicted (its pages fall back to their quantized copy).
-    A load uses the exact copy of a page while the overlay still holds it and the
-    host row still carries the per-page backup stamp (page header) the copy was
-    made with; freeing a host page, rewriting it (backup) or filling it through
-    ``set_from_flat_data_page`` also drops its entry, and the stamp check covers
-    rows refilled any other way (zero-copy storage reads, pool wrappers with their
-    own allocator). With a fixed token capacity (``host_token_capacity``) there is no byte
-    budget to carve from, so the overlay is off.
-
-Releases
-    One class serves every release (chosen by ``get_mha_host_pool_cls`` from 0.5.14,
-    by the stock class's patched ``__new__`` before); the constructor looks at what
-    it was given:
-
-    - an ``MHABufferInfo`` (0.5.23: ``buffer_info.buffers.k`` ...) -> the 0.5.23
-      constructor (geometry from the buffer info, keyword-only base ``__init__``);
-    - a device pool (``k_buffer`` / ``v_buffer`` lists; 0.5.3 - 0.5.22, MTP draft
-      pools as ``mtp_draft_device_pools`` from 0.5.18) -> geometry from the device
-      pool, then the release's own ``HostKVCache.__init__`` in whichever form it has:
-      positional ``(device_pool, ratio, size, ...)`` up to 0.5.21 (``allocator_type``
-      from 0.5.7, ``pool_label`` from 0.5.20), keyword-only
-      ``(dtype=, device_capacity_tokens=, size_per_token=, ...)`` in 0.5.22 (the
-      signature is read, not the version). The stock ``MHATokenToKVPoolHost.__init__``
-      is skipped there: it builds fp16 views of the host buffer this pool does not have.
-
-    Base classes before 0.5.22 size the pool and call ``init_kv_buffer()``
-    directly (there is no ``_allocate_host_buffer``), so the overlay is carved and
-    allocated from ``init_kv_buffer``; ``is_draft`` (0.5.18+) and the ``_physical``
-    wrappers (0.5.21+, which call the plain methods) need nothing release-specific.
+"""``KVTunerMHATokenToKVPoolHost``: SGLang's dense MHA host pool (HiCache L2) storing every page
+quantized by ``kvtuner_quant``, one ``uint8`` row per host page, for SGLang 0.5.3 - 0.5.23.
+Design (transfers, sizing, layouts, storage, residual window, releases): ``docs/host-pool.md``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -102,34 +13,23 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-try:  # 0.5.14+
-    from sglang.srt.mem_cache.pool_host.base import HostKVCache
-    from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
-except ImportError:  # 0.5.3 - 0.5.13.post1: everything in memory_pool_host.py
-    from sglang.srt.mem_cache.memory_pool_host import HostKVCache
-
-    try:  # 0.5.6.post1+
-        from sglang.srt.mem_cache.memory_pool_host import ALLOC_MEMORY_FUNCS
-    except ImportError:  # the stock pool allocates with torch.empty(pin_memory=...)
-        ALLOC_MEMORY_FUNCS = None
-try:  # 0.5.16+
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-except ImportError:  # up to 0.5.15: in memory_pool_host.py
-    from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
-try:  # 0.5.19+ (takes the requested bytes from 0.5.21)
-    from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
-except ImportError:
-    host_memory_budget_bytes = None
-
+from .compat import (
+    MHATokenToKVPoolHost,
+    alloc_host,
+    host_budget_bytes,
+    init_host_kv_cache,
+    is_buffer_info,
+    visible_model_layer_num,
+)
 from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
+from .device_transfer import DeviceTransfers, choose_codec
+from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
 SUPPORTED_IO_BACKENDS = ("kernel", "direct")
-# Share of the host pool's bytes the exact overlay may take (see module docstring).
-OVERLAY_BUDGET_FRACTION = 1 / 8
 # Recycled scratch pages for the generic (non zero-copy) storage read path: at most
 # one storage batch (STORAGE_BATCH_SIZE pages) and at most this many bytes.
 _DUMMY_CACHE_MAX_PAGES = 128
@@ -137,6 +37,7 @@ _DUMMY_CACHE_MAX_BYTES = 256 << 20
 
 
 def _import_quant():
+    """The kvtuner_quant extension, with an install hint when it is missing."""
     try:
         import kvtuner_quant
     except ImportError as e:
@@ -151,17 +52,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _model_layer_num(end_layer: int) -> Optional[int]:
-    """The model's layer count when this rank can know it: without pipeline
-    parallelism, or on the last stage (whose end_layer is the model's last)."""
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        parallel = get_parallel()
-        pp_size, pp_rank = int(parallel.pp_size), int(parallel.pp_rank)
-    except Exception:  # parallel state not initialized: a single-process build
-        return end_layer
-    return end_layer if pp_rank == pp_size - 1 else None
+def _gather_to_cpu(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows of a device KV buffer, copied to host memory for the codec."""
+    x = buffer.index_select(0, rows)
+    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
@@ -169,58 +63,37 @@ def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: tor
     return 2 * head_dim * head_num * layers * dtype.itemsize
 
 
-def _is_buffer_info(source) -> bool:
-    """0.5.23 passes host pools an ``MHABufferInfo`` (device buffers under
-    ``.buffers``); earlier releases pass the device pool itself."""
-    return hasattr(source, "buffers") and not hasattr(source, "k_buffer")
-
-
-def _host_budget_bytes(requested: int) -> int:
-    """Host RAM this rank may claim, asked the way the release asks it."""
-    if host_memory_budget_bytes is None:  # up to 0.5.18
-        import psutil
-
-        return psutil.virtual_memory().available
-    if inspect.signature(host_memory_budget_bytes).parameters:  # 0.5.21+
-        return host_memory_budget_bytes(requested)
-    return host_memory_budget_bytes()
-
-
-def _alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
-    """The release's host allocator for the pool's transfer device, given what its
-    signature takes: the pool's allocator (0.5.7+) and the registration granularity
-    (0.5.19+). Before 0.5.6.post1 there is none: plain ``torch.empty``, as the stock
-    pool does."""
-    if ALLOC_MEMORY_FUNCS is None:
-        return torch.empty(shape, dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
-    alloc = ALLOC_MEMORY_FUNCS[pool._transfer_device.type]
-    params = inspect.signature(alloc).parameters
-    kwargs = dict(dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
-    if "allocator" in params:
-        kwargs["allocator"] = pool.allocator
-    if granularity is not None and "registration_granularity_bytes" in params:
-        kwargs["registration_granularity_bytes"] = granularity
-    return alloc(shape, **kwargs)
-
-
 class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
-    """Host pool storing pages quantized (see module docstring)."""
+    """Dense MHA host pool whose pages are stored quantized (``docs/host-pool.md``)."""
 
     def __init__(self, source, *args, **kwargs):
-        # What the release hands its dense MHA host pool (see "Releases" above).
-        if _is_buffer_info(source):
+        # An MHABufferInfo (0.5.23) or the device pool (0.5.3 - 0.5.22): see compat.py.
+        if is_buffer_info(source):
             self._kvt_init_from_buffer_info(source, *args, **kwargs)
         else:
             self._kvt_init_from_device_pool(source, *args, **kwargs)
+        why = self._kvt_select_codec()
         logger.info(
             "KVTuner HiCache host pool: %s, %d B/token (stock %d B/token), %d pages, "
-            "residual overlay %d pages",
+            "residual overlay %d pages, %s codec (%s)",
             self.storage_format_tag,
             self.size_per_token,
             self.stock_size_per_token(),
             self.page_num,
-            self._ovl_slots,
+            self._kvt_overlay_slots,
+            self.kvtuner_codec,
+            why,
         )
+
+    def _kvt_select_codec(self) -> str:
+        """Pick who packs the pages (``--kvtuner-hicache-codec``) once the rows exist;
+        returns why, for the startup line."""
+        device = torch.device(self.device_k_buffers[0].device)
+        pinned = device.type != "cpu" and self.kv_buffer.is_pinned()
+        self.kvtuner_codec, why = choose_codec(self._kvt_cfg.codec, device, pinned)
+        if self.kvtuner_codec == "device":
+            self._kvt_device_io = DeviceTransfers(self)
+        return why
 
     def _kvt_init_from_buffer_info(
         self,
@@ -244,6 +117,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
+        """Build from an ``MHABufferInfo`` (0.5.23)."""
         _check_layout(layout)
         check_buffer_info(buffer_info)
         self._kvt_prepare(
@@ -298,8 +172,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
-        """0.5.3 - 0.5.22: the release passes its device pool (and, from 0.5.18,
-        MTP draft device pools whose layers are packed after the target layers)."""
+        """Build from a device pool (0.5.3 - 0.5.22), MTP draft pools packed after it."""
         _check_layout(layout)
         check_device_pool(device_pool)
         drafts = tuple(mtp_draft_device_pools)
@@ -336,45 +209,19 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
         capacity = getattr(device_pool, "host_capacity_tokens", None) or device_pool.size
         host_size = self._kvt_memory_ratio_as_size(host_size, host_to_device_ratio, capacity)
-        params = inspect.signature(HostKVCache.__init__).parameters
-        if "device_pool" in params:
-            # Up to 0.5.21: the base sizes the pool from the device pool and calls
-            # get_size_per_token() / init_kv_buffer() itself. It takes the allocator
-            # from 0.5.7 and a label from 0.5.20.
-            extra = {
-                name: value
-                for name, value in (("allocator_type", allocator_type), ("pool_label", pool_label))
-                if name in params
-            }
-            HostKVCache.__init__(
-                self,
-                device_pool,
-                host_to_device_ratio,
-                host_size,
-                page_size,
-                layout,
-                pin_memory,
-                device,
-                **extra,
-            )
-        else:
-            # 0.5.22: keyword-only geometry, computed by the concrete pool first.
-            HostKVCache.__init__(
-                self,
-                dtype=self.dtype,
-                device_capacity_tokens=capacity,
-                size_per_token=self.get_size_per_token(),
-                start_layer=device_pool.start_layer,
-                end_layer=device_pool.end_layer,
-                host_to_device_ratio=host_to_device_ratio,
-                host_size=host_size,
-                page_size=page_size,
-                layout=layout,
-                pin_memory=pin_memory,
-                device=device,
-                allocator_type=allocator_type,
-                pool_label=pool_label,
-            )
+        init_host_kv_cache(
+            self,
+            device_pool,
+            host_to_device_ratio=host_to_device_ratio,
+            host_size=host_size,
+            page_size=page_size,
+            layout=layout,
+            pin_memory=pin_memory,
+            device=device,
+            allocator_type=allocator_type,
+            pool_label=pool_label,
+            device_capacity_tokens=capacity,
+        )
         self._initialize_transfer_views()
 
     def _kvt_prepare(
@@ -392,8 +239,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         model_layer_num: Optional[int],
         fixed_capacity: bool,
     ) -> None:
-        """Everything get_size_per_token() and init_kv_buffer() need, set before
-        the base __init__ calls them."""
+        """Set what get_size_per_token() and init_kv_buffer() need before the base runs."""
         self._kq = _import_quant()
         cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
         plan = resolve_layer_plan(
@@ -408,7 +254,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             model_layer_num=(
                 model_layer_num
                 if model_layer_num is not None
-                else _model_layer_num(int(end_layer))
+                else visible_model_layer_num(int(end_layer))
             ),
         )
         self.kvtuner_plan = plan
@@ -422,12 +268,14 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._kvt_header = torch.frombuffer(
             bytearray(self.kvtuner_layout.header), dtype=torch.uint8
         )
-        self._ovl: Optional[torch.Tensor] = None
+        self.kvtuner_overlay: Optional[ResidualOverlay] = None
+        # The device codec's data path, when it runs (see _kvt_select_codec).
+        self._kvt_device_io: Optional[DeviceTransfers] = None
         self._kvt_carved = False
+        self._kvt_overlay_slots = 0
         # Per-page backup stamps: a random 64-bit base per pool plus a counter.
         self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
-        self._ovl_slots = 0
-        self._ovl_lock = threading.Lock()
+        self._stamp_lock = threading.Lock()
         self._backup_lock = threading.Lock()
         self._dummy_lock = threading.Lock()
         self._dummy_free: List[torch.Tensor] = []
@@ -436,10 +284,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def _kvt_memory_ratio_as_size(self, host_size, ratio, device_tokens) -> float:
-        """--hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
-        byte budget and the device pool's fp16 bytes) is read as a memory ratio:
-        the pool gets the bytes the stock pool would, and so holds stock/quantized
-        times more tokens. An explicit --hicache-size (GB) is kept."""
+        """The host size in GB, with --hicache-ratio read as a ratio of memory, not tokens."""
+        # HiCache auto-sizing picks the ratio from a byte budget and the device pool's fp16 bytes,
+        # so the pool gets the bytes the stock pool would and holds stock/quantized times more
+        # tokens. An explicit --hicache-size (GB) is kept.
         if (host_size and host_size > 0) or not ratio:
             return host_size
         return device_tokens * ratio * self._kvt_stock_bytes / 1e9
@@ -458,18 +306,22 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return self.kvtuner_layout.row_nbytes
 
     def kvtuner_namespace_tag(self) -> str:
-        """Short stable name of dtype + quantization config (per-layer bits included)
-        for storage namespaces."""
+        """Short stable name of dtype and quantization config, for storage namespaces."""
         return self.kvtuner_layout.tag
 
     def _exact_page_nbytes(self) -> int:
+        """Bytes of one page of every layer's K and V at full precision."""
         return (
-            2 * self.layer_num * self.page_size * self.head_num * self.head_dim * self.dtype.itemsize
+            2
+            * self.layer_num
+            * self.page_size
+            * self.head_num
+            * self.head_dim
+            * self.dtype.itemsize
         )
 
     def _window_pages(self) -> int:
-        r = self._kvt_cfg.residual_length
-        return 0 if r <= 0 else -(-r // self.page_size)
+        return window_pages(self._kvt_cfg.residual_length, self.page_size)
 
     def _allocate_host_buffer(self) -> None:
         # 0.5.22+: the base checks the budget and then calls init_kv_buffer().
@@ -477,8 +329,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         super()._allocate_host_buffer()
 
     def _kvt_carve_overlay(self) -> None:
-        """Take the overlay's pages out of the sized pool (once; before the rows
-        are allocated, from whichever of the base's hooks runs first)."""
+        """Take the overlay's bytes out of the sized pool, once, before the rows are allocated."""
+        # Called from whichever of the base's hooks runs first (see compat.py).
         if self._kvt_carved:
             return
         self._kvt_carved = True
@@ -491,55 +343,46 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 "residual overlay is off (no byte budget to carve it from)."
             )
         elif window:
-            budget = self.page_num * row
-            slots = int(budget * OVERLAY_BUDGET_FRACTION) // exact
-            if slots < window:
-                raise ValueError(
-                    f"--kvtuner-hicache-residual-length {self._kvt_cfg.residual_length} "
-                    f"needs {window} exact pages ({window * exact / 1e6:.1f} MB) but the "
-                    f"overlay may use only {OVERLAY_BUDGET_FRACTION:.3f} of the "
-                    f"{budget / 1e9:.3f} GB host pool; raise --hicache-size/--hicache-ratio "
-                    "or lower (0 disables) the residual length"
-                )
-            take = -(-(slots * exact) // row)
-            self.page_num -= take
+            slots, taken = carve_slots(
+                self.page_num, row, exact, window, self._kvt_cfg.residual_length
+            )
+            self.page_num -= taken
             self.size = self.page_num * self.page_size
-            self._ovl_slots = slots
+            self._kvt_overlay_slots = slots
 
     def _kvt_alloc_overlay(self) -> None:
-        if not self._ovl_slots or self._ovl is not None:
+        """Allocate the overlay ring carved out by ``_kvt_carve_overlay``."""
+        slots = self._kvt_overlay_slots
+        if not slots or self.kvtuner_overlay is not None:
             return
-        exact = self._exact_page_nbytes()
-        ovl_bytes = self._ovl_slots * exact
-        available = _host_budget_bytes(ovl_bytes)
-        if ovl_bytes > available:
+        nbytes = slots * self._exact_page_nbytes()
+        available = host_budget_bytes(nbytes)
+        if nbytes > available:
             raise ValueError(
                 f"Not enough host memory for the KVTuner residual overlay: "
-                f"{ovl_bytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
+                f"{nbytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
             )
-        self._ovl = _alloc_host(
-            self,
-            (self._ovl_slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim),
-            self.dtype,
-            None,
+        shape = (slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim)
+        self.kvtuner_overlay = ResidualOverlay(
+            alloc_host(self, shape, self.dtype, None),
+            page_num=self.page_num,
+            window_pages=self._window_pages(),
         )
-        self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
-        self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
-        self._slot_stamp = torch.zeros((self._ovl_slots,), dtype=torch.int64)
-        self._ovl_next = 0
 
     def init_kv_buffer(self):
+        """The host rows: one uint8 row of ``row_nbytes`` per page."""
         # Bases before 0.5.22 call this right after sizing the pool.
         self._kvt_carve_overlay()
         # Kept for code that reads them; they describe the device rows.
         self.token_stride_size = self.head_num * self.head_dim * self.dtype.itemsize
         self.layout_dim = self.token_stride_size * self.layer_num
         row = self.kvtuner_layout.row_nbytes
-        rows = _alloc_host(self, (self.page_num, row), torch.uint8, row)
+        rows = alloc_host(self, (self.page_num, row), torch.uint8, row)
         self._kvt_alloc_overlay()
         return rows
 
     def _initialize_transfer_views(self, *_release_args) -> None:
+        """Disable the release's fp16 copy kernels and their pointer tables."""
         # The release's copy kernels and their pointer tables address fp16 host
         # rows; none of them applies to quantized rows. (0.5.23 calls this with
         # (buffer_info, write_back_staging), 0.5.22 with nothing; earlier releases
@@ -576,71 +419,44 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     # ------------------------------------------------------------ overlay ---
 
-    def _overlay_reserve(self, pages: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
-        """Drop the overlay entries of pages about to be rewritten and reserve ring
-        slots for the window. Returns (slots, first window position) or None."""
-        if self._ovl is None:
-            return None
-        with self._ovl_lock:
-            old = self._slot_of_page[pages]
-            self._page_of_slot[old[old >= 0]] = -1
-            self._slot_of_page[pages] = -1
-            w = min(self._window_pages(), len(pages), self._ovl_slots)
-            if w == 0:
-                return None
-            slots = (self._ovl_next + torch.arange(w)) % self._ovl_slots
-            self._ovl_next = int((self._ovl_next + w) % self._ovl_slots)
-            evicted = self._page_of_slot[slots]
-            self._slot_of_page[evicted[evicted >= 0]] = -1
-            self._page_of_slot[slots] = -1
-        return slots, len(pages) - w
-
-    def _overlay_publish(
-        self, pages: torch.Tensor, slots: torch.Tensor, stamps: torch.Tensor
-    ) -> None:
-        with self._ovl_lock:
-            self._page_of_slot[slots] = pages
-            self._slot_of_page[pages] = slots
-            self._slot_stamp[slots] = stamps
-
     def _row_stamps(self, pages: torch.Tensor) -> torch.Tensor:
+        """The backup stamp each of ``pages`` carries in its header."""
         cols = self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES]
         return cols.contiguous().view(torch.int64).reshape(-1)
 
     def _new_stamps(self, n: int) -> torch.Tensor:
-        with self._ovl_lock:
+        """``n`` stamps no earlier backup of this pool used."""
+        with self._stamp_lock:
             start = self._stamp_next
             self._stamp_next = (start + n) & ((1 << 63) - 1)
         return (torch.arange(n, dtype=torch.int64) + start) & ((1 << 63) - 1)
 
     def _overlay_drop(self, pages: torch.Tensor) -> None:
-        if self._ovl is None or pages.numel() == 0:
-            return
-        with self._ovl_lock:
-            old = self._slot_of_page[pages]
-            self._page_of_slot[old[old >= 0]] = -1
-            self._slot_of_page[pages] = -1
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.drop(pages)
+        elif self.kvtuner_overlay is not None:
+            self.kvtuner_overlay.drop(pages)
 
     def kvtuner_overlay_pages(self) -> List[int]:
         """Host pages currently served exactly from the overlay (tests, metrics)."""
-        if self._ovl is None:
+        if self.kvtuner_overlay is None:
             return []
-        with self._ovl_lock:
-            return sorted(int(p) for p in self._page_of_slot[self._page_of_slot >= 0])
+        if self._kvt_device_io is not None:
+            return self._kvt_device_io.overlay_pages()
+        return self.kvtuner_overlay.pages()
 
     def free(self, indices: torch.Tensor) -> int:
         freed = super().free(indices)
-        if self._ovl is not None and indices.numel():
+        if self.kvtuner_overlay is not None and indices.numel():
             self._overlay_drop(torch.unique(indices.cpu() // self.page_size))
         return freed
 
     def clear(self):
         super().clear()
-        if getattr(self, "_ovl", None) is not None:
-            with self._ovl_lock:
-                self._slot_of_page.fill_(-1)
-                self._page_of_slot.fill_(-1)
-                self._ovl_next = 0
+        if getattr(self, "kvtuner_overlay", None) is not None:
+            self.kvtuner_overlay.clear()
+        if getattr(self, "_kvt_device_io", None) is not None:
+            self._kvt_device_io.clear()
 
     # ----------------------------------------------------------- transfers ---
 
@@ -658,12 +474,14 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return starts // self.page_size
 
     def _device_rows(self, device_indices: torch.Tensor) -> torch.Tensor:
+        """Device token indices as int64 on the device the KV buffers live on."""
         if device_indices.device != self._transfer_device:
             device_indices = device_indices.to(self._transfer_device)
         return device_indices.to(torch.int64)
 
     @staticmethod
     def _check_io_backend(io_backend: str) -> None:
+        """Refuse an io backend whose copy kernels would need fp16 host rows."""
         if io_backend not in SUPPORTED_IO_BACKENDS:
             raise ValueError(
                 f"KVTuner host pool: unsupported --hicache-io-backend {io_backend!r} "
@@ -671,6 +489,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             )
 
     def _quant_kwargs(self, layer: int, is_value: bool) -> dict:
+        """kvtuner_quant's codec arguments for one layer's K or V blob."""
         cfg = self._kvt_cfg
         k_bits, v_bits = self.kvtuner_plan.layer_bits[layer]
         return dict(
@@ -682,13 +501,18 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def _blob_columns(self, layer: int, is_value: bool) -> torch.Tensor:
+        """The byte columns of every host row that hold one layer's K or V blob."""
         off, nbytes = self.kvtuner_layout.blob(layer, is_value)
         return self.kv_buffer[:, off : off + nbytes]
 
     def backup_from_device_all_layer(
         self, device_pool, host_indices, device_indices, io_backend
     ) -> None:
+        """Quantize every layer of the device rows into the host pages."""
         self._check_io_backend(io_backend)
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.backup(host_indices, device_indices)
+            return
         pages = self._host_pages(host_indices)
         n = len(pages)
         if n == 0:
@@ -697,15 +521,14 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         page_ids = pages.numpy()
         ps = self.page_size
         with self._backup_lock:
-            window = self._overlay_reserve(pages)
+            overlay = self.kvtuner_overlay
+            window = overlay.reserve(pages) if overlay is not None else None
             for layer in range(self.layer_num):
                 for is_value, buffers in (
                     (False, self.device_k_buffers),
                     (True, self.device_v_buffers),
                 ):
-                    x = buffers[layer].index_select(0, rows)
-                    if x.device.type != "cpu":
-                        x = x.to("cpu")
+                    x = _gather_to_cpu(buffers[layer], rows)
                     self._kq.quantize_pages(
                         x,
                         self._blob_columns(layer, is_value),
@@ -715,16 +538,11 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                     )
                     if window is not None:
                         slots, first = window
-                        self._ovl[slots, int(is_value), layer] = x[first * ps :].view(
-                            -1, ps, self.head_num, self.head_dim
-                        )
-            self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
-            stamps = self._new_stamps(n)
-            self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamps.view(
-                torch.uint8
-            ).view(n, STAMP_NBYTES)
+                        overlay.store(slots, is_value, layer, x[first * ps :])
+            stamps = self._write_headers(pages)
             if window is not None:
-                self._overlay_publish(pages[window[1] :], window[0], stamps[window[1] :])
+                slots, first = window
+                overlay.publish(pages[first:], slots, stamps[first:])
 
     def load_to_device_per_layer(
         self,
@@ -736,9 +554,13 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         *,
         is_draft: bool = False,
     ) -> None:
+        """Restore one layer of the host pages into the device rows."""
         if not is_draft and not 0 <= layer_id < self.target_layer_num:
             return
         self._check_io_backend(io_backend)
+        if self._kvt_device_io is not None:
+            self._kvt_device_io.load(host_indices, device_indices, layer_id)
+            return
         pages = self._host_pages(host_indices)
         n = len(pages)
         if n == 0:
@@ -747,36 +569,46 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         rows = self._device_rows(device_indices).view(n, ps)
         dev = (self.device_k_buffers[layer_id], self.device_v_buffers[layer_id])
         quantized = torch.arange(n)
-        if self._ovl is not None:
-            with self._ovl_lock:
-                slots = self._slot_of_page[pages]
-                mapped = slots >= 0
-                if bool(mapped.any()):
-                    # Only while the row still holds the page the copy was made from.
-                    live = self._slot_stamp[slots.clamp_min(0)] == self._row_stamps(pages)
-                    slots = torch.where(mapped & live, slots, torch.full_like(slots, -1))
-                exact = (slots >= 0).nonzero().squeeze(1)
-                if exact.numel():
-                    dst_rows = rows[exact.to(rows.device)].reshape(-1)
-                    for is_value in (0, 1):
-                        src = self._ovl[slots[exact], is_value, layer_id]
-                        dev[is_value][dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
-                            dev[is_value].device, non_blocking=False
-                        )
-                    quantized = (slots < 0).nonzero().squeeze(1)
-        if quantized.numel() == 0:
-            return
-        q_pages = pages[quantized].numpy()
-        dst_rows = rows[quantized.to(rows.device)].reshape(-1)
-        out = torch.empty((len(q_pages) * ps, self.head_num, self.head_dim), dtype=self.dtype)
-        for is_value in (0, 1):
-            self._kq.dequantize_pages(
-                self._blob_columns(layer_id, bool(is_value)),
-                q_pages,
-                out,
-                **self._quant_kwargs(layer_id, bool(is_value)),
+        if self.kvtuner_overlay is not None:
+
+            def write_exact(positions, k, v):
+                dst_rows = rows[positions.to(rows.device)].reshape(-1)
+                for buf, src in zip(dev, (k, v)):
+                    buf[dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
+                        buf.device, non_blocking=False
+                    )
+
+            quantized = self.kvtuner_overlay.load_layer(
+                pages, self._row_stamps, layer_id, write_exact
             )
-            dev[is_value][dst_rows] = out.to(dev[is_value].device)
+        if quantized.numel():
+            self._dequantize_to_device(pages[quantized], rows[quantized.to(rows.device)], layer_id)
+
+    def _write_headers(self, pages: torch.Tensor) -> torch.Tensor:
+        """Write the page header with a fresh backup stamp into each page; returns the stamps."""
+        n = len(pages)
+        self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
+        stamps = self._new_stamps(n)
+        stamp_bytes = stamps.view(torch.uint8).view(n, STAMP_NBYTES)
+        self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamp_bytes
+        return stamps
+
+    def _dequantize_to_device(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
+        """Decode one layer of ``pages`` into the device rows ``rows`` ([pages, page_size])."""
+        dst_rows = rows.reshape(-1)
+        out = torch.empty(
+            (len(pages) * self.page_size, self.head_num, self.head_dim), dtype=self.dtype
+        )
+        page_ids = pages.numpy()
+        device_buffers = (self.device_k_buffers[layer], self.device_v_buffers[layer])
+        for is_value, buffer in enumerate(device_buffers):
+            self._kq.dequantize_pages(
+                self._blob_columns(layer, bool(is_value)),
+                page_ids,
+                out,
+                **self._quant_kwargs(layer, bool(is_value)),
+            )
+            buffer[dst_rows] = out.to(buffer.device)
 
     # ------------------------------------------------------------- storage ---
 
@@ -785,6 +617,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return self.kv_buffer[page] if flat else self.kv_buffer[page : page + 1]
 
     def get_dummy_flat_data_page(self) -> torch.Tensor:
+        """A scratch page for one storage read."""
         # Not one shared buffer: the controller asks for one per key of a batch and
         # holds them all at once, so a single cached page would alias every read.
         # Pages handed back through set_from_flat_data_page are recycled instead.
@@ -796,6 +629,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return page
 
     def _recycle_dummy(self, data_page: torch.Tensor) -> None:
+        """Keep a scratch page this pool handed out for the next storage read."""
         if self._dummy_issued.get(id(data_page)) is not data_page:
             return
         del self._dummy_issued[id(data_page)]
@@ -807,7 +641,9 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             if len(self._dummy_free) < cap:
                 self._dummy_free.append(data_page)
 
-    def _page_bytes(self, data_page: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _page_bytes(data_page: torch.Tensor) -> torch.Tensor:
+        """A storage page as a flat CPU uint8 tensor."""
         t = data_page
         if t.device.type != "cpu":
             t = t.cpu()
@@ -817,6 +653,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return t
 
     def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        """Fill a host page from storage bytes, refusing another config's page."""
         page = int(index) // self.page_size
         src = self._page_bytes(data_page)
         row = self.kvtuner_layout.row_nbytes
@@ -825,9 +662,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"KVTuner host pool: storage page for host page {page} holds "
                 f"{src.numel()} bytes, expected {row} ({self.storage_format_tag})"
             )
-        problem = self.kvtuner_layout.header_mismatch(
-            bytes(src[:PAGE_HEADER_NBYTES].numpy())
-        )
+        problem = self.kvtuner_layout.header_mismatch(bytes(src[:PAGE_HEADER_NBYTES].numpy()))
         if problem is not None:
             raise ValueError(
                 f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
@@ -837,10 +672,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._recycle_dummy(data_page)
 
     def kvtuner_check_pages(self, host_indices: torch.Tensor) -> List[bool]:
-        """Per page of ``host_indices``: does the host row carry this pool's page
-        header? Zero-copy backends call it after writing rows themselves and treat
-        False as a miss. (No overlay bookkeeping is needed: a row can only be
-        filled from storage after ``free``, which dropped its overlay entry.)"""
+        """Per page of ``host_indices``: does the host row carry this pool's page header?"""
+        # Zero-copy backends call this after writing rows themselves and treat False as a
+        # miss. No overlay bookkeeping is needed: a row is only filled from storage after
+        # free(), which dropped its overlay entry.
         pages = self._host_pages(host_indices)
         if len(pages) == 0:
             return []
@@ -851,8 +686,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return [bool(v) for v in ok]
 
     def get_page_buffer_meta(self, indices):
-        """Zero-copy spans: two per page (the row's halves, contiguous), matching the
-        K/V pair MHA backends zip with their keys."""
+        """Zero-copy spans: two per page, the row's contiguous halves."""
+        # Two, not one: MHA backends zip a K and a V span with each key.
         assert len(indices) % self.page_size == 0
         row = self.kvtuner_layout.row_nbytes
         half = row // 2
@@ -866,8 +701,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return ptrs, sizes
 
     def kvtuner_page_spans(self, indices) -> Tuple[List[int], List[int]]:
-        """One (pointer, row bytes) span per page, for backends storing one object
-        per page."""
+        """One (pointer, row bytes) span per page, for backends storing one object per page."""
         row = self.kvtuner_layout.row_nbytes
         base = self.kv_buffer.data_ptr()
         pages = self._host_pages(indices).tolist()
@@ -887,6 +721,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
 
 def _check_layout(layout: str) -> None:
+    """Refuse host layouts whose per-layer or per-head spans a quantized row lacks."""
     if layout not in SUPPORTED_LAYOUTS:
         raise ValueError(
             f"--enable-kvtuner-hicache stores page-major quantized rows; "
@@ -896,9 +731,8 @@ def _check_layout(layout: str) -> None:
 
 
 def check_pool_source(source) -> None:
-    """Refuse what the release passes (buffer info or device pool) when the
-    quantizing pool cannot mirror it, with the reason."""
-    if _is_buffer_info(source):
+    """Refuse a buffer info or device pool the quantizing pool cannot mirror, with the reason."""
+    if is_buffer_info(source):
         check_buffer_info(source)
     else:
         check_device_pool(source)
@@ -907,12 +741,7 @@ def check_pool_source(source) -> None:
 def check_device_pool(device_pool) -> None:
     """0.5.3 - 0.5.22: refuse device pools the quantizing pool cannot mirror."""
     head_dim = getattr(device_pool, "head_dim", None)
-    v_head_dim = getattr(device_pool, "v_head_dim", None) or head_dim
-    if head_dim != v_head_dim:
-        raise ValueError(
-            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
-            f"model has K {head_dim} and V {v_head_dim}"
-        )
+    _check_same_head_dim(head_dim, getattr(device_pool, "v_head_dim", None) or head_dim)
     dtype = getattr(device_pool, "store_dtype", None)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
@@ -920,26 +749,28 @@ def check_device_pool(device_pool) -> None:
             f"this one stores {dtype}"
         )
     if getattr(device_pool, "layer_shard_enabled", False):
-        raise ValueError(
-            "--enable-kvtuner-hicache does not support layer-sharded device pools"
-        )
+        raise ValueError("--enable-kvtuner-hicache does not support layer-sharded device pools")
 
 
 def check_buffer_info(buffer_info) -> None:
-    """Refuse device pools the quantizing pool cannot mirror, with the reason."""
+    """0.5.23: refuse device buffers the quantizing pool cannot mirror."""
     if buffer_info.scales is not None:
         raise ValueError(
             "--enable-kvtuner-hicache: the device KV cache carries scales "
             f"({buffer_info.scales.layout.value}); the quantizing host pool needs a "
             "plain fp16/bf16/fp32 KV cache"
         )
-    if buffer_info.head_dim != buffer_info.v_head_dim:
-        raise ValueError(
-            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
-            f"model has K {buffer_info.head_dim} and V {buffer_info.v_head_dim}"
-        )
+    _check_same_head_dim(buffer_info.head_dim, buffer_info.v_head_dim)
     if buffer_info.transfer_buffers is not None:
         raise ValueError(
-            "--enable-kvtuner-hicache does not support relocatable device pools "
-            "(transfer_buffers)"
+            "--enable-kvtuner-hicache does not support relocatable device pools (transfer_buffers)"
+        )
+
+
+def _check_same_head_dim(head_dim, v_head_dim) -> None:
+    """Refuse K and V of different head_dim: one row layout holds both."""
+    if head_dim != v_head_dim:
+        raise ValueError(
+            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
+            f"model has K {head_dim} and V {v_head_dim}"
         )

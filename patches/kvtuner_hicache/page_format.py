@@ -1,29 +1,6 @@
-"""Byte layout of one quantized host page row (the unit backups, loads and storage
-backends move).
-
-A row holds one page of ``page_size`` tokens for every layer of the pool::
-
-    [page header, 64 B][layer 0 K blob][layer 0 V blob][layer 1 K blob] ... [zero pad]
-
-* Each blob is a complete ``kvtuner_quant`` blob (its own 64-byte header naming
-  bits, symmetry, axis, group size, dtype and shape, then codes and metadata) for
-  ``[page_size, head_num, head_dim]`` of that layer, with that layer's bits. Blobs
-  start on 64-byte boundaries.
-* The page header names the page format version and the config digest (the first
-  16 bytes of SHA-256 of :meth:`LayerPlan.tag`), so a page written under another
-  quantization config, model geometry or dtype is refused before any byte of it is
-  decoded (``set_from_flat_data_page`` and :meth:`PageLayout.check_header`). The
-  blob headers are checked again by ``dequantize_pages`` on every load.
-* The row length is padded to a multiple of 64 and of ``page_size`` so that
-  ``get_size_per_token()`` (row bytes / page size) is an exact integer.
-
-Page header fields (little-endian): magic ``b"KVTPAGE1"`` (8), format version u16,
-header size u16 (64), layer count u32, page size u32, row bytes u64, config digest
-(16 bytes), zero padding to byte 48, backup stamp u64 at bytes 48..56, zero padding
-to 64. The stamp names one page as written by one backup (unique per page and
-backup); it is not part of the config check. The residual overlay serves a row's
-exact copy only while the row still carries the stamp the copy was made with, so a
-row refilled by any path (storage reads included) never gets a stale exact copy.
+"""Byte layout of one quantized host page row, the unit backups, loads and storage backends
+move: a 64-byte page header, then one ``kvtuner_quant`` blob per layer for K and for V. Field by
+field: ``docs/host-pool.md`` ("Page row format").
 """
 
 from __future__ import annotations
@@ -37,12 +14,24 @@ PAGE_MAGIC = b"KVTPAGE1"
 PAGE_FORMAT_VERSION = 1
 PAGE_HEADER_NBYTES = 64
 BLOB_ALIGN = 64
+# magic, version, header size, layers, page size, row bytes, config digest
 _HEADER_STRUCT = struct.Struct("<8sHHIIQ16s")
+_HEADER_FIELDS = (
+    "magic",
+    "version",
+    "header size",
+    "layers",
+    "page size",
+    "row bytes",
+    "config digest",
+)
+# The per-backup stamp: inside the header, outside the bytes the config check compares.
 STAMP_OFFSET = 48
 STAMP_NBYTES = 8
 
 
 def _round_up(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``."""
     return (n + m - 1) // m * m
 
 
@@ -50,9 +39,8 @@ class PageLayout:
     """Offsets of every blob inside a row, computed once per pool from the plan."""
 
     def __init__(self, plan, packed_nbytes) -> None:
-        """``packed_nbytes(tokens, heads, head_dim, *, dtype, bits, asym, axis,
-        group_size)`` is kvtuner_quant's size function (injected so this module has no
-        import-time dependency on the extension)."""
+        """Lay out ``plan``'s blobs; ``packed_nbytes`` is kvtuner_quant's blob size function."""
+        # Passed in rather than imported, so this module does not need the extension.
         self.plan = plan
         cfg = plan.cfg
         self.k_offsets: List[int] = []
@@ -97,6 +85,7 @@ class PageLayout:
 
     @property
     def bytes_per_token(self) -> int:
+        """Row bytes per token: what the pool reports as ``get_size_per_token()``."""
         return self.row_nbytes // self.plan.page_size
 
     def blob(self, layer: int, is_value: bool) -> Tuple[int, int]:
@@ -106,17 +95,15 @@ class PageLayout:
         return self.k_offsets[layer], self.k_nbytes[layer]
 
     def header_mismatch(self, got: bytes) -> str | None:
-        """None when ``got`` (a row's first 64 bytes) is this layout's header, else
-        a message naming the first differing field."""
+        """None when ``got`` starts with this layout's header, else the first field that differs."""
         got = bytes(got[:PAGE_HEADER_NBYTES])
         if len(got) < PAGE_HEADER_NBYTES:
             return f"page holds {len(got)} bytes, less than the {PAGE_HEADER_NBYTES}-byte header"
         if self.config_bytes(got) == self.config_bytes(self.header):
             return None
-        fields = ("magic", "version", "header size", "layers", "page size", "row bytes", "config digest")
         want = _HEADER_STRUCT.unpack_from(self.header)
-        have = _HEADER_STRUCT.unpack_from(bytes(got[:PAGE_HEADER_NBYTES]))
-        for name, w, h in zip(fields, want, have):
+        have = _HEADER_STRUCT.unpack_from(got)
+        for name, w, h in zip(_HEADER_FIELDS, want, have):
             if w != h:
                 if name == "config digest":
                     return (

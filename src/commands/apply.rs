@@ -32,7 +32,7 @@ pub struct ApplyReport {
     pub recovered: Option<String>,
 }
 
-/// Plan the selected groups; with `write`, commit the change set (`diff` and `--dry-run`
+/// Build the change set of the selected groups; with `write`, commit it (`diff` and `--dry-run`
 /// stop before that).
 pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Result<ApplyReport> {
     let tree = SglangTree::resolve(root)?;

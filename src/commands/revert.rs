@@ -79,8 +79,11 @@ pub fn revert(root: &Path, force: bool) -> Result<RevertReport> {
         .into());
     }
     report.forced = edited;
-    let created_dirs = manifest.created_dirs.clone();
-    let removed_dirs = changeset::commit(&tree, Record::Clear { created_dirs }, &writes)?;
+    let record = Record::Clear {
+        created_dirs: manifest.created_dirs.clone(),
+        manifest: true,
+    };
+    let removed_dirs = changeset::commit(&tree, record, &writes)?;
     report.record(&writes, removed_dirs);
     Ok(report)
 }
@@ -155,7 +158,13 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
         }
         writes.push(FileWrite::Remove { rel });
     }
-    let removed_dirs = changeset::commit(tree, Record::Clear { created_dirs }, &writes)?;
+    // Parents before children (the commit removes them in reverse: subfolders first).
+    created_dirs.sort();
+    let record = Record::Clear {
+        created_dirs,
+        manifest: false,
+    };
+    let removed_dirs = changeset::commit(tree, record, &writes)?;
     report.record(&writes, removed_dirs);
     Ok(report)
 }

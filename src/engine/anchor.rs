@@ -1,5 +1,6 @@
-//! Anchors: turning a [`Patch`] into edits on a concrete tree, and telling whether it is
-//! already there.
+//! Anchors: a [`Patch`] looked up once on a concrete tree ([`locate`]); from that one lookup
+//! both whether it is already there ([`PatchState`]) and the edits that would apply it
+//! ([`PatchEdit`]).
 //!
 //! Every anchor must match exactly once. Zero or several matches is [`Drift`]: the error
 //! names the patch, the file (or folder searched), what was looked for and how many matches
@@ -958,53 +959,61 @@ fn resolve(src: &mut Sources, tag: &str, patch: &Patch) -> Result<(String, Code,
             Ok((rel, code, edit))
         }
         // The block's lines inside the function are the code signal.
-        PatchKind::FunctionStart { function, block } => {
-            let (rel, start) = function_node(src, tag, function)?;
-            let pf = src.get(&rel).expect("loaded");
-            let func = the_function(pf, start);
-            let stmts = syntax::body_statements(func);
-            let Some(first) = stmts.first() else {
-                bail!(
-                    "{tag}: {rel}: function `{}` has an empty body",
-                    fn_name(function)
-                );
-            };
-            if first.start_position().row == func.start_position().row {
-                bail!(
-                    "{tag}: {rel}:{}: the body of `{}` is on its `def` line; not supported",
-                    func.start_position().row + 1,
-                    fn_name(function)
-                );
-            }
-            let indent = syntax::indent_at(&pf.src, first.start_byte()).to_string();
-            // The docstring stays the first statement (it is what `help()` shows).
-            let pos = if syntax::is_docstring(*first) {
-                syntax::line_end(&pf.src, first.end_byte())
-            } else {
-                syntax::line_start(&pf.src, first.start_byte())
-            };
-            let lines = function_block(tag, pf, func, function, block)?;
-            let code = one(lines_present(pf.text(func), &lines));
-            let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
-            Ok((rel, code, edit))
-        }
-        PatchKind::AfterAssign {
-            function,
-            target,
-            block,
+        PatchKind::FunctionStart { function, block }
+        | PatchKind::AfterAssign {
+            function, block, ..
         } => {
             let (rel, start) = function_node(src, tag, function)?;
             let pf = src.get(&rel).expect("loaded");
             let func = the_function(pf, start);
-            let stmt = assignment_node(tag, pf, func, function, target)?;
-            let indent = syntax::indent_at(&pf.src, stmt.start_byte()).to_string();
+            let (pos, indent) = match patch.kind {
+                PatchKind::AfterAssign { target, .. } => {
+                    let stmt = assignment_node(tag, pf, func, function, target)?;
+                    (
+                        syntax::line_end(&pf.src, stmt.end_byte()),
+                        syntax::indent_at(&pf.src, stmt.start_byte()).to_string(),
+                    )
+                }
+                _ => body_start(tag, &rel, pf, func, function)?,
+            };
             let lines = function_block(tag, pf, func, function, block)?;
             let code = one(lines_present(pf.text(func), &lines));
-            let pos = syntax::line_end(&pf.src, stmt.end_byte());
             let edit = marked_block(rel.clone(), &pf.src, pos, &indent, tag, &lines);
             Ok((rel, code, edit))
         }
     }
+}
+
+/// Where the first statements of `func` go (after its docstring, which stays first: it is
+/// what `help()` shows), and their indentation.
+fn body_start(
+    tag: &str,
+    rel: &str,
+    pf: &PyFile,
+    func: Node,
+    function: FnRef,
+) -> Result<(usize, String)> {
+    let stmts = syntax::body_statements(func);
+    let Some(first) = stmts.first() else {
+        bail!(
+            "{tag}: {rel}: function `{}` has an empty body",
+            fn_name(function)
+        );
+    };
+    if first.start_position().row == func.start_position().row {
+        bail!(
+            "{tag}: {rel}:{}: the body of `{}` is on its `def` line; not supported",
+            func.start_position().row + 1,
+            fn_name(function)
+        );
+    }
+    let indent = syntax::indent_at(&pf.src, first.start_byte()).to_string();
+    let pos = if syntax::is_docstring(*first) {
+        syntax::line_end(&pf.src, first.end_byte())
+    } else {
+        syntax::line_start(&pf.src, first.start_byte())
+    };
+    Ok((pos, indent))
 }
 
 /// Combine the code signal (how much of the injected code is there) with the marker signal.

@@ -30,7 +30,7 @@ use walkdir::WalkDir;
 pub struct FileChange {
     /// Package-relative path.
     pub rel: String,
-    /// `None` for a file the plan creates.
+    /// `None` for a file the change set creates.
     pub before: Option<String>,
     pub after: String,
     /// The file's BOM and line ends, kept in what is written.
@@ -297,8 +297,11 @@ pub enum Record {
     },
     /// `revert`: after every file is written, remove these folders apply created when they
     /// are empty (listed outermost first; anything put there since is the user's and stays),
-    /// then the manifest folder if there is one.
-    Clear { created_dirs: Vec<String> },
+    /// then, with `manifest`, the manifest folder.
+    Clear {
+        created_dirs: Vec<String>,
+        manifest: bool,
+    },
 }
 
 /// Make `writes` and the manifest step `record` one [`journal::Transaction`] and commit it:
@@ -328,7 +331,7 @@ pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result
                 mode: Some(0o644),
             });
         }
-        Record::Clear { created_dirs } => {
+        Record::Clear { created_dirs, .. } => {
             txn.operation = "revert".into();
             created_by_apply = created_dirs.clone();
         }
@@ -341,7 +344,7 @@ pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result
         },
         FileWrite::Remove { rel } => Change::Remove { rel: rel.clone() },
     }));
-    if let Record::Clear { .. } = record {
+    if let Record::Clear { manifest: true, .. } = record {
         // The whole manifest folder goes: every file in it, then its folders, deepest first.
         let state = tree.path(STATE_DIR);
         let mut dirs = Vec::new();
@@ -362,9 +365,9 @@ pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result
             }
         }
         txn.remove_dirs = dirs;
-        txn.remove_dirs
-            .extend(created_by_apply.iter().rev().cloned());
     }
+    txn.remove_dirs
+        .extend(created_by_apply.iter().rev().cloned());
     // Every missing folder on the way to a written file, parents first.
     for c in &changes {
         if let Change::Write { rel, .. } = c {

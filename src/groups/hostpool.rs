@@ -1,10 +1,10 @@
-//! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.3 - 0.5.23 (every era).
+//! `hostpool`: the quantizing HiCache host pool, every era from SGLang 0.5.3.
 //!
-//! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
+//! - the package `patches/kvtuner_hicache/` (its modules; the `juicefs/` subpackage is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
 //! - the dense MHA host pool class is chosen by `select_mha_host_pool_cls`, which answers only
 //!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool):
-//!   - 0.5.14 - 0.5.23: first thing in `get_mha_host_pool_cls`, the one place these releases
+//!   - from 0.5.14: first thing in `get_mha_host_pool_cls`, the one place these releases
 //!     pick the class (module-level in `mem_cache/memory_pool_host.py` in 0.5.14 - 0.5.15, in
 //!     `mem_cache/pool_host/mha.py` from 0.5.16; found as the one such `def` under
 //!     `mem_cache`). Its parameter is the device pool up to 0.5.22 and the `MHABufferInfo` in
@@ -22,7 +22,7 @@
 //!   oldest era's form also hands `run_scheduler_process`'s `server_args` to the package
 //!   first thing in that function (in all 26 releases of the era, one form);
 //! - the startup check of the kvtuner flags, where the era validates server arguments:
-//!   - 0.5.20 - 0.5.23: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
+//!   - from 0.5.20: `handle_hicache_ratio_default` in `arg_groups/hicache_hook.py`, which
 //!     runs on the resolved arguments during resolution, right after it takes its view of them
 //!     (`cfg = resolving_view(server_args)`);
 //!   - 0.5.3 - 0.5.19: first thing in `ServerArgs.check_server_args`, which the engine calls
@@ -30,24 +30,9 @@
 //!     above, 0.5.17 - 0.5.18 only `ServerArgs` methods, so the one site all share).
 
 use crate::era::Era;
-use crate::kvtuner_package;
 use crate::patch::{BodyAt, ClassRef, FnRef, Group, Patch, PatchKind, Snippet};
 
 pub const ID: &str = "hostpool";
-
-/// One injected module of `patches/kvtuner_hicache/`, embedded at build time.
-macro_rules! module {
-    ($id:literal, $file:literal) => {
-        Patch {
-            id: $id,
-            what: concat!("inject kvtuner_hicache/", $file),
-            kind: PatchKind::InjectFile {
-                dest: concat!(kvtuner_package!(dir), "/", $file),
-                source: include_str!(concat!("../../patches/kvtuner_hicache/", $file)),
-            },
-        }
-    };
-}
 
 /// Asked first: the quantizing pool class with the flag on, else `None` and the stock choice
 /// below runs untouched.
@@ -149,7 +134,7 @@ pub fn group(era: Era) -> Option<Group> {
             id: "check-server-args",
             what: "startup check of the kvtuner flags in handle_hicache_ratio_default",
             kind: PatchKind::AfterAssign {
-                // `arg_groups/hicache_hook.py` in 0.5.19 - 0.5.23; found by name, so a move
+                // `arg_groups/hicache_hook.py` from 0.5.19; found by name, so a move
                 // to another module is no new form.
                 function: FnRef::ModuleUnder {
                     under: "sglang/srt",
@@ -175,11 +160,15 @@ pub fn group(era: Era) -> Option<Group> {
         },
     };
     let mut patches = vec![
-        module!("package-init", "__init__.py"),
-        module!("package-config", "config.py"),
-        module!("package-page-format", "page_format.py"),
-        module!("package-host-pool", "host_pool.py"),
-        module!("package-selection", "selection.py"),
+        package_module!("package-init", "__init__.py"),
+        package_module!("package-config", "config.py"),
+        package_module!("package-device-codec", "device_codec.py"),
+        package_module!("package-device-transfer", "device_transfer.py"),
+        package_module!("package-page-format", "page_format.py"),
+        package_module!("package-compat", "compat.py"),
+        package_module!("package-overlay", "overlay.py"),
+        package_module!("package-host-pool", "host_pool.py"),
+        package_module!("package-selection", "selection.py"),
         select,
         check,
     ];
@@ -223,7 +212,7 @@ mod tests {
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| n.ends_with(".py") && n != "juicefs_storage.py")
+            .filter(|n| n.ends_with(".py"))
             .collect();
         on_disk.sort();
         let mut injected: Vec<String> = group(Era::newest())

@@ -1,10 +1,10 @@
 //! `juicefs`: the JuiceFS HiCache storage backend as a built-in `--hicache-storage-backend`
-//! choice, SGLang 0.5.3 - 0.5.23 (every era). Needs `hostpool` (see `REGISTRY`): the backend
+//! choice, every era from SGLang 0.5.3. Needs `hostpool` (see `REGISTRY`): the backend
 //! module lives in the package that group injects.
 //!
-//! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
+//! - the subpackage `patches/kvtuner_hicache/juicefs/` into that package;
 //! - `"juicefs"` among the choices of `--hicache-storage-backend` (argparse accepts it):
-//!   - 0.5.14 - 0.5.23: in the `choices=[...]` of the `hicache_storage_backend` field, declared
+//!   - from 0.5.14: in the `choices=[...]` of the `hicache_storage_backend` field, declared
 //!     in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19;
 //!   - 0.5.3 - 0.5.13.post1: the CLI is `parser.add_argument("--hicache-storage-backend",
 //!     choices=[...])` in `ServerArgs.add_cli_args(parser)`, and up to 0.5.10.post1 that list
@@ -28,7 +28,6 @@
 //!   `HiCacheController.__init__` before.
 
 use crate::era::Era;
-use crate::kvtuner_package;
 use crate::patch::{ClassRef, FileRef, FnRef, Group, ListRef, Patch, PatchKind, Snippet};
 
 pub const ID: &str = "juicefs";
@@ -52,7 +51,7 @@ StorageBackendFactory.register_backend(
     "juicefs",
     ""#,
     kvtuner_package!(module),
-    r#".juicefs_storage",
+    r#".juicefs",
     "JuiceFSStorage",
 )
 "#
@@ -132,14 +131,11 @@ pub fn group(era: Era) -> Option<Group> {
         id: ID,
         summary: "JuiceFS HiCache storage backend (--hicache-storage-backend juicefs)",
         patches: vec![
-            Patch {
-                id: "backend-file",
-                what: "inject kvtuner_hicache/juicefs_storage.py",
-                kind: PatchKind::InjectFile {
-                    dest: concat!(kvtuner_package!(dir), "/juicefs_storage.py"),
-                    source: include_str!("../../patches/kvtuner_hicache/juicefs_storage.py"),
-                },
-            },
+            package_module!("backend-storage", "juicefs/storage.py"),
+            package_module!("backend-init", "juicefs/__init__.py"),
+            package_module!("backend-options", "juicefs/options.py"),
+            package_module!("backend-page-file", "juicefs/page_file.py"),
+            package_module!("backend-volume", "juicefs/volume.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",
@@ -181,17 +177,39 @@ pub fn group(era: Era) -> Option<Group> {
 mod tests {
     use super::*;
 
-    /// The backend goes into the package `hostpool` injects, under the class name the module
-    /// really defines.
+    /// The backend goes into a subpackage of the package `hostpool` injects, under the class
+    /// name the module really defines, and every module of `patches/kvtuner_hicache/juicefs/` is
+    /// injected (a module added there cannot be forgotten here).
     #[test]
     fn backend_file_sits_in_the_hostpool_package_and_names_its_class() {
         let g = group(Era::newest()).unwrap();
         let PatchKind::InjectFile { dest, source } = g.patches[0].kind else {
             panic!("first patch injects the backend")
         };
-        assert_eq!(dest.rsplit_once('/').unwrap().0, super::super::PACKAGE_DIR);
+        assert_eq!(
+            dest,
+            format!("{}/juicefs/storage.py", crate::groups::PACKAGE_DIR)
+        );
         assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
         assert!(REGISTER.contains("\"JuiceFSStorage\""));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("patches/kvtuner_hicache/juicefs");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".py"))
+            .collect();
+        on_disk.sort();
+        let mut injected: Vec<String> = g
+            .patches
+            .iter()
+            .filter_map(|p| match p.kind {
+                PatchKind::InjectFile { dest, .. } => Some(dest.rsplit('/').next()?.to_string()),
+                _ => None,
+            })
+            .collect();
+        injected.sort();
+        assert_eq!(injected, on_disk);
     }
 
     /// The zero-copy path calls `batch_get_v1` / `batch_set_v1`: the backend must have both.
@@ -203,7 +221,7 @@ mod tests {
         };
         assert!(g.patches.iter().any(|p| p.id == "zero-copy"));
         for m in ["batch_get_v1", "batch_set_v1"] {
-            assert!(source.contains(&format!("\n    def {m}(self,")), "{m}");
+            assert!(source.contains(&format!("\n    def {m}(")), "{m}");
         }
     }
 }

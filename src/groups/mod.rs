@@ -11,10 +11,6 @@
 use crate::era::Era;
 use crate::patch::Group;
 
-pub mod hostpool;
-pub mod juicefs;
-pub mod kvtuner;
-
 /// The injected Python package `patches/kvtuner_hicache/` (`hostpool` injects it, `juicefs`
 /// adds its backend to it), as a package-relative folder and as a dotted module. A macro, so
 /// `include_str!`/`concat!` paths can be built from it; [`PACKAGE_DIR`] is the one to use
@@ -28,6 +24,26 @@ macro_rules! kvtuner_package {
         "sglang.srt.mem_cache.kvtuner_hicache"
     };
 }
+
+/// The patch that injects `patches/kvtuner_hicache/FILE` (embedded at build time) as
+/// `FILE` of the package.
+macro_rules! package_module {
+    ($id:literal, $file:literal) => {
+        Patch {
+            id: $id,
+            what: concat!("inject kvtuner_hicache/", $file),
+            kind: PatchKind::InjectFile {
+                dest: concat!(kvtuner_package!(dir), "/", $file),
+                source: include_str!(concat!("../../patches/kvtuner_hicache/", $file)),
+            },
+        }
+    };
+}
+
+// After the macros above: the group modules use them.
+pub mod hostpool;
+pub mod juicefs;
+pub mod kvtuner;
 
 /// Package-relative folder of the injected package (see [`kvtuner_package!`]).
 pub const PACKAGE_DIR: &str = kvtuner_package!(dir);

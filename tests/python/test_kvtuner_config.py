@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import types
+from pathlib import Path
 
 import pytest
 
 from kvtuner_hicache import config as C
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def args(**kw):
@@ -23,10 +28,53 @@ def write(tmp_path, text, name="preset.yaml"):
 
 def test_defaults_when_args_group_absent():
     cfg = C.config_from_args(types.SimpleNamespace())
+    assert cfg == C.KVTunerHiCacheConfig()
     assert not cfg.enabled
-    assert (cfg.nbits_key, cfg.nbits_value, cfg.axis_key, cfg.axis_value) == (4, 4, 1, 0)
-    assert (cfg.group_size, cfg.residual_length, cfg.asym) == (64, 128, False)
     assert C.check_server_args(types.SimpleNamespace()) is None
+
+
+def declared_flags():
+    """{field: (default, choices)} of the server-argument declarations the CLI injects,
+    read with ``ast`` (the module itself needs SGLang >= 0.5.20 to import)."""
+    source = (ROOT / "patches/kvtuner/server_args_fields.py").read_text()
+    [cls] = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
+    flags = {}
+    for stmt in cls.body:
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        choices = [
+            tuple(ast.literal_eval(node.value))
+            for node in ast.walk(stmt.annotation)
+            if isinstance(node, ast.keyword) and node.arg == "choices"
+        ]
+        flags[stmt.target.id] = (ast.literal_eval(stmt.value), choices[0] if choices else None)
+    return flags
+
+
+def test_defaults_are_the_declared_ones():
+    declared = declared_flags()
+    assert list(declared) == list(C.DEFAULTS)
+    assert {name: default for name, (default, _) in declared.items()} == C.DEFAULTS
+    assert {name: c for name, (_, c) in declared.items() if c} == {
+        "kvtuner_hicache_nbits_key": C.ALLOWED_BITS,
+        "kvtuner_hicache_nbits_value": C.ALLOWED_BITS,
+        "kvtuner_hicache_axis_key": C.ALLOWED_AXES,
+        "kvtuner_hicache_axis_value": C.ALLOWED_AXES,
+        "kvtuner_hicache_codec": C.ALLOWED_CODECS,
+    }
+
+
+def test_readme_flag_table_is_the_declared_one():
+    """The README's table lists every flag, in order, with its declared default."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", readme, flags=re.M)
+
+    def shown(default):
+        # Not a dict lookup: False == 0 would show the default 0 as "off".
+        return "off" if default is False else "none" if default is None else str(default)
+
+    want = [(C._flag(name), shown(default)) for name, default in C.DEFAULTS.items()]
+    assert [(flag, default.strip()) for flag, default in rows] == want
 
 
 def test_flag_without_hierarchical_cache():
@@ -34,13 +82,21 @@ def test_flag_without_hierarchical_cache():
         C.check_server_args(args(enable_hierarchical_cache=False))
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("kvtuner_hicache_nbits_key", 3, r"--kvtuner-hicache-nbits-key=3 is not one of \[2, 4, 8\]"),
-    ("kvtuner_hicache_nbits_value", 16, r"--kvtuner-hicache-nbits-value=16"),
-    ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
-    ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
-    ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        (
+            "kvtuner_hicache_nbits_key",
+            3,
+            r"--kvtuner-hicache-nbits-key=3 is not one of \[2, 4, 8\]",
+        ),
+        ("kvtuner_hicache_nbits_value", 16, r"--kvtuner-hicache-nbits-value=16"),
+        ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
+        ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
+        ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
+        ("kvtuner_hicache_codec", "gpu", r"--kvtuner-hicache-codec='gpu' is not one of"),
+    ],
+)
 def test_bad_values(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         C.check_server_args(args(**{field: value}))
@@ -50,27 +106,36 @@ def test_per_channel_group_longer_than_page():
     with pytest.raises(ValueError, match=r"longer than a page \(--page-size 32\)"):
         C.check_server_args(args(page_size=32, kvtuner_hicache_q_group_size=64))
     # Per-token groups only need to divide head_dim, not fit a page.
-    C.check_server_args(args(
-        page_size=32, kvtuner_hicache_q_group_size=64,
-        kvtuner_hicache_axis_key=0, kvtuner_hicache_axis_value=0,
-    ))
+    C.check_server_args(
+        args(
+            page_size=32,
+            kvtuner_hicache_q_group_size=64,
+            kvtuner_hicache_axis_key=0,
+            kvtuner_hicache_axis_value=0,
+        )
+    )
 
 
 def test_preset_parsed(tmp_path):
-    path = write(tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n")
+    path = write(
+        tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n"
+    )
     cfg = C.check_server_args(args(kvtuner_hicache_layer_config=path))
     assert cfg.layer_bits_map() == {0: (8, 4), 1: (4, 2)}
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("0: {nbits_key: 3, nbits_value: 4}\n", r"layer 0: nbits_key=3 is not one of"),
-    ("0: {nbits_key: 4}\n", r"needs both nbits_key and nbits_value"),
-    ("0: {0: {nbits_key: 4, nbits_value: 4}}\n", r"per-head preset"),
-    ("x: {nbits_key: 4, nbits_value: 4}\n", r"layer key 'x' is not a layer index"),
-    ("- 1\n- 2\n", r"must be a non-empty map"),
-    ("0: {nbits_key: 4, nbits_value: 4, foo: 1}\n", r"unknown keys \['foo'\]"),
-    ("0: [\n", r"cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("0: {nbits_key: 3, nbits_value: 4}\n", r"layer 0: nbits_key=3 is not one of"),
+        ("0: {nbits_key: 4}\n", r"needs both nbits_key and nbits_value"),
+        ("0: {0: {nbits_key: 4, nbits_value: 4}}\n", r"per-head preset"),
+        ("x: {nbits_key: 4, nbits_value: 4}\n", r"layer key 'x' is not a layer index"),
+        ("- 1\n- 2\n", r"must be a non-empty map"),
+        ("0: {nbits_key: 4, nbits_value: 4, foo: 1}\n", r"unknown keys \['foo'\]"),
+        ("0: [\n", r"cannot parse"),
+    ],
+)
 def test_bad_presets(tmp_path, text, msg):
     path = write(tmp_path, text)
     with pytest.raises(ValueError, match=msg):
@@ -83,8 +148,16 @@ def test_missing_preset_file():
 
 
 def plan(cfg, **kw):
-    geo = dict(start_layer=0, target_layer_num=4, draft_layer_num=0, head_num=2,
-               head_dim=128, page_size=64, dtype_name="float16", model_layer_num=4)
+    geo = dict(
+        start_layer=0,
+        target_layer_num=4,
+        draft_layer_num=0,
+        head_num=2,
+        head_dim=128,
+        page_size=64,
+        dtype_name="float16",
+        model_layer_num=4,
+    )
     geo.update(kw)
     return C.resolve_layer_plan(cfg, **geo)
 
@@ -100,8 +173,13 @@ def test_preset_naming_layers_the_model_lacks(tmp_path):
 
 def test_preset_missing_layers_use_uniform_bits(tmp_path):
     path = write(tmp_path, "1: {nbits_key: 8, nbits_value: 8}\n")
-    cfg = C.config_from_args(args(kvtuner_hicache_layer_config=path,
-                                  kvtuner_hicache_nbits_key=2, kvtuner_hicache_nbits_value=4))
+    cfg = C.config_from_args(
+        args(
+            kvtuner_hicache_layer_config=path,
+            kvtuner_hicache_nbits_key=2,
+            kvtuner_hicache_nbits_value=4,
+        )
+    )
     p = plan(cfg, draft_layer_num=1)
     assert p.layer_bits == ((2, 4), (8, 8), (2, 4), (2, 4), (2, 4))
     # Pipeline stage 2 of 2: global layers 2..3.

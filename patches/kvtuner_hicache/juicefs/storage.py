@@ -1,0 +1,757 @@
+"""``JuiceFSStorage``: SGLang's ``HiCacheStorage`` interface over write-once page files on a
+JuiceFS (FUSE) mount. Design and options: ``docs/juicefs-backend.md``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
+from sglang.srt.observability.metrics_collector import StorageMetrics
+
+from .options import JuiceFSOptions
+from .page_file import (
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    ORDER_FLAT,
+    ORDER_META,
+    PAGE_SUFFIX,
+    TMP_PREFIX,
+    Publisher,
+    algo_available,
+    default_algo,
+    digest,
+    merge_runs,
+    preadv_all,
+    raw_view,
+    tensor_bytes,
+    tensor_runs,
+)
+from .volume import (
+    NAMESPACE_MARKER,
+    MountWatch,
+    key_tag,
+    mount_fstype,
+    namespace_name,
+    page_relpath,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "juicefs"
+
+
+class JuiceFSStorage(HiCacheStorage):
+    """Write-once page files on a JuiceFS (FUSE) mount, batch I/O on a thread pool."""
+
+    def __init__(self, storage_config: HiCacheStorageConfig, mem_pool_host: Any = None, **_: Any):
+        # Built-in chain: cls(storage_config, mem_pool_host); SGLang's ``dynamic`` path:
+        # cls(storage_config, {}) with the host pool arriving via register_mem_pool_host.
+        if storage_config is None:
+            raise ValueError("juicefs backend: storage_config is required")
+        if getattr(storage_config, "should_split_heads", False):
+            raise ValueError(
+                "juicefs backend: heterogeneous TP (tp_lcm_size head splitting) is not supported"
+            )
+        self.storage_config = storage_config
+        self.options = JuiceFSOptions.from_extra_config(storage_config.extra_config)
+        self.mount_point = self.options.mount_point
+        mount_root, self.fstype = mount_fstype(self.mount_point)
+        if self.fstype != "fuse.juicefs":
+            message = (
+                f"juicefs backend: mount_point {self.mount_point!r} is on {self.fstype} "
+                f"(mounted at {mount_root}), not a JuiceFS mount"
+            )
+            if self.options.require_juicefs:
+                raise ValueError(message)
+            logger.warning("%s; using it as a plain directory", message)
+        self.root = os.path.join(self.mount_point, self.options.root_dir)
+        os.makedirs(self.root, exist_ok=True)
+
+        self.is_mla = bool(storage_config.is_mla_model)
+        # MLA ranks share one copy: only the designated writer rank publishes it.
+        self.is_writer = bool(
+            getattr(
+                storage_config, "is_storage_writer", not self.is_mla or storage_config.tp_rank == 0
+            )
+        )
+        self.algo = default_algo()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
+        )
+        self._lock = threading.Lock()
+        self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
+        self._publisher = Publisher(fsync=self.options.fsync)
+        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self._known.clear)
+        self._unregistered_logged = False
+        self._closed = False
+        self.used_bytes = 0
+        self._capacity_logged = False
+        self.counters = {
+            k: 0
+            for k in (
+                "get_hits",
+                "get_misses",
+                "corrupt",
+                "io_errors",
+                "set_pages",
+                "set_existing",
+                "set_refused",
+                "set_errors",
+            )
+        }
+        self._metrics = StorageMetrics()
+        self.mem_pool_host = None
+        self.namespace: Optional[str] = None
+        self.ns_dir: Optional[str] = None
+        if mem_pool_host is not None and not isinstance(mem_pool_host, dict):
+            self.register_mem_pool_host(mem_pool_host)
+
+    # ---------------------------------------------------------------- registration
+
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        """Size pages after the host pool and open (or create) this pool's namespace."""
+        if mem_pool_host is self.mem_pool_host:
+            return
+        super().register_mem_pool_host(mem_pool_host)
+        self._learn_page_shape(mem_pool_host)
+        self._open_namespace(mem_pool_host)
+
+    def _learn_page_shape(self, pool) -> None:
+        """Page bytes and payload byte orders, from the pool's meta regions and flat pages."""
+        self.page_size = int(pool.page_size)
+        self._meta_regions = None  # regions per page when get_page_buffer_meta works
+        self._flat_template = None
+        try:
+            template = pool.get_dummy_flat_data_page()
+            self._flat_template = (template.dtype, template.numel())
+            flat_bytes = template.numel() * template.element_size()
+        except Exception:  # pools without a flat page form only support v1
+            flat_bytes = None
+        page_bytes = None
+        try:
+            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
+            if ptrs and len(ptrs) == len(sizes):
+                self._meta_regions = len(ptrs)
+                page_bytes = int(sum(sizes))
+        except Exception as e:  # e.g. pools that only expose flat pages
+            logger.info(
+                "juicefs backend: %s has no usable get_page_buffer_meta (%s); "
+                "v1 I/O goes through flat pages",
+                type(pool).__name__,
+                e,
+            )
+        if page_bytes is None and flat_bytes is None:
+            raise ValueError(
+                f"juicefs backend: host pool {type(pool).__name__} exposes neither "
+                "get_page_buffer_meta nor flat data pages"
+            )
+        self.page_bytes = page_bytes if page_bytes is not None else flat_bytes
+        self.flat_bytes = flat_bytes
+        self.v1_order = ORDER_META if self._meta_regions else ORDER_FLAT
+        self.flat_order = ORDER_FLAT
+        if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
+            self.flat_order = ORDER_META
+
+    def _open_namespace(self, pool) -> None:
+        """Create this pool's namespace directory and marker; start the capacity scan."""
+        fields = self._namespace_fields(pool)
+        self.namespace_fields = fields
+        self.namespace = namespace_name(fields)
+        self.ns_dir = os.path.join(self.root, self.namespace)
+        os.makedirs(self.ns_dir, exist_ok=True)
+        self._known.clear()
+        marker = json.dumps(fields, sort_keys=True, indent=1).encode()
+        self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
+        logger.info(
+            "juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
+            self.ns_dir,
+            self.page_bytes,
+            self.v1_order,
+            self.is_writer,
+        )
+        if self.is_writer and self.options.capacity_bytes is not None:
+            # Only a capacity needs the walk (it costs a lookup per page on FUSE).
+            threading.Thread(
+                target=self._scan_namespace, name="juicefs-hicache-scan", daemon=True
+            ).start()
+
+    def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        """Accept the KV pool again; refuse the other pools of hybrid models."""
+        if str(host_pool_name) == "kv":  # the anchor pool, already registered above
+            return super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        raise NotImplementedError(
+            "juicefs backend stores KV pages only; hybrid pools (v2 interface, "
+            f"pool {host_pool_name!r}) are not supported"
+        )
+
+    def _flat_matches_meta(self, pool) -> bool:
+        """True when get_data_page(flat=True) yields the meta regions' bytes in the same order."""
+        try:
+            view = pool.get_data_page(0, flat=False)
+            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
+            runs = tensor_runs(view)
+            return runs is not None and runs == merge_runs(list(zip(ptrs, sizes)))
+        except Exception:
+            return False
+
+    def _namespace_fields(self, pool) -> dict:
+        """What the namespace must tell apart, spelled out (written to ``namespace.json``)."""
+        cfg = self.storage_config
+        tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
+        kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
+        fields = {
+            "format": FORMAT_VERSION,
+            "model": cfg.model_name or "",
+            # MLA KV is replicated over TP ranks: one copy serves all of them.
+            "tp": None if self.is_mla else [cfg.tp_rank, cfg.tp_size],
+            "pp": [cfg.pp_rank, cfg.pp_size],
+            "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
+            "dp": getattr(cfg, "dp_rank", 0),
+            "dcp": [
+                getattr(cfg, "dcp_rank", 0),
+                getattr(cfg, "dcp_size", 1),
+                getattr(cfg, "logical_page_size", None),
+            ],
+            "page_size": self.page_size,
+            "layout": str(pool.layout),
+            "kv_format": kv_format,
+            "page_bytes": self.page_bytes,
+        }
+        return fields
+
+    # ---------------------------------------------------------------- paths and health
+
+    def _path(self, key: str) -> str:
+        """The page file of ``key``."""
+        return os.path.join(self.ns_dir, page_relpath(key, PAGE_SUFFIX))
+
+    def _key_tag(self, key: str, order: str) -> int:
+        """The tag a page file of ``key`` in ``order`` carries in its header."""
+        return key_tag(self.namespace, order, key)
+
+    def _volume_ok(self) -> bool:
+        """The mount still holds the volume we started on (an unmounted volume reads as misses)."""
+        if self._closed or self.ns_dir is None:
+            return False
+        return self.mount.holds(os.path.join(self.ns_dir, NAMESPACE_MARKER))
+
+    def _ready(self) -> bool:
+        """Whether a host pool is registered and the volume is mounted."""
+        if self.mem_pool_host is None:
+            if not self._unregistered_logged:
+                self._unregistered_logged = True
+                logger.warning("juicefs backend: used before register_mem_pool_host; missing")
+            return False
+        return self._volume_ok()
+
+    def _known_present(self, key: str) -> bool:
+        """Whether ``key`` was confirmed present within ``exists_cache_ttl``."""
+        seen = self._known.get(key)
+        return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
+
+    def _remember(self, key: str) -> None:
+        """Note ``key`` as present now."""
+        if self.options.exists_cache_ttl > 0:
+            if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
+                self._known.clear()
+            self._known[key] = time.monotonic()
+
+    # ---------------------------------------------------------------- page I/O
+
+    def _read_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Read one page into ``views`` and verify it; False (a miss) on any problem."""
+        expected = sum(v.nbytes for v in views)
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._known.pop(key, None)
+            self.counters["get_misses"] += 1
+            return False
+        except OSError as e:
+            return self._read_failed(key, f"open: {e}")
+        try:
+            header, tail = bytearray(HEADER_SIZE), bytearray(1)
+            # The extra byte detects files longer than a page.
+            got = preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
+        except OSError as e:
+            return self._read_failed(key, f"read: {e}")
+        finally:
+            os.close(fd)
+        # "corrupt" = the file contradicts itself (dropped, see _read_failed); a well-formed
+        # page this reader cannot use (other byte order, length or key) is only a miss.
+        if got < HEADER_SIZE:
+            return self._read_failed(key, f"{got} bytes, shorter than a header", corrupt=True)
+        magic, version, algo, length, checksum, tag = HEADER.unpack(header)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            return self._read_failed(key, "bad header", corrupt=True)
+        if length != expected:
+            return self._read_failed(key, f"page of {length} bytes, expected {expected}")
+        if got != HEADER_SIZE + expected:
+            return self._read_failed(
+                key,
+                f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
+                f" bytes, header says {HEADER_SIZE + expected}",
+                corrupt=True,
+            )
+        if tag != self._key_tag(key, order):
+            return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
+        if not algo_available(algo):
+            return self._read_failed(key, f"checksum algorithm {algo} unavailable")
+        if digest(algo, views) != checksum:
+            return self._read_failed(key, "checksum mismatch", corrupt=True)
+        self._remember(key)
+        self.counters["get_hits"] += 1
+        return True
+
+    def _read_failed(self, key: str, why: str, corrupt: bool = False) -> bool:
+        """Count and log a read that is a miss; drop a file that contradicts its header."""
+        self._known.pop(key, None)
+        self.counters["corrupt" if corrupt else "io_errors"] += 1
+        self.counters["get_misses"] += 1
+        logger.warning("juicefs backend: page %s is a miss: %s", key, why)
+        if corrupt and self.is_writer:
+            # Pages are write-once, so a damaged file stays damaged: drop it so a later backup
+            # can publish the key again (at worst this drops a good page a racing writer just
+            # published, which is a miss, never bad data).
+            try:
+                os.unlink(self._path(key))
+            except OSError:
+                pass
+        return False
+
+    def _present(self, key: str) -> bool:
+        """Write-once: a key whose file exists is not written again."""
+        if self._known_present(key):
+            return True
+        try:
+            if os.path.exists(self._path(key)):
+                self._remember(key)
+                return True
+        except OSError:
+            pass
+        return False
+
+    def _write_batch(
+        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
+    ) -> List[bool]:
+        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
+        # Capacity is granted in key order and stops at the first page that does not fit: SGLang
+        # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
+        # space.
+        present = list(self._executor.map(self._present, keys))
+        results = list(present)
+        admitted, full = [], False
+        for i, (ok, views) in enumerate(zip(present, pages)):
+            if ok:
+                self.counters["set_existing"] += 1
+            elif views is not None and not full:
+                if self._reserve(HEADER_SIZE + sum(v.nbytes for v in views)):
+                    admitted.append(i)
+                else:
+                    full = True
+            elif full:
+                self.counters["set_refused"] += 1
+        done = self._executor.map(lambda i: self._publish_page(keys[i], pages[i], order), admitted)
+        for i, ok in zip(admitted, done):
+            results[i] = ok
+        return results
+
+    def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Write one page whose capacity is already reserved (released unless it is new)."""
+        size = sum(v.nbytes for v in views)
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.algo,
+            size,
+            digest(self.algo, views),
+            self._key_tag(key, order),
+        )
+        try:
+            outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
+        except OSError as e:
+            outcome = None
+            logger.warning("juicefs backend: writing page %s failed: %s", key, e)
+        if outcome != "new":
+            self._release(HEADER_SIZE + size)
+        if outcome is None:
+            self.counters["set_errors"] += 1
+            return False
+        self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
+        self._remember(key)
+        return True
+
+    def _publish_bytes(self, path: str, data: bytes) -> None:
+        """Write a small file once (the namespace marker); failures only warn."""
+        try:
+            if not os.path.exists(path):
+                self._publisher.publish(path, [memoryview(data)])
+        except OSError as e:
+            logger.warning("juicefs backend: could not write %s: %s", path, e)
+
+    # ---------------------------------------------------------------- capacity
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the capacity; False (logged once) when it does not fit."""
+        cap = self.options.capacity_bytes
+        with self._lock:
+            if cap is not None and self.used_bytes + nbytes > cap:
+                self.counters["set_refused"] += 1  # the first refused page of a batch
+                if not self._capacity_logged:
+                    self._capacity_logged = True
+                    logger.warning(
+                        "juicefs backend: namespace %s is full (capacity %d bytes); "
+                        "refusing new pages",
+                        self.namespace,
+                        cap,
+                    )
+                return False
+            self.used_bytes += nbytes
+            return True
+
+    def _release(self, nbytes: int) -> None:
+        """Give back capacity a write did not use."""
+        with self._lock:
+            self.used_bytes -= nbytes
+
+    def _scan_namespace(self) -> None:
+        """Count published bytes (for capacity) and sweep temporaries left by killed writers."""
+        ns_dir, total, now = self.ns_dir, 0, time.time()
+        try:
+            shards = os.listdir(ns_dir)
+        except OSError:
+            return
+        for shard in shards:
+            directory = os.path.join(ns_dir, shard)
+            try:
+                with os.scandir(directory) as it:
+                    for entry in it:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                            if entry.name.startswith(TMP_PREFIX):
+                                if now - st.st_mtime > self.options.stale_tmp_age:
+                                    os.unlink(entry.path)
+                            elif entry.name.endswith(PAGE_SUFFIX):
+                                total += st.st_size
+                        except OSError:
+                            continue
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            except OSError:
+                return
+        with self._lock:
+            if self.ns_dir == ns_dir:
+                self.used_bytes += total
+
+    # ---------------------------------------------------------------- v1 (zero-copy)
+
+    def _page_views(self, host_indices: torch.Tensor, n: int) -> List[List[memoryview]]:
+        """Writable byte views of each page's ``get_page_buffer_meta`` regions."""
+        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
+        per = len(ptrs) // n if n else 0
+        if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
+            raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
+        views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
+        pages = [views[i * per : (i + 1) * per] for i in range(n)]
+        if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
+            raise ValueError("page regions do not add up to the registered page size")
+        return pages
+
+    def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
+        """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
+        if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
+            logger.error(
+                "juicefs backend: %s got %s host indices for %d pages of %d tokens",
+                op,
+                None if host_indices is None else host_indices.numel(),
+                len(keys),
+                self.page_size,
+            )
+            return False
+        return True
+
+    def batch_get_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
+        if not keys:
+            return []
+        if not self._ready() or not self._check_batch("batch_get_v1", keys, host_indices):
+            return [False] * len(keys)
+        start = time.perf_counter()
+        try:
+            if self._meta_regions:
+                pages = self._page_views(host_indices.cpu(), len(keys))
+                results = list(
+                    self._executor.map(
+                        lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)
+                    )
+                )
+            else:
+                results = list(
+                    self._executor.map(
+                        lambda i: self._get_flat_into_pool(
+                            keys[i], int(host_indices[i * self.page_size])
+                        ),
+                        range(len(keys)),
+                    )
+                )
+            check = getattr(self.mem_pool_host, "kvtuner_check_pages", None)
+            if callable(check) and any(results):
+                # The quantizing pool's own page header: a second, format-level check.
+                results = [ok and good for ok, good in zip(results, check(host_indices))]
+        except Exception as e:  # never raise into the prefetch thread
+            logger.error("juicefs backend: batch_get_v1 failed: %s", e)
+            return [False] * len(keys)
+        self._record("prefetch", sum(results), start)
+        return results
+
+    def batch_set_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
+        if not keys:
+            return []
+        if not self.is_writer:  # MLA: another rank writes the shared copy
+            return [True] * len(keys)
+        if not self._ready() or not self._check_batch("batch_set_v1", keys, host_indices):
+            return [False] * len(keys)
+        start = time.perf_counter()
+        try:
+            if self._meta_regions:
+                pages = self._page_views(host_indices.cpu(), len(keys))
+            else:
+                pages = [
+                    self._flat_views(
+                        k,
+                        self.mem_pool_host.get_data_page(
+                            int(host_indices[i * self.page_size]), flat=True
+                        ),
+                    )
+                    for i, k in enumerate(keys)
+                ]
+            results = self._write_batch(keys, pages, self.v1_order)
+        except Exception as e:
+            logger.error("juicefs backend: batch_set_v1 failed: %s", e)
+            return [False] * len(keys)
+        self._record("backup", sum(results), start)
+        return results
+
+    def _get_flat_into_pool(self, key: str, index: int) -> bool:
+        """Read one page through a flat scratch page into the host pool."""
+        dtype, numel = self._flat_template
+        scratch = torch.empty(numel, dtype=dtype)
+        if not self._read_page(key, [tensor_bytes(scratch)], self.v1_order):
+            return False
+        self.mem_pool_host.set_from_flat_data_page(index, scratch)
+        return True
+
+    # ---------------------------------------------------------------- legacy interface
+
+    def _flat_views(self, key: str, value: Any) -> Optional[List[memoryview]]:
+        """Bytes of a flat page tensor (None, logged, when it is not one page)."""
+        try:
+            data = value.detach().reshape(-1).contiguous().cpu()
+        except Exception as e:
+            logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
+            return None
+        if data.numel() * data.element_size() != self.flat_bytes:
+            logger.error(
+                "juicefs backend: page %s has %d bytes, expected %s",
+                key,
+                data.numel() * data.element_size(),
+                self.flat_bytes,
+            )
+            return None
+        return [tensor_bytes(data)]  # the view keeps `data` alive
+
+    def get(
+        self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
+    ) -> torch.Tensor | None:
+        if not self._ready() or self.flat_bytes is None:
+            return None
+        try:
+            if target_location is None:
+                dtype, numel = self._flat_template
+                target_location = torch.empty(numel, dtype=dtype)
+            out = target_location
+            direct = out.device.type == "cpu" and out.is_contiguous()
+            buf = out if direct else torch.empty(out.numel(), dtype=out.dtype)
+            if buf.numel() * buf.element_size() != self.flat_bytes:
+                logger.error(
+                    "juicefs backend: get(%s) target holds %d bytes, expected %d",
+                    key,
+                    buf.numel() * buf.element_size(),
+                    self.flat_bytes,
+                )
+                return None
+            if not self._read_page(key, [tensor_bytes(buf.reshape(-1))], self.flat_order):
+                return None
+            if not direct:
+                out.copy_(buf.view(out.shape))
+            return out
+        except Exception as e:
+            logger.error("juicefs backend: get(%s) failed: %s", key, e)
+            return None
+
+    def batch_get(
+        self,
+        keys: List[str],
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> List[torch.Tensor | None]:
+        targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+        if not keys or not self._ready():
+            return [None] * len(keys)
+        start = time.perf_counter()
+        results = list(self._executor.map(lambda kt: self.get(kt[0], kt[1]), zip(keys, targets)))
+        self._record("prefetch", sum(r is not None for r in results), start)
+        return results
+
+    def set(
+        self,
+        key: str,
+        value: Optional[Any] = None,
+        target_location: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
+        if not self.is_writer:
+            return True
+        if value is None or not self._ready() or self.flat_bytes is None:
+            return False
+        return self._write_batch([key], [self._flat_views(key, value)], self.flat_order)[0]
+
+    def batch_set(
+        self,
+        keys: List[str],
+        values: Optional[Any] = None,
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
+        if not keys:
+            return True
+        if values is None or len(values) != len(keys):
+            return False
+        if not self.is_writer:
+            return True
+        if not self._ready():
+            return False
+        if self.flat_bytes is None:
+            return False
+        start = time.perf_counter()
+        pages = [self._flat_views(k, v) for k, v in zip(keys, values)]
+        results = self._write_batch(keys, pages, self.flat_order)
+        self._record("backup", sum(results), start)
+        return all(results)
+
+    # ---------------------------------------------------------------- lookups
+
+    def _exists_one(self, key: str) -> bool:
+        """Whether the page file of ``key`` exists with a size that can verify."""
+        if self._known_present(key):
+            return True
+        try:
+            st = os.stat(self._path(key))
+        except OSError:
+            self._known.pop(key, None)
+            return False
+        # A file of the wrong size can never verify: report it absent right away.
+        if st.st_size not in (HEADER_SIZE + self.page_bytes, HEADER_SIZE + (self.flat_bytes or 0)):
+            return False
+        self._remember(key)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._ready() and self._exists_one(key)
+
+    def batch_exists(
+        self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None
+    ) -> int:
+        """Number of consecutive present pages from the start of ``keys``."""
+        if not keys or not self._ready():
+            return 0
+        try:
+            found = self._executor.map(self._exists_one, keys)
+            return next((i for i, ok in enumerate(found) if not ok), len(keys))
+        except Exception as e:
+            logger.error("juicefs backend: batch_exists failed: %s", e)
+            return 0
+
+    # ---------------------------------------------------------------- maintenance
+
+    def clear(self) -> bool:
+        """Delete every page (and temporary) of this backend's namespace; other namespaces stay."""
+        if self.ns_dir is None or not self._volume_ok():
+            return False
+        ok = True
+        try:
+            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir) if len(s) == 2]
+        except OSError as e:
+            logger.error("juicefs backend: clear failed: %s", e)
+            return False
+
+        def wipe(directory: str) -> bool:
+            """Delete every file in ``directory``; False if one could not be deleted."""
+            good = True
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                return False
+            for name in names:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    good = False
+            return good
+
+        ok = all(self._executor.map(wipe, shards))
+        with self._lock:
+            self.used_bytes = 0
+            self._capacity_logged = False
+        self._known.clear()
+        logger.info("juicefs backend: cleared namespace %s", self.ns_dir)
+        return ok
+
+    def _record(self, kind: str, n: int, start: float) -> None:
+        """Add a batch to SGLang's storage metrics (when it collects them)."""
+        # Only when SGLang collects them: nobody would drain the lists otherwise.
+        if not self.storage_config.enable_storage_metrics or n == 0:
+            return
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        with self._lock:
+            getattr(self._metrics, f"{kind}_pgs").append(n)
+            # GB/s, the unit of SGLang's bandwidth histograms.
+            getattr(self._metrics, f"{kind}_bandwidth").append(n * self.page_bytes / elapsed / 1e9)
+
+    def get_stats(self) -> StorageMetrics:
+        with self._lock:
+            metrics, self._metrics = self._metrics, StorageMetrics()
+        return metrics
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+
+
+__all__ = ["JuiceFSStorage", "BACKEND_NAME"]
