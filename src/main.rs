@@ -60,8 +60,9 @@ Typical session:
 --sglang-root may be a git checkout (holding python/sglang), its python/ folder,
 or a folder holding an installed or unpacked `sglang/` package (site-packages).
 Nothing is ever half-written: every change is planned in memory, parsed and
-compiled, and only then written (temp file + rename). The manifest used by
-`revert` lives in sglang/.kvtuner-patch/.";
+compiled, and only then written as one journaled transaction; a crash at any
+point is rolled back by the next apply or revert. One writer at a time. The
+manifest used by `revert` lives in sglang/.kvtuner-patch/.";
 
 /// Add KVTuner quantized HiCache support to an SGLang tree, check it, and take it out again.
 #[derive(Parser)]
