@@ -6,6 +6,7 @@
 //! Adding an era row makes the compiler name every group form to write (each group matches on
 //! [`Era`] without a wildcard); `docs/adding-a-release.md` walks through it.
 
+use crate::source_file::read_regular;
 use serde::{Serialize, Serializer};
 use std::cmp::Ordering;
 use std::fs;
@@ -181,9 +182,15 @@ impl Serialize for Era {
 impl LayoutProbe {
     fn matches(self, parent: &Path) -> bool {
         match self {
-            LayoutProbe::File(file) => parent.join(file).is_file(),
+            // Present in any form: a FIFO or link there is the era's file gone wrong, which the
+            // anchor lookups then name, not a sign of another era.
+            LayoutProbe::File(file) => fs::symlink_metadata(parent.join(file)).is_ok(),
             LayoutProbe::FileDefinesClass { file, class } => {
-                let text = fs::read_to_string(parent.join(file)).unwrap_or_default();
+                let bytes = read_regular(&parent.join(file))
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&bytes);
                 text.lines().any(|l| {
                     l.strip_prefix("class ")
                         .and_then(|rest| rest.strip_prefix(class))

@@ -7,7 +7,9 @@
 //! - [`era`]: the supported releases (`scripts/releases.txt`) and the table of layout eras.
 //! - [`sglang_tree`]: finding `sglang/` under `--sglang-root`; its release, era and support.
 //! - [`engine`]: resolving anchors, detecting, planning and committing edits.
-//! - [`fsio`]: atomic writes and content hashes.
+//! - [`fsio`]: content hashes; [`journal`]: the crash-safe commit (undo journal, recovery);
+//!   [`tree_lock`]: one writer at a time; [`safe_path`]: paths that stay in the tree;
+//!   [`source_file`]: bounded reads of regular files, BOM and CRLF kept.
 //! - [`refusal`]: the error that owns its exit code.
 
 pub mod commands;
@@ -15,6 +17,10 @@ pub mod engine;
 pub mod era;
 pub mod fsio;
 pub mod groups;
+pub mod journal;
 pub mod patch;
 pub mod refusal;
+pub mod safe_path;
 pub mod sglang_tree;
+pub mod source_file;
+pub mod tree_lock;

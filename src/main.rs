@@ -7,8 +7,40 @@ use kvtuner_patch::engine::python::Python;
 use kvtuner_patch::groups;
 use kvtuner_patch::refusal::{exit_code, Refusal, EXIT_DRIFT, EXIT_OK};
 use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
+
+/// The first error writing stdout, other than a reader that went away.
+static STDOUT_ERROR: OnceLock<String> = OnceLock::new();
+
+/// Write to stdout. A closed pipe (`apply --dry-run | head -1`) is not our error: the rest of
+/// the output is dropped and the exit code stays what the command decided. Any other write
+/// error turns a clean exit into exit 2.
+fn emit(args: std::fmt::Arguments, newline: bool) {
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| {
+        if newline {
+            out.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = STDOUT_ERROR.set(e.to_string());
+        }
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), true) };
+}
+
+macro_rules! say_raw {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), false) };
+}
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -28,8 +60,9 @@ Typical session:
 --sglang-root may be a git checkout (holding python/sglang), its python/ folder,
 or a folder holding an installed or unpacked `sglang/` package (site-packages).
 Nothing is ever half-written: every change is planned in memory, parsed and
-compiled, and only then written (temp file + rename). The manifest used by
-`revert` lives in sglang/.kvtuner-patch/.";
+compiled, and only then written as one journaled transaction; a crash at any
+point is rolled back by the next apply or revert. One writer at a time. The
+manifest used by `revert` lives in sglang/.kvtuner-patch/.";
 
 /// Add KVTuner quantized HiCache support to an SGLang tree, check it, and take it out again.
 #[derive(Parser)]
@@ -141,14 +174,32 @@ fn main() -> ExitCode {
             code
         }
     };
+    let code = match (STDOUT_ERROR.get(), std::io::stdout().flush()) {
+        (Some(e), _) if code == EXIT_OK => {
+            eprintln!("error: writing the output failed: {e}");
+            2
+        }
+        (None, Err(e)) if code == EXIT_OK && e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: writing the output failed: {e}");
+            2
+        }
+        _ => code,
+    };
     ExitCode::from(code as u8)
 }
 
 fn print_json<T: Serialize>(v: &T) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(v).expect("reports serialise")
     );
+}
+
+/// An interrupted operation rolled back first: said on stderr, stdout stays the report.
+fn note_recovered(recovered: Option<&str>) {
+    if let Some(r) = recovered {
+        eprintln!("note: {r}; rolled back first");
+    }
 }
 
 fn print_groups(groups: &[GroupStatus]) {
@@ -158,9 +209,9 @@ fn print_groups(groups: &[GroupStatus]) {
             GroupState::NotApplied => "not applied",
             GroupState::Drifted => "DRIFTED",
         };
-        println!("  {:<10} {:<12} {}", g.id, state, g.summary);
+        say!("  {:<10} {:<12} {}", g.id, state, g.summary);
         for p in g.problems() {
-            println!("      - {p}");
+            say!("      - {p}");
         }
     }
 }
@@ -175,8 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
                 );
             } else {
-                println!("SGLang tree: {}", r.tree.parent.display());
-                println!(
+                say!("SGLang tree: {}", r.tree.parent.display());
+                say!(
                     "release:     {}{}",
                     r.tree.version.as_deref().unwrap_or("unknown"),
                     r.tree
@@ -185,25 +236,28 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .map(|s| format!(" (from {s})"))
                         .unwrap_or_default()
                 );
-                println!(
+                say!(
                     "era:         {}",
                     r.tree
                         .era
                         .map(|e| e.describe())
                         .unwrap_or_else(|| "not recognised".into())
                 );
-                println!(
+                say!(
                     "supported:   {} - {}",
                     if r.support.supported { "yes" } else { "NO" },
                     r.support.reason
                 );
-                println!("groups:");
+                if let Some(i) = &r.interrupted {
+                    say!("interrupted: {i}");
+                }
+                say!("groups:");
                 print_groups(&r.groups);
-                println!("anchors (looked up, nothing changed):");
+                say!("anchors (looked up, nothing changed):");
                 for a in &r.anchors {
                     let label = if a.found { "found    " } else { "NOT FOUND" };
                     let what = a.detail.as_deref().or(a.file.as_deref()).unwrap_or("");
-                    println!("  {label} {:<32} {what}", a.patch);
+                    say!("  {label} {:<32} {what}", a.patch);
                 }
             }
             Ok(code)
@@ -220,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 &Python::pick(python.python),
                 !dry_run,
             )?;
+            note_recovered(r.recovered.as_deref());
             if json {
                 print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
             } else if dry_run && r.applied.is_empty() {
@@ -228,21 +283,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     r.already_applied.join(", ")
                 );
             } else if dry_run {
-                print!("{}", r.diff);
+                say_raw!("{}", r.diff);
                 eprintln!(
                     "dry run: would apply [{}] to {} file(s); nothing written",
                     r.applied.join(", "),
                     r.files.len()
                 );
             } else if r.applied.is_empty() {
-                println!(
+                say!(
                     "nothing to do: already applied [{}]",
                     r.already_applied.join(", ")
                 );
             } else {
-                println!("applied [{}]: {}", r.applied.join(", "), r.files.join(", "));
+                say!("applied [{}]: {}", r.applied.join(", "), r.files.join(", "));
                 if !r.already_applied.is_empty() {
-                    println!("already applied: [{}]", r.already_applied.join(", "));
+                    say!("already applied: [{}]", r.already_applied.join(", "));
                 }
             }
             Ok(EXIT_OK)
@@ -264,7 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
                 );
             } else {
-                print!("{}", r.diff);
+                say_raw!("{}", r.diff);
             }
             Ok(code)
         }
@@ -282,40 +337,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_groups(&r.groups);
                 for f in &r.files {
                     let ok = f.parses && f.compiles;
-                    println!("  {} {}", if ok { "ok " } else { "BAD" }, f.file);
+                    say!("  {} {}", if ok { "ok " } else { "BAD" }, f.file);
                 }
                 if let Some(k) = &r.kvtuner_quant {
-                    println!(
+                    say!(
                         "  {} import kvtuner_quant with {}",
                         if k.ok { "ok " } else { "BAD" },
                         k.python
                     );
                 }
                 for p in &r.problems {
-                    println!("problem: {p}");
+                    say!("problem: {p}");
                 }
                 for n in &r.notes {
-                    println!("note: {n}");
+                    say!("note: {n}");
                 }
-                println!("{}", if r.ok { "verified" } else { "verify FAILED" });
+                say!("{}", if r.ok { "verified" } else { "verify FAILED" });
             }
             Ok(code)
         }
         Command::Revert { root, force } => {
             let r = commands::revert(&root.sglang_root, force)?;
+            note_recovered(r.recovered.as_deref());
             if json {
                 print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
             } else if r.nothing_to_do {
-                println!("nothing to revert");
+                say!("nothing to revert");
             } else {
                 for f in &r.restored {
-                    println!("restored {f}");
+                    say!("restored {f}");
                 }
                 for f in &r.removed {
-                    println!("removed  {f}");
+                    say!("removed  {f}");
                 }
                 for f in &r.forced {
-                    println!("forced   {f} (had been edited since apply)");
+                    say!("forced   {f} (had been edited since apply)");
                 }
             }
             Ok(EXIT_OK)

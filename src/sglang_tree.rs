@@ -8,6 +8,7 @@
 //! `git apply` works from the root.
 
 use crate::era::{cmp_versions, newest, oldest, releases, Era, ERAS};
+use crate::source_file::read_regular;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::cmp::Ordering;
@@ -17,9 +18,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize)]
 pub struct SglangTree {
     /// What the user passed.
+    #[serde(serialize_with = "lossy_path")]
     pub root: PathBuf,
     /// The folder holding `sglang/`.
-    #[serde(rename = "package_parent")]
+    #[serde(rename = "package_parent", serialize_with = "lossy_path")]
     pub parent: PathBuf,
     /// Path from `root` to `parent` with a trailing `/` (or empty), for diff headers.
     pub prefix: String,
@@ -139,7 +141,8 @@ impl SglangTree {
 /// in `sglang/version.py` (older releases; newer ones compute it there at import time).
 fn read_version(parent: &Path) -> Option<(String, String)> {
     let assigned = |file: &Path| -> Option<String> {
-        let text = fs::read_to_string(file).ok()?;
+        let bytes = read_regular(file).ok()??;
+        let text = String::from_utf8(bytes).ok()?;
         text.lines()
             .filter(|l| l.starts_with("__version__"))
             .find_map(|l| l.rsplit(['"', '\'']).nth(1).map(str::to_string))
@@ -160,4 +163,10 @@ fn read_version(parent: &Path) -> Option<(String, String)> {
         }
     }
     None
+}
+
+/// A path as JSON text even when it is not UTF-8 (undecodable bytes become U+FFFD), so
+/// `--json` output stays valid for any root.
+fn lossy_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
 }

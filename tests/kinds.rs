@@ -190,7 +190,7 @@ fn check_snapshot_and_commit(tree: &SglangTree, g: &Group, name: &str) {
     let diff = changes.diff(tree);
     insta::assert_snapshot!(name, diff);
     git_apply(copy_tree(&tree.root, "").path(), &diff, false);
-    changes.commit(tree, &["toy"]).unwrap();
+    changes.commit(tree, &["toy"], &changes.files()).unwrap();
 }
 
 #[test]
@@ -258,7 +258,8 @@ fn hand_edited_injected_file_is_drift() {
     let tree = SglangTree::resolve(t.path()).unwrap();
     let mut g = toy_group();
     g.patches.retain(|p| p.id == "store-file");
-    change_set_of(&tree, &g).commit(&tree, &["toy"]).unwrap();
+    let changes = change_set_of(&tree, &g);
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     let path = t.path().join("sglang/srt/storage/toy_store.py");
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.starts_with("# kvtuner-patch:toy/store-file sha256="));
@@ -329,7 +330,7 @@ fn list_item_in_an_add_argument_call() {
     assert!(changes.changes[0].after.contains(
         "            \"toy\",\n            # <<< kvtuner-patch:toy/choice\n        ],\n"
     ));
-    changes.commit(&tree, &["toy"]).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 }
 
@@ -402,7 +403,7 @@ fn list_item_in_the_list_of_a_method_holding_an_item() {
     assert!(
         after.starts_with("FAST = [\"fast\"]\n") && after.ends_with("        return [\"fast\"]\n")
     );
-    changes.commit(&tree, &["toy"]).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied]);
 
     // The item without its markers is drift, not "applied".
@@ -583,7 +584,7 @@ fn function_start_uses_the_real_first_parameter_and_keeps_the_docstring_first() 
             && after.contains("    picked = pick(device_pool)\n"),
         "{after}"
     );
-    changes.commit(&tree, &["toy"]).unwrap();
+    changes.commit(&tree, &["toy"], &changes.files()).unwrap();
     assert_eq!(states(&tree, &g), vec![PatchState::Applied; 2]);
 }
 

@@ -68,7 +68,7 @@ fn found_in_either_file_and_patched_there() {
         p.validate(&Python::pick(None)).unwrap();
         let changed: Vec<&str> = p.changes.iter().map(|c| c.rel.as_str()).collect();
         assert_eq!(changed, [format!("sglang/srt/mem/{rel}")]);
-        p.commit(&tree, &["toy"]).unwrap();
+        p.commit(&tree, &["toy"], &p.files()).unwrap();
         let text = fs::read_to_string(t.path().join("sglang/srt/mem").join(rel)).unwrap();
         assert!(text.contains("    picked = pick(device_pool)\n"), "{text}");
         let g = group();

@@ -1,9 +1,13 @@
 //! `apply` and `diff`: every selected group that is not applied yet, planned in memory as one
 //! change set, validated (tree-sitter + CPython), and (for `apply`) committed.
 
-use super::{era_of, group_status, require_supported, selection, GroupState};
+use super::{
+    era_of, group_status, known_files, lock_and_recover, require_settled, require_supported,
+    selection, GroupState,
+};
 use crate::engine::anchor::PatchEdit;
 use crate::engine::changeset::ChangeSet;
+use crate::engine::manifest::Manifest;
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;
 use crate::groups;
@@ -24,6 +28,8 @@ pub struct ApplyReport {
     pub files: Vec<String>,
     /// Unified diff of the change (paths relative to `--sglang-root`).
     pub diff: String,
+    /// An interrupted operation this run rolled back before its own work.
+    pub recovered: Option<String>,
 }
 
 /// Build the change set of the selected groups; with `write`, commit it (`diff` and `--dry-run`
@@ -32,6 +38,16 @@ pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Resu
     let tree = SglangTree::resolve(root)?;
     let sel = selection(&tree, only)?;
     require_supported(&tree, &sel)?;
+    // Held until the report is built: one writer at a time.
+    let (_lock, recovered) = if write {
+        let (lock, recovered) = lock_and_recover(&tree)?;
+        (Some(lock), recovered)
+    } else {
+        require_settled(&tree)?;
+        (None, None)
+    };
+    // Refuses (exit 2) a manifest naming paths this tool never writes, before any planning.
+    Manifest::load(&tree)?;
     let selected = sel.groups;
     let mut src = Sources::new(&tree);
     let mut edits: Vec<PatchEdit> = Vec::new();
@@ -68,7 +84,8 @@ pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Resu
     changes.validate(python)?;
     if write && !changes.is_empty() {
         let ids: Vec<&str> = applied.iter().map(String::as_str).collect();
-        changes.commit(&tree, &ids)?;
+        let known = known_files(&mut src, &tree)?;
+        changes.commit(&tree, &ids, &known)?;
     }
     Ok(ApplyReport {
         dry_run: !write,
@@ -76,6 +93,7 @@ pub fn apply(root: &Path, only: &[String], python: &Python, write: bool) -> Resu
         already_applied: already,
         files: changes.changes.iter().map(|c| c.rel.clone()).collect(),
         diff: changes.diff(&tree),
+        recovered: recovered.map(|i| i.describe()),
     })
 }
 

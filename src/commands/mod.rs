@@ -17,9 +17,11 @@ use crate::engine::anchor::{self, DriftReason, Lookup, PatchEdit, PatchState};
 use crate::engine::sources::Sources;
 use crate::era::Era;
 use crate::groups;
+use crate::journal::{self, Interrupted};
 use crate::patch::Group;
 use crate::refusal::Refusal;
 use crate::sglang_tree::{SglangTree, Support};
+use crate::tree_lock::{self, TreeLock};
 use anyhow::Result;
 use serde::Serialize;
 
@@ -157,4 +159,43 @@ fn require_supported(tree: &SglangTree, sel: &groups::Selection) -> Result<()> {
         )
         .into())
     }
+}
+
+/// What `apply` and `revert` do first: take the tree lock (exit 2 naming the holder if another
+/// run has it), then roll back an operation a crash interrupted ([`journal::recover`]).
+fn lock_and_recover(tree: &SglangTree) -> Result<(TreeLock, Option<Interrupted>)> {
+    let lock = tree_lock::lock(&tree.path("sglang")).map_err(|m| Refusal::error(m, Vec::new()))?;
+    let recovered = journal::recover(&tree.parent)?;
+    Ok((lock, recovered))
+}
+
+/// Read-only commands that need a settled tree (`diff`, `apply --dry-run`) refuse one an
+/// interrupted operation left half-changed.
+fn require_settled(tree: &SglangTree) -> Result<()> {
+    match journal::interrupted(&tree.parent) {
+        Some(i) if i.changed_tree => Err(Refusal::error(
+            format!("{}; run apply or revert to recover first", i.describe()),
+            Vec::new(),
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Every file any group (in its form for the tree's era) edits or injects: what a manifest
+/// may name. `apply` drops other entries instead of carrying them forward.
+fn known_files(src: &mut Sources, tree: &SglangTree) -> Result<std::collections::BTreeSet<String>> {
+    let mut known = std::collections::BTreeSet::new();
+    for g in selection(tree, &[])?.groups {
+        for p in &g.patches {
+            if let crate::patch::PatchKind::InjectFile { dest, .. } = p.kind {
+                known.insert(dest.to_string());
+            }
+        }
+        // A group whose anchors cannot be looked up here (its folders absent) names no file.
+        if let Ok(st) = group_status(src, &g) {
+            known.extend(st.patches.into_iter().filter_map(|p| p.file));
+        }
+    }
+    Ok(known)
 }

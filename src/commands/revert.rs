@@ -2,7 +2,7 @@
 //! where a patched file was edited since apply, unless `--force`), through the same commit
 //! step as `apply`. Without a manifest, `--force` strips the marked blocks instead.
 
-use super::{group_status, selection, GroupState};
+use super::{group_status, lock_and_recover, selection, GroupState};
 use crate::engine::changeset::{self, FileWrite, Record};
 use crate::engine::manifest::Manifest;
 use crate::engine::marker;
@@ -27,14 +27,24 @@ pub struct RevertReport {
     pub nothing_to_do: bool,
     /// Reverted by stripping markers (no manifest; `--force`), not byte-exact by construction.
     pub from_markers: bool,
+    /// An interrupted operation this run rolled back before its own work.
+    pub recovered: Option<String>,
 }
 
 pub fn revert(root: &Path, force: bool) -> Result<RevertReport> {
     let tree = SglangTree::resolve(root)?;
+    let (_lock, recovered) = lock_and_recover(&tree)?;
+    let recovered = recovered.map(|i| i.describe());
     let Some(manifest) = Manifest::load(&tree)? else {
-        return revert_without_manifest(&tree, force);
+        let mut report = revert_without_manifest(&tree, force)?;
+        report.recovered = recovered;
+        return Ok(report);
     };
-    let mut report = RevertReport::default();
+    manifest.check_release(&tree)?;
+    let mut report = RevertReport {
+        recovered,
+        ..Default::default()
+    };
     let mut writes = Vec::new();
     let mut edited = Vec::new();
     for (rel, rec) in &manifest.files {
@@ -134,7 +144,7 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
         out.push_str(&text[pos..]);
         writes.push(FileWrite::Put {
             rel: rel.clone(),
-            bytes: out.into_bytes(),
+            bytes: src.encoding(rel)?.encode(&out),
         });
     }
     // The folders apply created for injected files, when nothing else is left in them

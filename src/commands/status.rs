@@ -5,6 +5,7 @@ use super::{group_status, selection, support_of, GroupState, GroupStatus};
 use crate::engine::anchor::PatchState;
 use crate::engine::manifest::Manifest;
 use crate::engine::sources::Sources;
+use crate::journal;
 use crate::refusal::{EXIT_DRIFT, EXIT_ERROR, EXIT_OK};
 use crate::sglang_tree::{SglangTree, Support};
 use anyhow::Result;
@@ -22,6 +23,8 @@ pub struct StatusReport {
     pub unsupported_groups: Vec<UnsupportedGroup>,
     /// A manifest from an earlier `apply` is in the tree.
     pub manifest: bool,
+    /// An `apply` or `revert` was interrupted: what happened and what the next run does.
+    pub interrupted: Option<String>,
     pub groups: Vec<GroupStatus>,
     /// Every anchor of every group form for the tree's era, looked up report-only: for a
     /// release newer than the list this says at once what still matches and what moved.
@@ -82,6 +85,12 @@ pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
         EXIT_DRIFT
     };
     let manifest = Manifest::path(&tree).exists();
+    let interrupted = journal::interrupted(&tree.parent).map(|i| i.describe());
+    let code = if interrupted.is_some() && code == EXIT_OK {
+        EXIT_DRIFT
+    } else {
+        code
+    };
     Ok((
         StatusReport {
             tree: tree.clone(),
@@ -96,6 +105,7 @@ pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
                 })
                 .collect(),
             manifest,
+            interrupted,
             groups: statuses,
             anchors,
         },

@@ -54,6 +54,9 @@ pub fn verify(
     let mut src = Sources::new(&tree);
     let mut statuses = Vec::new();
     let mut problems = Vec::new();
+    if let Some(i) = crate::journal::interrupted(&tree.parent) {
+        problems.push(i.describe());
+    }
     let mut touched: Vec<String> = Vec::new();
     for g in &selected {
         let st = group_status(&mut src, g)?;

@@ -32,6 +32,9 @@ pub struct Drift {
     pub matches: usize,
     /// Where the matches were, when there were several.
     pub locations: Vec<String>,
+    /// Files of a searched folder that were not read (not regular, too large, ...), with why:
+    /// the anchor may be in one of them.
+    pub unread: Vec<String>,
 }
 
 impl fmt::Display for Drift {
@@ -47,6 +50,9 @@ impl fmt::Display for Drift {
         )?;
         if !self.locations.is_empty() {
             write!(f, " at {}", self.locations.join(", "))?;
+        }
+        if !self.unread.is_empty() {
+            write!(f, "; not read: {}", self.unread.join(", "))?;
         }
         Ok(())
     }
@@ -67,6 +73,25 @@ fn drift(
         looked_for,
         matches,
         locations,
+        unread: Vec::new(),
+    })
+}
+
+/// [`drift`] for an anchor searched for in a folder: names the files there it could not read.
+fn search_drift(
+    src: &Sources,
+    patch: &str,
+    under: &str,
+    looked_for: String,
+    locations: Vec<String>,
+) -> anyhow::Error {
+    anyhow::Error::new(Drift {
+        patch: patch.to_string(),
+        file: format!("{under}/"),
+        looked_for,
+        matches: locations.len(),
+        locations,
+        unread: src.unread_under(under),
     })
 }
 
@@ -217,12 +242,11 @@ fn resolve_class(src: &mut Sources, tag: &str, c: ClassRef) -> Result<String> {
         }
     }
     if locations.len() != 1 {
-        let n = locations.len();
-        return Err(drift(
+        return Err(search_drift(
+            src,
             tag,
-            &format!("{}/", c.under),
+            c.under,
             format!("class `{}`", c.name),
-            n,
             locations,
         ));
     }
@@ -352,11 +376,11 @@ fn function_node(src: &mut Sources, tag: &str, f: FnRef) -> Result<(String, usiz
             }
             if found.len() != 1 {
                 let locations = found.iter().map(|(r, _, l)| format!("{r}:{l}")).collect();
-                return Err(drift(
+                return Err(search_drift(
+                    src,
                     tag,
-                    &format!("{under}/"),
+                    under,
                     format!("function `{name}`"),
-                    found.len(),
                     locations,
                 ));
             }

@@ -5,10 +5,8 @@
 //! 2. Every result is re-parsed with tree-sitter (no ERROR/MISSING node) *and* compiled by
 //!    CPython (tree-sitter accepts inconsistent indentation; the interpreter does not).
 //! 3. Only then is anything written, by [`commit`], the one write path `apply` and `revert`
-//!    share: a list of [`FileWrite`]s and what happens to the manifest ([`Record`]): for
-//!    apply, originals and manifest first, then each file through a temporary file and a
-//!    rename in its own folder. If a write fails, files already written are put back (best
-//!    effort) and the previous manifest restored.
+//!    share: a list of [`FileWrite`]s and what happens to the manifest ([`Record`]), made one
+//!    [`journal::Transaction`] (all or nothing, also across a crash).
 
 use crate::engine::anchor::PatchEdit;
 use crate::engine::diff;
@@ -16,13 +14,16 @@ use crate::engine::edit::{apply_edits, Edit};
 use crate::engine::manifest::{FileRecord, Manifest};
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;
+use crate::engine::sources::STATE_DIR;
 use crate::engine::syntax::PyFile;
-use crate::fsio::{read_if_exists, sha256, write_atomic};
+use crate::fsio::sha256;
+use crate::journal::{self, Change, Transaction};
 use crate::refusal::Refusal;
 use crate::sglang_tree::SglangTree;
+use crate::source_file::Encoding;
 use anyhow::{anyhow, Context, Result};
-use std::collections::BTreeMap;
-use std::fs;
+use std::collections::{BTreeMap, BTreeSet};
+use walkdir::WalkDir;
 
 /// One file's new content.
 #[derive(Debug, Clone)]
@@ -32,6 +33,20 @@ pub struct FileChange {
     /// `None` for a file the change set creates.
     pub before: Option<String>,
     pub after: String,
+    /// The file's BOM and line ends, kept in what is written.
+    pub encoding: Encoding,
+}
+
+impl FileChange {
+    /// The bytes on disk before (exactly: decoding and encoding round-trip).
+    pub fn before_bytes(&self) -> Option<Vec<u8>> {
+        self.before.as_deref().map(|t| self.encoding.encode(t))
+    }
+
+    /// The bytes to write.
+    pub fn after_bytes(&self) -> Vec<u8> {
+        self.encoding.encode(&self.after)
+    }
 }
 
 /// Every file change of one `apply`, built and checked in memory before anything is written.
@@ -66,10 +81,12 @@ impl ChangeSet {
                 .ok_or_else(|| anyhow!("{rel} vanished while planning"))?
                 .to_string();
             let after = apply_edits(&before, &e).map_err(|err| anyhow!("{rel}: {err}"))?;
+            let encoding = src.encoding(&rel)?;
             changes.push(FileChange {
                 rel,
                 before: Some(before),
                 after,
+                encoding,
             });
         }
         for (rel, text) in creates {
@@ -83,10 +100,16 @@ impl ChangeSet {
                 rel,
                 before: None,
                 after: text,
+                encoding: Encoding::default(),
             });
         }
         changes.sort_by(|a, b| a.rel.cmp(&b.rel));
         Ok(ChangeSet { changes })
+    }
+
+    /// The files this change set writes.
+    pub fn files(&self) -> BTreeSet<String> {
+        self.changes.iter().map(|c| c.rel.clone()).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -155,8 +178,19 @@ impl ChangeSet {
 
     /// What committing this change set records (after [`ChangeSet::validate`]): `groups`
     /// added to the manifest, and for each file the first original and the new hash.
-    pub fn record(&self, tree: &SglangTree, groups: &[&str]) -> Result<Record> {
+    /// Entries of an earlier manifest for files outside `known` (every file a group of this
+    /// era writes) are dropped, never carried forward.
+    pub fn record(
+        &self,
+        tree: &SglangTree,
+        groups: &[&str],
+        known: &BTreeSet<String>,
+    ) -> Result<Record> {
         let mut manifest = Manifest::load(tree)?.unwrap_or_else(|| Manifest::new(tree));
+        manifest.files.retain(|rel, _| known.contains(rel));
+        manifest
+            .created_dirs
+            .retain(|d| known.iter().any(|f| f.starts_with(&format!("{d}/"))));
         let mut originals = Vec::new();
         for g in groups {
             if !manifest.groups.iter().any(|x| x == g) {
@@ -164,8 +198,8 @@ impl ChangeSet {
             }
         }
         for c in &self.changes {
-            let post = sha256(c.after.as_bytes());
-            let before_sha = c.before.as_ref().map(|b| sha256(b.as_bytes()));
+            let post = sha256(&c.after_bytes());
+            let before_sha = c.before_bytes().map(|b| sha256(&b));
             match manifest.files.get_mut(&c.rel) {
                 // Patched before by another group and untouched since: keep the first original,
                 // move the post hash.
@@ -178,8 +212,8 @@ impl ChangeSet {
                 // No record, or a stale one (the file was restored or replaced, e.g. by an SGLang
                 // upgrade, since the last apply): what is there now is the original to keep.
                 _ => {
-                    if let Some(before) = &c.before {
-                        originals.push((c.rel.clone(), before.as_bytes().to_vec()));
+                    if let Some(before) = c.before_bytes() {
+                        originals.push((c.rel.clone(), before));
                     } else {
                         let mut dir = tree.path(&c.rel).parent().map(|p| p.to_path_buf());
                         let mut new_dirs = Vec::new();
@@ -217,8 +251,13 @@ impl ChangeSet {
     }
 
     /// Record and write this change set (after [`ChangeSet::validate`]) through [`commit`].
-    pub fn commit(&self, tree: &SglangTree, groups: &[&str]) -> Result<()> {
-        commit(tree, self.record(tree, groups)?, &self.writes())?;
+    pub fn commit(
+        &self,
+        tree: &SglangTree,
+        groups: &[&str],
+        known: &BTreeSet<String>,
+    ) -> Result<()> {
+        commit(tree, self.record(tree, groups, known)?, &self.writes())?;
         Ok(())
     }
 
@@ -228,7 +267,7 @@ impl ChangeSet {
             .iter()
             .map(|c| FileWrite::Put {
                 rel: c.rel.clone(),
-                bytes: c.after.as_bytes().to_vec(),
+                bytes: c.after_bytes(),
             })
             .collect()
     }
@@ -265,91 +304,94 @@ pub enum Record {
     },
 }
 
-/// Write `writes` in order, each through a temporary file and a rename, with the manifest
-/// step `record` before (apply) or after (revert) them. If a write fails, the files already
-/// written get their previous bytes back (best effort) and the previous manifest is restored.
-/// Returns the folders removed (`Record::Clear`), each with a trailing `/`.
+/// Make `writes` and the manifest step `record` one [`journal::Transaction`] and commit it:
+/// every change or none, even across a crash (the journal rolls an interrupted one back).
+/// `apply` adds its originals and manifest; `revert` removes the manifest folder and, when they
+/// are empty then, the folders apply created. Returns the folders removed, each with a `/`.
 pub fn commit(tree: &SglangTree, record: Record, writes: &[FileWrite]) -> Result<Vec<String>> {
-    // What a failed apply puts back; a revert touches the manifest only after every write.
-    let previous_manifest = match &record {
-        Record::Save { .. } => Manifest::load(tree)?,
-        Record::Clear { .. } => None,
-    };
-    if let Record::Save {
-        manifest,
-        originals,
-    } = &record
-    {
-        for (rel, bytes) in originals {
-            write_atomic(
-                &Manifest::original_path(tree, rel),
-                bytes,
-                Some(&tree.path(rel)),
-            )?;
+    let mut changes: Vec<Change> = Vec::new();
+    let mut txn = Transaction::default();
+    let mut created_by_apply: Vec<String> = Vec::new();
+    match &record {
+        Record::Save {
+            manifest,
+            originals,
+        } => {
+            txn.operation = "apply".into();
+            for (rel, bytes) in originals {
+                changes.push(Change::Write {
+                    rel: format!("{STATE_DIR}/originals/{rel}"),
+                    bytes: bytes.clone(),
+                    mode: Some(0o644),
+                });
+            }
+            changes.push(Change::Write {
+                rel: format!("{STATE_DIR}/manifest.json"),
+                bytes: manifest.to_bytes()?,
+                mode: Some(0o644),
+            });
         }
-        manifest.save(tree)?;
+        Record::Clear { created_dirs, .. } => {
+            txn.operation = "revert".into();
+            created_by_apply = created_dirs.clone();
+        }
     }
-    let mut done: Vec<(&str, Option<Vec<u8>>)> = Vec::new();
-    for w in writes {
-        let (rel, result) = match w {
-            FileWrite::Put { rel, bytes } => (rel, write_change(tree, rel, Some(bytes))),
-            FileWrite::Remove { rel } => (rel, write_change(tree, rel, None)),
-        };
-        match result {
-            Ok(before) => done.push((rel, before)),
-            Err(e) => {
-                rollback(tree, &done, &record, previous_manifest.as_ref());
-                return Err(e).with_context(|| format!("writing {rel} (changes rolled back)"));
+    changes.extend(writes.iter().map(|w| match w {
+        FileWrite::Put { rel, bytes } => Change::Write {
+            rel: rel.clone(),
+            bytes: bytes.clone(),
+            mode: Some(0o644),
+        },
+        FileWrite::Remove { rel } => Change::Remove { rel: rel.clone() },
+    }));
+    if let Record::Clear { manifest: true, .. } = record {
+        // The whole manifest folder goes: every file in it, then its folders, deepest first.
+        let state = tree.path(STATE_DIR);
+        let mut dirs = Vec::new();
+        if state.is_dir() {
+            for e in WalkDir::new(&state).contents_first(true) {
+                let e = e.with_context(|| format!("walking {}", state.display()))?;
+                let rel = e
+                    .path()
+                    .strip_prefix(&tree.parent)
+                    .expect("below the package parent")
+                    .to_string_lossy()
+                    .to_string();
+                if e.file_type().is_dir() {
+                    dirs.push(rel);
+                } else {
+                    changes.push(Change::Remove { rel });
+                }
+            }
+        }
+        txn.remove_dirs = dirs;
+    }
+    txn.remove_dirs
+        .extend(created_by_apply.iter().rev().cloned());
+    // Every missing folder on the way to a written file, parents first.
+    for c in &changes {
+        if let Change::Write { rel, .. } = c {
+            let mut parents: Vec<&str> = Vec::new();
+            let mut cur = rel.as_str();
+            while let Some((dir, _)) = cur.rsplit_once('/') {
+                if tree.path(dir).exists() {
+                    break;
+                }
+                parents.push(dir);
+                cur = dir;
+            }
+            for d in parents.into_iter().rev() {
+                if !txn.create_dirs.iter().any(|x| x == d) {
+                    txn.create_dirs.push(d.to_string());
+                }
             }
         }
     }
-    let mut removed = Vec::new();
-    if let Record::Clear {
-        created_dirs,
-        manifest,
-    } = &record
-    {
-        for d in created_dirs.iter().rev() {
-            // Only if empty: anything else put there is the user's.
-            if fs::remove_dir(tree.path(d)).is_ok() {
-                removed.push(format!("{d}/"));
-            }
-        }
-        if *manifest {
-            fs::remove_dir_all(Manifest::dir(tree))?;
-        }
-    }
-    Ok(removed)
-}
-
-/// Put `bytes` at `rel` (or delete it for `None`); returns what was there before.
-fn write_change(tree: &SglangTree, rel: &str, bytes: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
-    let path = tree.path(rel);
-    let before = read_if_exists(&path)?;
-    match bytes {
-        Some(b) => write_atomic(&path, b, None)?,
-        None => fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
-    }
-    Ok(before)
-}
-
-fn rollback(
-    tree: &SglangTree,
-    done: &[(&str, Option<Vec<u8>>)],
-    record: &Record,
-    previous: Option<&Manifest>,
-) {
-    for (rel, before) in done {
-        let path = tree.path(rel);
-        let _ = match before {
-            Some(b) => write_atomic(&path, b, None),
-            None => fs::remove_file(&path).map_err(Into::into),
-        };
-    }
-    if let Record::Save { .. } = record {
-        let _ = match previous {
-            Some(m) => m.save(tree),
-            None => fs::remove_dir_all(Manifest::dir(tree)).map_err(Into::into),
-        };
-    }
+    txn.changes = changes;
+    let removed = journal::commit(&tree.parent, &txn)?;
+    Ok(created_by_apply
+        .iter()
+        .filter(|d| removed.contains(d))
+        .map(|d| format!("{d}/"))
+        .collect())
 }

@@ -12,13 +12,16 @@
 //! file modes and exact bytes must come back. The per-file post-apply hash lets `revert`
 //! refuse, naming the file, when someone edited a patched file after `apply`.
 //!
-//! Crash safety: originals and the manifest are written (atomically) *before* any patched
-//! file is renamed into place. If `apply` dies midway, a file still holding its pre-apply
-//! hash is simply skipped by `revert`. A later `apply` keeps the earliest original.
+//! Crash safety: the originals and the manifest are written in the same journaled transaction
+//! as the patched files ([`crate::journal`]): all of them or none. A later `apply` keeps the
+//! earliest original.
 
 use crate::engine::sources::STATE_DIR;
-use crate::fsio::{sha256, write_atomic};
+use crate::fsio::sha256;
+use crate::refusal::Refusal;
+use crate::safe_path;
 use crate::sglang_tree::SglangTree;
+use crate::source_file::read_regular;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -72,12 +75,15 @@ impl Manifest {
         Self::dir(tree).join("originals").join(rel)
     }
 
+    /// The tree's manifest, `None` if there is none. It is read from the tree, so it is
+    /// untrusted: every path it names must be a normalised path inside `sglang/` reached
+    /// without a symlink, or the whole manifest is refused (exit 2, naming the entry).
     pub fn load(tree: &SglangTree) -> Result<Option<Manifest>> {
         let path = Self::path(tree);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let bytes =
+            read_regular(&path).map_err(|p| anyhow::anyhow!("{STATE_DIR}/manifest.json {p}"))?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
         };
         let m: Manifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("{}: not a kvtuner-patch manifest", path.display()))?;
@@ -87,13 +93,50 @@ impl Manifest {
             path.display(),
             m.format
         );
+        let bad: Vec<String> = m
+            .files
+            .keys()
+            .chain(&m.created_dirs)
+            .filter_map(|rel| unsafe_entry(tree, rel).map(|why| format!("{rel}: {why}")))
+            .collect();
+        if !bad.is_empty() {
+            return Err(Refusal::error(
+                format!(
+                    "refusing to use {STATE_DIR}/manifest.json: it names paths this tool never \
+                     writes; nothing was changed (remove the folder {STATE_DIR} if the tree is \
+                     otherwise as you want it)"
+                ),
+                bad,
+            )
+            .into());
+        }
         Ok(Some(m))
     }
 
-    pub fn save(&self, tree: &SglangTree) -> Result<()> {
+    /// Refuse a manifest written for another release than the tree now holds (SGLang was
+    /// reinstalled over a patched tree): its originals belong to that other release.
+    pub fn check_release(&self, tree: &SglangTree) -> Result<()> {
+        match (&self.sglang_version, &tree.version) {
+            (Some(was), Some(now)) if was != now => Err(Refusal::error(
+                format!(
+                    "refusing: this tree was patched as SGLang {was}, but it now holds SGLang \
+                     {now} (reinstalled over the patched tree); the saved originals are {was}'s \
+                     and would break {now}. Nothing was changed. For a clean tree: reinstall \
+                     SGLang {now} (`pip install --force-reinstall --no-deps sglang=={now}`), then \
+                     remove {STATE_DIR} and sglang/srt/mem_cache/kvtuner_hicache"
+                ),
+                Vec::new(),
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifest file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut bytes = serde_json::to_vec_pretty(self)?;
         bytes.push(b'\n');
-        write_atomic(&Self::path(tree), &bytes, None)
+        Ok(bytes)
     }
 
     /// The saved pre-apply bytes of `rel`, checked against the recorded hash.
@@ -113,4 +156,17 @@ impl Manifest {
         );
         Ok(bytes)
     }
+}
+
+/// Why a manifest path is not one this tool could have written, if it is not.
+fn unsafe_entry(tree: &SglangTree, rel: &str) -> Option<String> {
+    if let Err(p) = safe_path::check_normalised(rel) {
+        return Some(p.to_string());
+    }
+    if !rel.starts_with("sglang/") || rel.starts_with(&format!("{STATE_DIR}/")) {
+        return Some("is not a path of the SGLang package outside the state folder".into());
+    }
+    safe_path::inside(&tree.parent, rel)
+        .err()
+        .map(|p| p.to_string())
 }

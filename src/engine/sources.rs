@@ -1,24 +1,30 @@
 //! Read-once cache of the tree's Python files, parsed on first use.
 //!
 //! Planning and detection read the same files many times; each is read and parsed once per
-//! command. Paths are package-relative (`sglang/srt/...`).
+//! command. Paths are package-relative (`sglang/srt/...`). Files are read through
+//! [`crate::source_file`]: regular files only, size-limited, the BOM and CRLF line ends taken
+//! off (and remembered, for writing) so the engine always works on LF text.
 
-use crate::engine::syntax::PyFile;
+use crate::engine::syntax::{self, PyFile};
 use crate::sglang_tree::SglangTree;
-use anyhow::{Context, Result};
-use std::collections::HashMap;
-use std::fs;
+use crate::source_file::{read_regular, Encoding};
+use anyhow::{anyhow, Context, Result};
+use std::collections::{BTreeMap, HashMap};
 use walkdir::WalkDir;
 
-/// Folder (inside `sglang/`) where the engine keeps its manifest; never scanned for anchors.
+/// Folder (inside `sglang/`) where the engine keeps its manifest; never scanned for anchors
+/// (nor is the journal beside it: every name starting with [`OWN_PREFIX`]).
 pub const STATE_DIR: &str = "sglang/.kvtuner-patch";
+pub const OWN_PREFIX: &str = ".kvtuner-patch";
 
 pub struct Sources<'a> {
     pub tree: &'a SglangTree,
     files: HashMap<String, Option<PyFile>>,
-    texts: HashMap<String, Option<String>>,
+    texts: HashMap<String, Option<(String, Encoding)>>,
     /// (folder, needle) -> matching files; a walk of `sglang/srt` is the costliest step.
     searches: HashMap<(String, String), Vec<String>>,
+    /// `.py` files a search could not read, with why (for drift messages).
+    unread: BTreeMap<String, String>,
 }
 
 impl<'a> Sources<'a> {
@@ -28,23 +34,32 @@ impl<'a> Sources<'a> {
             files: HashMap::new(),
             texts: HashMap::new(),
             searches: HashMap::new(),
+            unread: BTreeMap::new(),
         }
     }
 
-    /// Raw text of a package-relative file, `None` if it does not exist.
+    /// Text of a package-relative file (LF line ends, no BOM), `None` if it does not exist.
+    /// A symlink, a non-regular or oversized file, or one that is not UTF-8 is an error naming it.
     pub fn text(&mut self, rel: &str) -> Result<Option<&str>> {
         if !self.texts.contains_key(rel) {
-            let path = self.tree.path(rel);
-            let text = match fs::read(&path) {
-                Ok(bytes) => {
-                    Some(String::from_utf8(bytes).with_context(|| format!("{rel}: not UTF-8"))?)
+            let text = match read_regular(&self.tree.path(rel)).map_err(|p| anyhow!("{rel} {p}"))? {
+                Some(bytes) => {
+                    Some(Encoding::decode(&bytes).with_context(|| format!("{rel}: not UTF-8"))?)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+                None => None,
             };
             self.texts.insert(rel.to_string(), text);
         }
-        Ok(self.texts[rel].as_deref())
+        Ok(self.texts[rel].as_ref().map(|(t, _)| t.as_str()))
+    }
+
+    /// How `rel`'s bytes map to its text (BOM, CRLF), to write it back the same way.
+    pub fn encoding(&mut self, rel: &str) -> Result<Encoding> {
+        self.text(rel)?;
+        Ok(self.texts[rel]
+            .as_ref()
+            .map(|(_, e)| *e)
+            .unwrap_or_default())
     }
 
     /// Parse (once) and return a file; `None` if it does not exist.
@@ -64,6 +79,16 @@ impl<'a> Sources<'a> {
         self.files.get(rel).and_then(|f| f.as_ref())
     }
 
+    /// Files below `under` that searches could not read, as `rel (why)`.
+    pub fn unread_under(&self, under: &str) -> Vec<String> {
+        let prefix = format!("{under}/");
+        self.unread
+            .iter()
+            .filter(|(rel, _)| rel.starts_with(&prefix))
+            .map(|(rel, why)| format!("{rel} ({why})"))
+            .collect()
+    }
+
     /// `.py` files below `under` whose text contains `needle` (a cheap filter before parsing).
     pub fn files_containing(&mut self, under: &str, needle: &str) -> Result<Vec<String>> {
         let key = (under.to_string(), needle.to_string());
@@ -75,10 +100,10 @@ impl<'a> Sources<'a> {
         for entry in WalkDir::new(&base)
             .sort_by_file_name()
             .into_iter()
-            .filter_entry(|e| e.file_name() != ".kvtuner-patch")
+            .filter_entry(|e| !e.file_name().to_string_lossy().starts_with(OWN_PREFIX))
         {
             let entry = entry.with_context(|| format!("walking {}", base.display()))?;
-            if !entry.file_type().is_file() || entry.path().extension().is_none_or(|x| x != "py") {
+            if entry.file_type().is_dir() || entry.path().extension().is_none_or(|x| x != "py") {
                 continue;
             }
             let rel = entry
@@ -87,11 +112,31 @@ impl<'a> Sources<'a> {
                 .expect("walk stays under the package parent")
                 .to_string_lossy()
                 .replace('\\', "/");
-            // Bytes, not text: a stray non-UTF-8 file elsewhere must not stop the search.
-            let bytes = fs::read(entry.path())
-                .with_context(|| format!("reading {}", entry.path().display()))?;
-            if memfind(&bytes, needle.as_bytes()) {
-                hits.push(rel);
+            // A file that cannot be read as a module (unreadable, oversized, not UTF-8, nested
+            // past what CPython accepts) cannot be the one an anchor looks for: it is skipped,
+            // so a stray odd file elsewhere never stops a command.
+            let bytes = match read_regular(entry.path()) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(why) => {
+                    self.unread.insert(rel, format!("{why}"));
+                    continue;
+                }
+            };
+            if !memfind(&bytes, needle.as_bytes()) {
+                continue;
+            }
+            match Encoding::decode(&bytes) {
+                Ok((text, _)) if syntax::bracket_depth(&text) <= syntax::MAX_NESTING => {
+                    hits.push(rel)
+                }
+                Ok(_) => {
+                    self.unread
+                        .insert(rel, "brackets nest too deep to be a module".into());
+                }
+                Err(_) => {
+                    self.unread.insert(rel, "not UTF-8".into());
+                }
             }
         }
         self.searches.insert(key, hits.clone());

@@ -25,14 +25,66 @@ pub fn parse(src: &str) -> Result<Tree> {
         .ok_or_else(|| anyhow!("tree-sitter gave up parsing"))
 }
 
+/// Deepest bracket nesting the engine parses. CPython itself refuses more than 200 levels, so
+/// no importable module comes near; the limit keeps the recursive tree walks off the end of
+/// the stack on a pathological file.
+pub const MAX_NESTING: usize = 1000;
+
+/// How deep `(`, `[` and `{` nest in `src`, outside comments and string literals.
+pub fn bracket_depth(src: &str) -> usize {
+    let b = src.as_bytes();
+    let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            q @ (b'\'' | b'"') => {
+                let triple = b.get(i + 1) == Some(&q) && b.get(i + 2) == Some(&q);
+                i += if triple { 3 } else { 1 };
+                while i < b.len() {
+                    if b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i] == q
+                        && (!triple || (b.get(i + 1) == Some(&q) && b.get(i + 2) == Some(&q)))
+                    {
+                        i += if triple { 2 } else { 0 };
+                        break;
+                    }
+                    if b[i] == b'\n' && !triple {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    deepest
+}
+
 impl PyFile {
     pub fn parse(rel: impl Into<String>, src: String) -> Result<Self> {
+        let rel = rel.into();
+        let depth = bracket_depth(&src);
+        if depth > MAX_NESTING {
+            anyhow::bail!(
+                "{rel}: brackets nest {depth} deep, more than the {MAX_NESTING} this tool parses \
+                 (CPython refuses more than 200); refused"
+            );
+        }
         let tree = parse(&src)?;
-        Ok(PyFile {
-            rel: rel.into(),
-            src,
-            tree,
-        })
+        Ok(PyFile { rel, src, tree })
     }
 
     pub fn root(&self) -> Node<'_> {
@@ -492,5 +544,17 @@ register_backend("file", "mod", "Cls")
     fn reports_syntax_errors_with_position() {
         let f = PyFile::parse("bad.py", "class X:\n    a = (\n".to_string()).unwrap();
         assert!(f.syntax_error().unwrap().starts_with("line "));
+    }
+
+    #[test]
+    fn bracket_depth_skips_strings_and_comments_and_deep_files_are_refused() {
+        assert_eq!(bracket_depth("f(a[1], {2: (3,)})"), 3);
+        assert_eq!(
+            bracket_depth("s = '((((' # [[[[\nt = \"\"\"\n(((\n\"\"\"\nu = ('\\'(')"),
+            1
+        );
+        let deep = format!("x = {}{}\n", "[".repeat(50_000), "]".repeat(50_000));
+        let err = PyFile::parse("deep.py", deep).err().unwrap().to_string();
+        assert!(err.contains("deep.py") && err.contains("50000"), "{err}");
     }
 }

@@ -184,7 +184,12 @@ mod tests {
                 (NAMES[6], "int", "64", None),
                 (NAMES[7], "int", "128", None),
                 (NAMES[8], "Optional[str]", "None", None),
-                (NAMES[9], "str", "\"auto\"", Some("[\"auto\", \"device\", \"host\"]")),
+                (
+                    NAMES[9],
+                    "str",
+                    "\"auto\"",
+                    Some("[\"auto\", \"device\", \"host\"]")
+                ),
             ]
         );
         assert!(flags.iter().all(|f| !f.help.is_empty()));
