@@ -151,17 +151,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _model_layer_num(end_layer: int) -> Optional[int]:
+def _model_layer_num(layers_through_this_stage: int) -> Optional[int]:
     """The model's layer count when this rank can know it: without pipeline
-    parallelism, or on the last stage (whose end_layer is the model's last)."""
+    parallelism, or on the last stage (whose layers end with the model's last).
+    Counted as start_layer + the pool's layer count, never from end_layer: SGLang's
+    device pool defaults end_layer to the last layer (inclusive) when a caller omits
+    it, while the model runner passes the exclusive end."""
     try:
         from sglang.srt.runtime_context import get_parallel
 
         parallel = get_parallel()
         pp_size, pp_rank = int(parallel.pp_size), int(parallel.pp_rank)
     except Exception:  # parallel state not initialized: a single-process build
-        return end_layer
-    return end_layer if pp_rank == pp_size - 1 else None
+        return layers_through_this_stage
+    return layers_through_this_stage if pp_rank == pp_size - 1 else None
 
 
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
@@ -408,7 +411,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             model_layer_num=(
                 model_layer_num
                 if model_layer_num is not None
-                else _model_layer_num(int(end_layer))
+                else _model_layer_num(int(start_layer or 0) + target_layer_num)
             ),
         )
         self.kvtuner_plan = plan
