@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from juicefs_fixture import MOUNT_OPTIONS, create_volume, juicefs_binary, make_mha_host_pool, storage_config  # noqa: E402
 
-from kvtuner_hicache.juicefs_storage import JuiceFSStorage  # noqa: E402
+from kvtuner_hicache.juicefs import JuiceFSStorage  # noqa: E402
 
 MIB = 1 << 20
 

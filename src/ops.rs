@@ -644,7 +644,9 @@ fn revert_without_manifest(tree: &SglangTree, force: bool) -> Result<RevertRepor
         report.removed.push(rel);
     }
     // The folders apply created for injected files, when nothing else is left in them
-    // (without a manifest this is the best guess; anything put there is the user's and stays).
+    // (without a manifest this is the best guess; anything put there is the user's and stays),
+    // a subfolder before the folder holding it.
+    folders.sort_by(|a, b| b.cmp(a));
     for d in folders {
         if fs::remove_dir(tree.path(&d)).is_ok() {
             report.removed.push(format!("{d}/"));

@@ -493,11 +493,10 @@ fn juicefs_alone_needs_hostpool() {
     assert_eq!(run(&["apply", "--only", "hostpool"], t.path()).0, 0);
     let (code, out, err) = run(&["apply", "--only", "juicefs"], t.path());
     assert_eq!(code, 0, "{err}");
+    let backend = injected_files_under("patches/kvtuner_hicache/juicefs");
     assert_eq!(
         out.trim(),
-        format!(
-            "applied [juicefs]: {MEMORY}, {CONTROLLER}, {PACKAGE}/juicefs_storage.py, {FACTORY}"
-        )
+        format!("applied [juicefs]: {MEMORY}, {CONTROLLER}, {backend}, {FACTORY}")
     );
     let (code, v) = run_json(
         &["status", "--only", "hostpool", "--only", "juicefs"],
@@ -548,7 +547,7 @@ except ValueError as e:
     assert_eq!(lines[0], "True", "{out}");
     assert_eq!(
         lines[1],
-        "{'module_path': 'sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage', 'class_name': 'JuiceFSStorage'}"
+        "{'module_path': 'sglang.srt.mem_cache.kvtuner_hicache.juicefs', 'class_name': 'JuiceFSStorage'}"
     );
     assert_eq!(lines[2], "('config', 'pool')");
     assert_eq!(lines[3], "juicefs zero-copy zero-copy");

@@ -1,32 +1,14 @@
-"""The nine KVTuner quantized-HiCache server arguments: the one description of the CLI.
+"""The KVTuner quantized-HiCache server arguments, declared once for every SGLang release.
 
-Every era of SGLang gets these flags from this file (``src/groups/kvtuner.rs``):
-
-- 0.5.20 - 0.5.23: the body of :class:`KvtunerHicacheFields` (everything below its
-  docstring) is appended to ``class Memory(msgspec.Struct)`` in
-  ``sglang/srt/arg_groups/fields/memory.py``.
-- 0.5.14 - 0.5.19: the same body goes into ``@dataclass class ServerArgs`` in
-  ``sglang/srt/server_args.py``, after ``hicache_storage_backend_extra_config``.
-- 0.5.3 - 0.5.13 (explicit ``parser.add_argument`` calls): kvtuner-patch reads name, type,
-  default, ``choices`` and ``help`` of each declaration below and renders them as plain
-  dataclass fields (``name: T = default``) plus one ``parser.add_argument(...)`` per flag
-  in ``ServerArgs.add_cli_args``, after ``--hicache-storage-backend-extra-config``.
-  So only what that renderer understands may appear here: types ``bool`` (default
-  ``False``: a ``store_true`` flag), ``int``, ``float``, ``str``, ``Optional[...]`` of those;
-  ``Arg(help=<string literals>, choices=[...])``; a literal default.
-
-In the two annotated eras SGLang derives one ``--kebab-case`` flag per field
-(``enable_kvtuner_hicache`` -> ``--enable-kvtuner-hicache``): ``bool`` fields become
-``store_true`` flags, ``choices`` are checked by argparse after ``int`` conversion, and the
-values are read at runtime as ``server_args.<field>`` (or ``get_memory().<field>``).
-
-The body may only use names that the target module itself imports (``A``, ``Arg``,
-``Optional``): SGLang resolves the annotations there. The patch engine checks that they
-are bound before it injects anything.
-
-This file is also a valid module on its own: importing it (with SGLang >= 0.5.20
-installed) builds the struct, which is how the declarations are tested outside a patched
-tree.
+kvtuner-patch injects the body of :class:`KvtunerHicacheFields` (below its docstring) into each
+release's own argument declarations, or renders it as dataclass fields and
+``parser.add_argument`` calls for 0.5.3 - 0.5.13, so only what that renderer reads may appear
+here: types ``bool`` (default ``False``), ``int``, ``float``, ``str`` and ``Optional`` of those,
+``Arg(help=<string literals>, choices=[...])``, a literal default. Where each era gets the
+fields: ``src/groups/kvtuner.rs`` and ``docs/compat.md``. The body may only use names the target module imports (``A``, ``Arg``,
+``Optional``). Importing this file needs SGLang >= 0.5.20; ``kvtuner_hicache/config.py`` holds
+the same defaults for code that runs without these fields (``tests/python/test_kvtuner_config.py``
+keeps them in step).
 """
 
 from __future__ import annotations

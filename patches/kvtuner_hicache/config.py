@@ -1,26 +1,6 @@
-"""Quantization config of the KVTuner HiCache host pool.
-
-Two sources, one result:
-
-* the ``kvtuner`` server-args group (``--enable-kvtuner-hicache``,
-  ``--kvtuner-hicache-nbits-key`` ...). Every field is read with ``getattr`` and
-  the group's default, so this module works on a tree where the group was not
-  patched in (the feature is then simply off);
-* ``--kvtuner-hicache-layer-config PATH``: a KVTuner calibration preset, a YAML map
-  ``layer_idx: {nbits_key: N, nbits_value: M}`` giving one (K bits, V bits) pair per
-  model layer. It overrides the uniform bits for those layers.
-
-Preset policy: a layer the model lacks is a startup error naming the layers (the
-preset is most likely for another model); a model layer the preset does not list
-uses the uniform ``--kvtuner-hicache-nbits-key/-value`` bits (as the flag's help
-says), and the startup log names those layers. The per-head nested variant of KVTuner presets
-(``layer -> head -> {...}``) is rejected: the host pool stores whole heads together.
-Draft (MTP) layers packed into the same host pool use the uniform bits.
-
-Checks that need only the arguments live in :func:`check_server_args` (call it at
-argument validation); checks that need the model geometry (head_dim, page size,
-layer count, KV dtype) live in :func:`resolve_layer_plan`, which the host pool calls
-when it is built. Both raise ``ValueError`` with the flag name and the bad value.
+"""Quantization config of the KVTuner HiCache host pool: the ``kvtuner`` server arguments,
+the per-layer preset file, the startup checks, and the binding of both to a model. Flags,
+preset policy and checks: ``docs/host-pool.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +16,10 @@ logger = logging.getLogger(__name__)
 ALLOWED_BITS = (2, 4, 8)
 ALLOWED_AXES = (0, 1)
 
-# Defaults of the `kvtuner` args group; used when a field is absent (unpatched tree).
+# The `kvtuner` group's server arguments and their defaults, as declared for SGLang in
+# patches/kvtuner/server_args_fields.py (tests/python/test_kvtuner_config.py keeps the two, and
+# the README's flag table, in step). A field a tree lacks (the group not patched in) reads as
+# its default, so the feature is simply off there.
 DEFAULTS: Dict[str, Any] = {
     "enable_kvtuner_hicache": False,
     "kvtuner_hicache_nbits_key": 4,
@@ -58,15 +41,15 @@ def _flag(name: str) -> str:
 class KVTunerHiCacheConfig:
     """The flags as given (not yet bound to a model)."""
 
-    enabled: bool = False
-    nbits_key: int = 4
-    nbits_value: int = 4
-    asym: bool = False
-    axis_key: int = 1
-    axis_value: int = 0
-    group_size: int = 64
-    residual_length: int = 128
-    layer_config: Optional[str] = None
+    enabled: bool = DEFAULTS["enable_kvtuner_hicache"]
+    nbits_key: int = DEFAULTS["kvtuner_hicache_nbits_key"]
+    nbits_value: int = DEFAULTS["kvtuner_hicache_nbits_value"]
+    asym: bool = DEFAULTS["kvtuner_hicache_asym"]
+    axis_key: int = DEFAULTS["kvtuner_hicache_axis_key"]
+    axis_value: int = DEFAULTS["kvtuner_hicache_axis_value"]
+    group_size: int = DEFAULTS["kvtuner_hicache_q_group_size"]
+    residual_length: int = DEFAULTS["kvtuner_hicache_residual_length"]
+    layer_config: Optional[str] = DEFAULTS["kvtuner_hicache_layer_config"]
     # Parsed preset: global layer id -> (K bits, V bits); None without a preset.
     layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
 

@@ -1,99 +1,10 @@
-"""Quantizing HiCache host pool for dense MHA models (SGLang 0.5.3 - 0.5.23).
-
-``KVTunerMHATokenToKVPoolHost`` subclasses the release's ``MHATokenToKVPoolHost``
-and replaces its fp16/bf16 host buffer with one ``uint8`` row per host page. A row
-holds, for every layer, a K blob and a V blob quantized by ``kvtuner_quant`` with
-that layer's bits (byte layout: :mod:`.page_format`). ``get_size_per_token()``
-reports row bytes / page size, so the host budget (``--hicache-size``) buys
-3-5x more tokens than the stock pool.
-
-Transfers
-    ``backup_from_device_all_layer`` gathers each layer's device rows (a torch index
-    on the device buffers, one device->host copy per layer) and quantizes whole pages
-    straight into the host rows (``kvtuner_quant.quantize_pages``, multi-threaded,
-    GIL released). ``load_to_device_per_layer`` dequantizes that layer's pages and
-    copies them to the device rows. Both run the same code for ``io_backend``
-    ``"kernel"`` and ``"direct"`` (the release's CUDA copy kernels cannot quantize);
-    ``"kernel_ascend"`` is refused. The ``_physical`` wrappers and ``is_draft`` of the
-    base class are honoured (draft layers packed after the target layers, like the
-    stock pool).
-
-Sizing
-    ``--hicache-size`` is a byte budget as in the stock pool. ``--hicache-ratio``
-    (and the release's auto-sizing, which derives the ratio from a byte budget and
-    the device pool's fp16 bytes) is read as a memory ratio: the pool takes
-    ``ratio x device tokens x fp16 bytes/token`` bytes, i.e. the memory the stock
-    pool would take, and holds stock/quantized times more tokens.
-
-Layouts
-    Host rows are page-major whatever ``--hicache-mem-layout`` says, so
-    ``page_first`` (the 0.5.23 default) and ``page_first_direct`` both work and behave
-    identically. ``layer_first``, ``page_head`` and ``page_unified`` are refused at
-    startup: their meaning (per-layer or per-head spans for the copy kernels and for
-    split-head storage) does not exist for a quantized row.
-
-Storage (L3)
-    ``get_data_page`` / ``set_from_flat_data_page`` / ``get_dummy_flat_data_page`` /
-    ``get_page_buffer_meta`` expose the quantized row bytes, so every backend stores
-    quantized pages. ``get_page_buffer_meta`` returns two spans per page (the row's
-    first and second half, contiguous), the K/V pair shape MHA zero-copy backends
-    expect; ``kvtuner_page_spans`` gives one span per page. A page written under
-    another config is never read back, at three levels:
-
-    1. namespace: ``storage_format_tag`` (read by the 0.5.23 cache controller into the
-       storage model name, so e.g. ``HiCacheFile`` keys differ) and
-       ``kvtuner_namespace_tag()`` for backends that build their own namespace;
-    2. page header: every row starts with a header carrying a digest of the config;
-       ``set_from_flat_data_page`` raises ``ValueError`` on a mismatch (the controller
-       turns that into a miss) and ``kvtuner_check_pages`` lets zero-copy backends
-       test pages they wrote into host rows themselves;
-    3. blob headers: ``dequantize_pages`` re-checks bits/axis/group/dtype/shape of
-       every blob on load and raises rather than decode foreign bytes.
-
-Residual window (``--kvtuner-hicache-residual-length R``, tokens; 0 disables)
-    A prefix cache has no single "most recent token": it backs up spans of many
-    requests. Here the window is defined per backup call: the last
-    ``ceil(R / page_size)`` pages of every ``backup_from_device_all_layer`` call (the
-    newest tokens of the span it writes) are additionally kept bit-exact in a
-    full-precision overlay. Every page is always stored quantized too, so storage
-    backends and evictions never depend on the overlay. The overlay is a ring of
-    ``n`` exact page slots carved out of the same host budget: it takes at most
-    ``OVERLAY_BUDGET_FRACTION`` of the pool's bytes (the quantized area shrinks by
-    the same amount, so the pool never exceeds the budget). When the ring is full,
-    the oldest window is evicted (its pages fall back to their quantized copy).
-    A load uses the exact copy of a page while the overlay still holds it and the
-    host row still carries the per-page backup stamp (page header) the copy was
-    made with; freeing a host page, rewriting it (backup) or filling it through
-    ``set_from_flat_data_page`` also drops its entry, and the stamp check covers
-    rows refilled any other way (zero-copy storage reads, pool wrappers with their
-    own allocator). With a fixed token capacity (``host_token_capacity``) there is no byte
-    budget to carve from, so the overlay is off.
-
-Releases
-    One class serves every release (chosen by ``get_mha_host_pool_cls`` from 0.5.14,
-    by the stock class's patched ``__new__`` before); the constructor looks at what
-    it was given:
-
-    - an ``MHABufferInfo`` (0.5.23: ``buffer_info.buffers.k`` ...) -> the 0.5.23
-      constructor (geometry from the buffer info, keyword-only base ``__init__``);
-    - a device pool (``k_buffer`` / ``v_buffer`` lists; 0.5.3 - 0.5.22, MTP draft
-      pools as ``mtp_draft_device_pools`` from 0.5.18) -> geometry from the device
-      pool, then the release's own ``HostKVCache.__init__`` in whichever form it has:
-      positional ``(device_pool, ratio, size, ...)`` up to 0.5.21 (``allocator_type``
-      from 0.5.7, ``pool_label`` from 0.5.20), keyword-only
-      ``(dtype=, device_capacity_tokens=, size_per_token=, ...)`` in 0.5.22 (the
-      signature is read, not the version). The stock ``MHATokenToKVPoolHost.__init__``
-      is skipped there: it builds fp16 views of the host buffer this pool does not have.
-
-    Base classes before 0.5.22 size the pool and call ``init_kv_buffer()``
-    directly (there is no ``_allocate_host_buffer``), so the overlay is carved and
-    allocated from ``init_kv_buffer``; ``is_draft`` (0.5.18+) and the ``_physical``
-    wrappers (0.5.21+, which call the plain methods) need nothing release-specific.
+"""``KVTunerMHATokenToKVPoolHost``: SGLang's dense MHA host pool (HiCache L2) storing every page
+quantized by ``kvtuner_quant``, one ``uint8`` row per host page, for SGLang 0.5.3 - 0.5.23.
+Design (transfers, sizing, layouts, storage, residual window, releases): ``docs/host-pool.md``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -102,34 +13,22 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-try:  # 0.5.14+
-    from sglang.srt.mem_cache.pool_host.base import HostKVCache
-    from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
-except ImportError:  # 0.5.3 - 0.5.13.post1: everything in memory_pool_host.py
-    from sglang.srt.mem_cache.memory_pool_host import HostKVCache
-
-    try:  # 0.5.6.post1+
-        from sglang.srt.mem_cache.memory_pool_host import ALLOC_MEMORY_FUNCS
-    except ImportError:  # the stock pool allocates with torch.empty(pin_memory=...)
-        ALLOC_MEMORY_FUNCS = None
-try:  # 0.5.16+
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-except ImportError:  # up to 0.5.15: in memory_pool_host.py
-    from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
-try:  # 0.5.19+ (takes the requested bytes from 0.5.21)
-    from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
-except ImportError:
-    host_memory_budget_bytes = None
-
+from .compat import (
+    MHATokenToKVPoolHost,
+    alloc_host,
+    host_budget_bytes,
+    init_host_kv_cache,
+    is_buffer_info,
+    visible_model_layer_num,
+)
 from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
+from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
 SUPPORTED_IO_BACKENDS = ("kernel", "direct")
-# Share of the host pool's bytes the exact overlay may take (see module docstring).
-OVERLAY_BUDGET_FRACTION = 1 / 8
 # Recycled scratch pages for the generic (non zero-copy) storage read path: at most
 # one storage batch (STORAGE_BATCH_SIZE pages) and at most this many bytes.
 _DUMMY_CACHE_MAX_PAGES = 128
@@ -151,67 +50,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _model_layer_num(layers_through_this_stage: int) -> Optional[int]:
-    """The model's layer count when this rank can know it: without pipeline
-    parallelism, or on the last stage (whose layers end with the model's last).
-    Counted as start_layer + the pool's layer count, never from end_layer: SGLang's
-    device pool defaults end_layer to the last layer (inclusive) when a caller omits
-    it, while the model runner passes the exclusive end."""
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        parallel = get_parallel()
-        pp_size, pp_rank = int(parallel.pp_size), int(parallel.pp_rank)
-    except Exception:  # parallel state not initialized: a single-process build
-        return layers_through_this_stage
-    return layers_through_this_stage if pp_rank == pp_size - 1 else None
-
-
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
     """What the stock pool stores per token: K and V (same head_dim, checked), fp16/bf16/fp32."""
     return 2 * head_dim * head_num * layers * dtype.itemsize
 
 
-def _is_buffer_info(source) -> bool:
-    """0.5.23 passes host pools an ``MHABufferInfo`` (device buffers under
-    ``.buffers``); earlier releases pass the device pool itself."""
-    return hasattr(source, "buffers") and not hasattr(source, "k_buffer")
-
-
-def _host_budget_bytes(requested: int) -> int:
-    """Host RAM this rank may claim, asked the way the release asks it."""
-    if host_memory_budget_bytes is None:  # up to 0.5.18
-        import psutil
-
-        return psutil.virtual_memory().available
-    if inspect.signature(host_memory_budget_bytes).parameters:  # 0.5.21+
-        return host_memory_budget_bytes(requested)
-    return host_memory_budget_bytes()
-
-
-def _alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
-    """The release's host allocator for the pool's transfer device, given what its
-    signature takes: the pool's allocator (0.5.7+) and the registration granularity
-    (0.5.19+). Before 0.5.6.post1 there is none: plain ``torch.empty``, as the stock
-    pool does."""
-    if ALLOC_MEMORY_FUNCS is None:
-        return torch.empty(shape, dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
-    alloc = ALLOC_MEMORY_FUNCS[pool._transfer_device.type]
-    params = inspect.signature(alloc).parameters
-    kwargs = dict(dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
-    if "allocator" in params:
-        kwargs["allocator"] = pool.allocator
-    if granularity is not None and "registration_granularity_bytes" in params:
-        kwargs["registration_granularity_bytes"] = granularity
-    return alloc(shape, **kwargs)
-
-
 class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
-    """Host pool storing pages quantized (see module docstring)."""
+    """Dense MHA host pool whose pages are stored quantized (``docs/host-pool.md``)."""
 
     def __init__(self, source, *args, **kwargs):
-        # What the release hands its dense MHA host pool (see "Releases" above).
-        if _is_buffer_info(source):
+        # An MHABufferInfo (0.5.23) or the device pool (0.5.3 - 0.5.22): see compat.py.
+        if is_buffer_info(source):
             self._kvt_init_from_buffer_info(source, *args, **kwargs)
         else:
             self._kvt_init_from_device_pool(source, *args, **kwargs)
@@ -222,7 +71,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             self.size_per_token,
             self.stock_size_per_token(),
             self.page_num,
-            self._ovl_slots,
+            self._kvt_overlay_slots,
         )
 
     def _kvt_init_from_buffer_info(
@@ -339,45 +188,19 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
         capacity = getattr(device_pool, "host_capacity_tokens", None) or device_pool.size
         host_size = self._kvt_memory_ratio_as_size(host_size, host_to_device_ratio, capacity)
-        params = inspect.signature(HostKVCache.__init__).parameters
-        if "device_pool" in params:
-            # Up to 0.5.21: the base sizes the pool from the device pool and calls
-            # get_size_per_token() / init_kv_buffer() itself. It takes the allocator
-            # from 0.5.7 and a label from 0.5.20.
-            extra = {
-                name: value
-                for name, value in (("allocator_type", allocator_type), ("pool_label", pool_label))
-                if name in params
-            }
-            HostKVCache.__init__(
-                self,
-                device_pool,
-                host_to_device_ratio,
-                host_size,
-                page_size,
-                layout,
-                pin_memory,
-                device,
-                **extra,
-            )
-        else:
-            # 0.5.22: keyword-only geometry, computed by the concrete pool first.
-            HostKVCache.__init__(
-                self,
-                dtype=self.dtype,
-                device_capacity_tokens=capacity,
-                size_per_token=self.get_size_per_token(),
-                start_layer=device_pool.start_layer,
-                end_layer=device_pool.end_layer,
-                host_to_device_ratio=host_to_device_ratio,
-                host_size=host_size,
-                page_size=page_size,
-                layout=layout,
-                pin_memory=pin_memory,
-                device=device,
-                allocator_type=allocator_type,
-                pool_label=pool_label,
-            )
+        init_host_kv_cache(
+            self,
+            device_pool,
+            host_to_device_ratio=host_to_device_ratio,
+            host_size=host_size,
+            page_size=page_size,
+            layout=layout,
+            pin_memory=pin_memory,
+            device=device,
+            allocator_type=allocator_type,
+            pool_label=pool_label,
+            device_capacity_tokens=capacity,
+        )
         self._initialize_transfer_views()
 
     def _kvt_prepare(
@@ -411,7 +234,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             model_layer_num=(
                 model_layer_num
                 if model_layer_num is not None
-                else _model_layer_num(int(start_layer or 0) + target_layer_num)
+                else visible_model_layer_num(int(start_layer or 0) + target_layer_num)
             ),
         )
         self.kvtuner_plan = plan
@@ -425,12 +248,12 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._kvt_header = torch.frombuffer(
             bytearray(self.kvtuner_layout.header), dtype=torch.uint8
         )
-        self._ovl: Optional[torch.Tensor] = None
+        self.kvtuner_overlay: Optional[ResidualOverlay] = None
         self._kvt_carved = False
+        self._kvt_overlay_slots = 0
         # Per-page backup stamps: a random 64-bit base per pool plus a counter.
         self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
-        self._ovl_slots = 0
-        self._ovl_lock = threading.Lock()
+        self._stamp_lock = threading.Lock()
         self._backup_lock = threading.Lock()
         self._dummy_lock = threading.Lock()
         self._dummy_free: List[torch.Tensor] = []
@@ -471,8 +294,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def _window_pages(self) -> int:
-        r = self._kvt_cfg.residual_length
-        return 0 if r <= 0 else -(-r // self.page_size)
+        return window_pages(self._kvt_cfg.residual_length, self.page_size)
 
     def _allocate_host_buffer(self) -> None:
         # 0.5.22+: the base checks the budget and then calls init_kv_buffer().
@@ -494,42 +316,30 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 "residual overlay is off (no byte budget to carve it from)."
             )
         elif window:
-            budget = self.page_num * row
-            slots = int(budget * OVERLAY_BUDGET_FRACTION) // exact
-            if slots < window:
-                raise ValueError(
-                    f"--kvtuner-hicache-residual-length {self._kvt_cfg.residual_length} "
-                    f"needs {window} exact pages ({window * exact / 1e6:.1f} MB) but the "
-                    f"overlay may use only {OVERLAY_BUDGET_FRACTION:.3f} of the "
-                    f"{budget / 1e9:.3f} GB host pool; raise --hicache-size/--hicache-ratio "
-                    "or lower (0 disables) the residual length"
-                )
-            take = -(-(slots * exact) // row)
-            self.page_num -= take
+            slots, taken = carve_slots(
+                self.page_num, row, exact, window, self._kvt_cfg.residual_length
+            )
+            self.page_num -= taken
             self.size = self.page_num * self.page_size
-            self._ovl_slots = slots
+            self._kvt_overlay_slots = slots
 
     def _kvt_alloc_overlay(self) -> None:
-        if not self._ovl_slots or self._ovl is not None:
+        slots = self._kvt_overlay_slots
+        if not slots or self.kvtuner_overlay is not None:
             return
-        exact = self._exact_page_nbytes()
-        ovl_bytes = self._ovl_slots * exact
-        available = _host_budget_bytes(ovl_bytes)
-        if ovl_bytes > available:
+        nbytes = slots * self._exact_page_nbytes()
+        available = host_budget_bytes(nbytes)
+        if nbytes > available:
             raise ValueError(
                 f"Not enough host memory for the KVTuner residual overlay: "
-                f"{ovl_bytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
+                f"{nbytes / 1e9:.2f} GB requested, {available / 1e9:.2f} GB free"
             )
-        self._ovl = _alloc_host(
-            self,
-            (self._ovl_slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim),
-            self.dtype,
-            None,
+        shape = (slots, 2, self.layer_num, self.page_size, self.head_num, self.head_dim)
+        self.kvtuner_overlay = ResidualOverlay(
+            alloc_host(self, shape, self.dtype, None),
+            page_num=self.page_num,
+            window_pages=self._window_pages(),
         )
-        self._slot_of_page = torch.full((self.page_num,), -1, dtype=torch.int64)
-        self._page_of_slot = torch.full((self._ovl_slots,), -1, dtype=torch.int64)
-        self._slot_stamp = torch.zeros((self._ovl_slots,), dtype=torch.int64)
-        self._ovl_next = 0
 
     def init_kv_buffer(self):
         # Bases before 0.5.22 call this right after sizing the pool.
@@ -538,7 +348,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self.token_stride_size = self.head_num * self.head_dim * self.dtype.itemsize
         self.layout_dim = self.token_stride_size * self.layer_num
         row = self.kvtuner_layout.row_nbytes
-        rows = _alloc_host(self, (self.page_num, row), torch.uint8, row)
+        rows = alloc_host(self, (self.page_num, row), torch.uint8, row)
         self._kvt_alloc_overlay()
         return rows
 
@@ -579,71 +389,36 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     # ------------------------------------------------------------ overlay ---
 
-    def _overlay_reserve(self, pages: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
-        """Drop the overlay entries of pages about to be rewritten and reserve ring
-        slots for the window. Returns (slots, first window position) or None."""
-        if self._ovl is None:
-            return None
-        with self._ovl_lock:
-            old = self._slot_of_page[pages]
-            self._page_of_slot[old[old >= 0]] = -1
-            self._slot_of_page[pages] = -1
-            w = min(self._window_pages(), len(pages), self._ovl_slots)
-            if w == 0:
-                return None
-            slots = (self._ovl_next + torch.arange(w)) % self._ovl_slots
-            self._ovl_next = int((self._ovl_next + w) % self._ovl_slots)
-            evicted = self._page_of_slot[slots]
-            self._slot_of_page[evicted[evicted >= 0]] = -1
-            self._page_of_slot[slots] = -1
-        return slots, len(pages) - w
-
-    def _overlay_publish(
-        self, pages: torch.Tensor, slots: torch.Tensor, stamps: torch.Tensor
-    ) -> None:
-        with self._ovl_lock:
-            self._page_of_slot[slots] = pages
-            self._slot_of_page[pages] = slots
-            self._slot_stamp[slots] = stamps
-
     def _row_stamps(self, pages: torch.Tensor) -> torch.Tensor:
         cols = self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES]
         return cols.contiguous().view(torch.int64).reshape(-1)
 
     def _new_stamps(self, n: int) -> torch.Tensor:
-        with self._ovl_lock:
+        with self._stamp_lock:
             start = self._stamp_next
             self._stamp_next = (start + n) & ((1 << 63) - 1)
         return (torch.arange(n, dtype=torch.int64) + start) & ((1 << 63) - 1)
 
     def _overlay_drop(self, pages: torch.Tensor) -> None:
-        if self._ovl is None or pages.numel() == 0:
-            return
-        with self._ovl_lock:
-            old = self._slot_of_page[pages]
-            self._page_of_slot[old[old >= 0]] = -1
-            self._slot_of_page[pages] = -1
+        if self.kvtuner_overlay is not None:
+            self.kvtuner_overlay.drop(pages)
 
     def kvtuner_overlay_pages(self) -> List[int]:
         """Host pages currently served exactly from the overlay (tests, metrics)."""
-        if self._ovl is None:
+        if self.kvtuner_overlay is None:
             return []
-        with self._ovl_lock:
-            return sorted(int(p) for p in self._page_of_slot[self._page_of_slot >= 0])
+        return self.kvtuner_overlay.pages()
 
     def free(self, indices: torch.Tensor) -> int:
         freed = super().free(indices)
-        if self._ovl is not None and indices.numel():
+        if self.kvtuner_overlay is not None and indices.numel():
             self._overlay_drop(torch.unique(indices.cpu() // self.page_size))
         return freed
 
     def clear(self):
         super().clear()
-        if getattr(self, "_ovl", None) is not None:
-            with self._ovl_lock:
-                self._slot_of_page.fill_(-1)
-                self._page_of_slot.fill_(-1)
-                self._ovl_next = 0
+        if getattr(self, "kvtuner_overlay", None) is not None:
+            self.kvtuner_overlay.clear()
 
     # ----------------------------------------------------------- transfers ---
 
@@ -700,7 +475,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         page_ids = pages.numpy()
         ps = self.page_size
         with self._backup_lock:
-            window = self._overlay_reserve(pages)
+            overlay = self.kvtuner_overlay
+            window = overlay.reserve(pages) if overlay is not None else None
             for layer in range(self.layer_num):
                 for is_value, buffers in (
                     (False, self.device_k_buffers),
@@ -718,16 +494,15 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                     )
                     if window is not None:
                         slots, first = window
-                        self._ovl[slots, int(is_value), layer] = x[first * ps :].view(
-                            -1, ps, self.head_num, self.head_dim
-                        )
+                        overlay.store(slots, is_value, layer, x[first * ps :])
             self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
             stamps = self._new_stamps(n)
             self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamps.view(
                 torch.uint8
             ).view(n, STAMP_NBYTES)
             if window is not None:
-                self._overlay_publish(pages[window[1] :], window[0], stamps[window[1] :])
+                slots, first = window
+                overlay.publish(pages[first:], slots, stamps[first:])
 
     def load_to_device_per_layer(
         self,
@@ -750,23 +525,18 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         rows = self._device_rows(device_indices).view(n, ps)
         dev = (self.device_k_buffers[layer_id], self.device_v_buffers[layer_id])
         quantized = torch.arange(n)
-        if self._ovl is not None:
-            with self._ovl_lock:
-                slots = self._slot_of_page[pages]
-                mapped = slots >= 0
-                if bool(mapped.any()):
-                    # Only while the row still holds the page the copy was made from.
-                    live = self._slot_stamp[slots.clamp_min(0)] == self._row_stamps(pages)
-                    slots = torch.where(mapped & live, slots, torch.full_like(slots, -1))
-                exact = (slots >= 0).nonzero().squeeze(1)
-                if exact.numel():
-                    dst_rows = rows[exact.to(rows.device)].reshape(-1)
-                    for is_value in (0, 1):
-                        src = self._ovl[slots[exact], is_value, layer_id]
-                        dev[is_value][dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
-                            dev[is_value].device, non_blocking=False
-                        )
-                    quantized = (slots < 0).nonzero().squeeze(1)
+        if self.kvtuner_overlay is not None:
+
+            def write_exact(positions, k, v):
+                dst_rows = rows[positions.to(rows.device)].reshape(-1)
+                for buf, src in zip(dev, (k, v)):
+                    buf[dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
+                        buf.device, non_blocking=False
+                    )
+
+            quantized = self.kvtuner_overlay.load_layer(
+                pages, self._row_stamps, layer_id, write_exact
+            )
         if quantized.numel() == 0:
             return
         q_pages = pages[quantized].numpy()
@@ -901,7 +671,7 @@ def _check_layout(layout: str) -> None:
 def check_pool_source(source) -> None:
     """Refuse what the release passes (buffer info or device pool) when the
     quantizing pool cannot mirror it, with the reason."""
-    if _is_buffer_info(source):
+    if is_buffer_info(source):
         check_buffer_info(source)
     else:
         check_device_pool(source)

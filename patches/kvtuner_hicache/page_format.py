@@ -1,29 +1,6 @@
-"""Byte layout of one quantized host page row (the unit backups, loads and storage
-backends move).
-
-A row holds one page of ``page_size`` tokens for every layer of the pool::
-
-    [page header, 64 B][layer 0 K blob][layer 0 V blob][layer 1 K blob] ... [zero pad]
-
-* Each blob is a complete ``kvtuner_quant`` blob (its own 64-byte header naming
-  bits, symmetry, axis, group size, dtype and shape, then codes and metadata) for
-  ``[page_size, head_num, head_dim]`` of that layer, with that layer's bits. Blobs
-  start on 64-byte boundaries.
-* The page header names the page format version and the config digest (the first
-  16 bytes of SHA-256 of :meth:`LayerPlan.tag`), so a page written under another
-  quantization config, model geometry or dtype is refused before any byte of it is
-  decoded (``set_from_flat_data_page`` and :meth:`PageLayout.check_header`). The
-  blob headers are checked again by ``dequantize_pages`` on every load.
-* The row length is padded to a multiple of 64 and of ``page_size`` so that
-  ``get_size_per_token()`` (row bytes / page size) is an exact integer.
-
-Page header fields (little-endian): magic ``b"KVTPAGE1"`` (8), format version u16,
-header size u16 (64), layer count u32, page size u32, row bytes u64, config digest
-(16 bytes), zero padding to byte 48, backup stamp u64 at bytes 48..56, zero padding
-to 64. The stamp names one page as written by one backup (unique per page and
-backup); it is not part of the config check. The residual overlay serves a row's
-exact copy only while the row still carries the stamp the copy was made with, so a
-row refilled by any path (storage reads included) never gets a stale exact copy.
+"""Byte layout of one quantized host page row, the unit backups, loads and storage backends
+move: a 64-byte page header, then one ``kvtuner_quant`` blob per layer for K and for V. Field by
+field: ``docs/host-pool.md`` ("Page row format").
 """
 
 from __future__ import annotations

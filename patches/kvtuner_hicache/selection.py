@@ -1,24 +1,7 @@
-"""Which dense-MHA host pool class SGLang builds.
-
-From 0.5.14 the patch calls :func:`select_mha_host_pool_cls` first thing in
-``get_mha_host_pool_cls``, the one place SGLang chooses the dense MHA host pool
-class (``mem_cache/pool_host/mha.py`` from 0.5.16, ``mem_cache/memory_pool_host.py``
-in 0.5.14 - 0.5.15; 0.5.23's ``build_kv_host_pool`` reaches it through
-``_mha_host_inputs``, earlier releases from ``HiRadixCache``, ``build_kv_host_pool``
-and the draft / decode-offload builders). Its argument is the ``MHABufferInfo`` in
-0.5.23 and the device pool before; the call passes whichever it is::
-
-    _kvtuner_cls = select_mha_host_pool_cls(buffer_info, None)   # device_pool before 0.5.23
-    if _kvtuner_cls is not None:
-        return _kvtuner_cls
-
-0.5.3 - 0.5.13.post1 have no such function (each of those sites names
-``MHATokenToKVPoolHost`` itself), so the patch gives that class a ``__new__`` that
-asks :func:`select_mha_host_pool_cls` with the device pool, the constructor's first
-argument, and builds the returned subclass instead.
-
-Without ``--enable-kvtuner-hicache`` it returns ``default_cls`` untouched and imports
-nothing else, so SGLang behaves exactly as before.
+"""Which dense-MHA host pool class SGLang builds. The patched ``get_mha_host_pool_cls``
+(0.5.14+) or ``MHATokenToKVPoolHost.__new__`` (0.5.3 - 0.5.13.post1) asks
+:func:`select_mha_host_pool_cls` first; without ``--enable-kvtuner-hicache`` it answers the
+stock class and imports nothing else. Per release: ``docs/host-pool.md`` ("Releases").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 //! `hostpool`: the quantizing HiCache host pool, SGLang 0.5.3 - 0.5.23 (every era).
 //!
-//! - the package `patches/kvtuner_hicache/` (all but `juicefs_storage.py`, which is the
+//! - the package `patches/kvtuner_hicache/` (its modules; the `juicefs/` subpackage is the
 //!   `juicefs` group's) becomes `sglang.srt.mem_cache.kvtuner_hicache`;
 //! - the dense MHA host pool class is chosen by `select_mha_host_pool_cls`, which answers only
 //!   with `--enable-kvtuner-hicache` (so without the flag SGLang builds its stock pool):
@@ -159,6 +159,8 @@ pub fn group(era: Era) -> Option<Group> {
         module!("package-init", "__init__.py"),
         module!("package-config", "config.py"),
         module!("package-page-format", "page_format.py"),
+        module!("package-compat", "compat.py"),
+        module!("package-overlay", "overlay.py"),
         module!("package-host-pool", "host_pool.py"),
         module!("package-selection", "selection.py"),
         select,
@@ -196,7 +198,7 @@ mod tests {
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| n.ends_with(".py") && n != "juicefs_storage.py")
+            .filter(|n| n.ends_with(".py"))
             .collect();
         on_disk.sort();
         let mut injected: Vec<String> = group(Era::MemoryStruct)

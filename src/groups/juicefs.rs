@@ -2,7 +2,7 @@
 //! choice, SGLang 0.5.3 - 0.5.23 (every era). Needs `hostpool` (see `REGISTRY`): the backend
 //! module lives in the package that group injects.
 //!
-//! - `patches/kvtuner_hicache/juicefs_storage.py` into that package;
+//! - the subpackage `patches/kvtuner_hicache/juicefs/` into that package;
 //! - `"juicefs"` among the choices of `--hicache-storage-backend` (argparse accepts it):
 //!   - 0.5.14 - 0.5.23: in the `choices=[...]` of the `hicache_storage_backend` field, declared
 //!     in `class Memory` from 0.5.20, in `class ServerArgs` in 0.5.14 - 0.5.19;
@@ -45,11 +45,26 @@ self.page_get_func = self._page_get_zero_copy
 self.page_set_func = self._page_set_zero_copy
 ";
 
+/// One module of the backend's subpackage `patches/kvtuner_hicache/juicefs/`, embedded at build
+/// time.
+macro_rules! backend_module {
+    ($id:literal, $file:literal) => {
+        Patch {
+            id: $id,
+            what: concat!("inject kvtuner_hicache/juicefs/", $file),
+            kind: PatchKind::InjectFile {
+                dest: concat!("sglang/srt/mem_cache/kvtuner_hicache/juicefs/", $file),
+                source: include_str!(concat!("../../patches/kvtuner_hicache/juicefs/", $file)),
+            },
+        }
+    };
+}
+
 /// Written in the file's own style for registrations that do not fit one line.
 const REGISTER: &str = r#"
 StorageBackendFactory.register_backend(
     "juicefs",
-    "sglang.srt.mem_cache.kvtuner_hicache.juicefs_storage",
+    "sglang.srt.mem_cache.kvtuner_hicache.juicefs",
     "JuiceFSStorage",
 )
 "#;
@@ -122,14 +137,11 @@ pub fn group(era: Era) -> Option<Group> {
         id: ID,
         summary: "JuiceFS HiCache storage backend (--hicache-storage-backend juicefs)",
         patches: vec![
-            Patch {
-                id: "backend-file",
-                what: "inject kvtuner_hicache/juicefs_storage.py",
-                kind: PatchKind::InjectFile {
-                    dest: "sglang/srt/mem_cache/kvtuner_hicache/juicefs_storage.py",
-                    source: include_str!("../../patches/kvtuner_hicache/juicefs_storage.py"),
-                },
-            },
+            backend_module!("backend-storage", "storage.py"),
+            backend_module!("backend-init", "__init__.py"),
+            backend_module!("backend-options", "options.py"),
+            backend_module!("backend-page-file", "page_file.py"),
+            backend_module!("backend-volume", "volume.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",
@@ -171,8 +183,9 @@ pub fn group(era: Era) -> Option<Group> {
 mod tests {
     use super::*;
 
-    /// The backend goes into the package `hostpool` injects, under the class name the module
-    /// really defines.
+    /// The backend goes into a subpackage of the package `hostpool` injects, under the class
+    /// name the module really defines, and every module of `patches/kvtuner_hicache/juicefs/` is
+    /// injected (a module added there cannot be forgotten here).
     #[test]
     fn backend_file_sits_in_the_hostpool_package_and_names_its_class() {
         let g = group(Era::MemoryStruct).unwrap();
@@ -180,11 +193,29 @@ mod tests {
             panic!("first patch injects the backend")
         };
         assert_eq!(
-            dest.rsplit_once('/').unwrap().0,
-            super::super::hostpool::PACKAGE_DIR
+            dest,
+            format!("{}/juicefs/storage.py", super::super::hostpool::PACKAGE_DIR)
         );
         assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
         assert!(REGISTER.contains("\"JuiceFSStorage\""));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("patches/kvtuner_hicache/juicefs");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".py"))
+            .collect();
+        on_disk.sort();
+        let mut injected: Vec<String> = g
+            .patches
+            .iter()
+            .filter_map(|p| match p.kind {
+                PatchKind::InjectFile { dest, .. } => Some(dest.rsplit('/').next()?.to_string()),
+                _ => None,
+            })
+            .collect();
+        injected.sort();
+        assert_eq!(injected, on_disk);
     }
 
     /// The zero-copy path calls `batch_get_v1` / `batch_set_v1`: the backend must have both.

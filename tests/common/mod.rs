@@ -16,13 +16,28 @@ pub const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 pub const SERVER_ARGS: &str = "sglang/srt/server_args.py";
 pub const PACKAGE: &str = "sglang/srt/mem_cache/kvtuner_hicache";
 
-/// The files `hostpool` injects into [`PACKAGE`], as `apply` lists them (comma-separated).
+/// The files `hostpool` and `juicefs` inject into [`PACKAGE`], as `apply` lists them
+/// (comma-separated).
 pub fn injected_package_files() -> String {
-    let mut files: Vec<String> = fs::read_dir(repo().join("patches/kvtuner_hicache"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|f| f.ends_with(".py"))
-        .map(|f| format!("{PACKAGE}/{f}"))
+    injected_files_under("patches/kvtuner_hicache")
+}
+
+/// The Python files under `dir` (a folder of `patches/kvtuner_hicache`, subfolders included) as
+/// `apply` lists them once injected into [`PACKAGE`] (comma-separated, sorted).
+pub fn injected_files_under(dir: &str) -> String {
+    let package = repo().join("patches/kvtuner_hicache");
+    let mut files: Vec<String> = WalkDir::new(repo().join(dir))
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py"))
+        .map(|p| {
+            let rel = p
+                .strip_prefix(&package)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            format!("{PACKAGE}/{rel}")
+        })
         .collect();
     files.sort();
     files.join(", ")

@@ -26,7 +26,7 @@ from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E4
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
 
-from kvtuner_hicache.juicefs_storage import HEADER_SIZE, JuiceFSStorage  # noqa: E402
+from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
 from sglang.srt.observability.metrics_collector import StorageMetrics  # noqa: E402
 
 LAYOUTS = ["page_first", "layer_first", "page_first_direct", "page_head"]
@@ -79,7 +79,7 @@ def page_path(b: JuiceFSStorage, key: str) -> str:
 
 
 def test_volume_is_a_real_juicefs_mount(juicefs_volume):
-    from kvtuner_hicache.juicefs_storage import mount_fstype
+    from kvtuner_hicache.juicefs import mount_fstype
     assert mount_fstype(juicefs_volume.mnt) == (juicefs_volume.mnt, "fuse.juicefs")
 
 
@@ -189,7 +189,7 @@ def test_publish_never_clobbers(mnt, monkeypatch):
     first = page_bytes(pool, 0)
     inode = os.stat(page_path(a, key)).st_ino
     fill_random(pool, seed=7)
-    import kvtuner_hicache.juicefs_storage as js
+    import kvtuner_hicache.juicefs.page_file as js
     monkeypatch.setattr(js.os.path, "exists", lambda p: False)
     assert b.batch_set_v1([key], indices(pool, [0])) == [True]
     monkeypatch.undo()
@@ -407,7 +407,7 @@ def test_writer_killed_mid_write_leaves_no_readable_page(mnt, tmp_path, children
     stalled = tmp_path / "stalled"
 
     def writer():
-        import kvtuner_hicache.juicefs_storage as js
+        import kvtuner_hicache.juicefs.page_file as js
 
         def half_then_hang(fd, bufs, offset):
             data = b"".join(bytes(b) for b in bufs)
@@ -520,7 +520,7 @@ def test_unmounted_volume_gives_misses_not_exceptions(make_volume):
     assert not os.listdir(vol.mnt)  # nothing leaked onto the local disk under the mount point
     # Mounting the same volume again brings the pages back.
     vol.mount()
-    b._last_reprobe = 0.0  # skip the re-probe back-off
+    b.mount.last_reprobe = 0.0  # skip the re-probe back-off
     assert b.batch_exists(keys) == 3
     assert b.batch_get_v1(keys, indices(pool, [3, 4, 5])) == [True] * 3
 
@@ -581,7 +581,7 @@ def test_used_before_pool_registration_is_a_miss(mnt):
 
 # What --hicache-storage-backend-extra-config carries for `--hicache-storage-backend dynamic`
 # (plus mount_point).
-DYNAMIC = {"backend_name": "juicefs", "module_path": "kvtuner_hicache.juicefs_storage",
+DYNAMIC = {"backend_name": "juicefs", "module_path": "kvtuner_hicache.juicefs",
            "class_name": "JuiceFSStorage", "interface_v1": 1}
 
 
@@ -647,4 +647,4 @@ print("STANDALONE", type(b).__module__, ok)
     env = dict(os.environ, PYTHONPATH=str(REPO / "patches"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
-    assert "STANDALONE kvtuner_hicache.juicefs_storage True" in proc.stdout, proc.stderr[-3000:]
+    assert "STANDALONE kvtuner_hicache.juicefs.storage True" in proc.stdout, proc.stderr[-3000:]

@@ -21,7 +21,7 @@ from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E4
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
 
-from kvtuner_hicache.juicefs_storage import HEADER_SIZE, JuiceFSStorage  # noqa: E402
+from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
 
 try:
     import kvtuner_quant  # noqa: F401  (the compiled quantizer the pool needs)

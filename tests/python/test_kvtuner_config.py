@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import types
+from pathlib import Path
 
 import pytest
 
 from kvtuner_hicache import config as C
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def args(**kw):
@@ -23,10 +28,52 @@ def write(tmp_path, text, name="preset.yaml"):
 
 def test_defaults_when_args_group_absent():
     cfg = C.config_from_args(types.SimpleNamespace())
+    assert cfg == C.KVTunerHiCacheConfig()
     assert not cfg.enabled
-    assert (cfg.nbits_key, cfg.nbits_value, cfg.axis_key, cfg.axis_value) == (4, 4, 1, 0)
-    assert (cfg.group_size, cfg.residual_length, cfg.asym) == (64, 128, False)
     assert C.check_server_args(types.SimpleNamespace()) is None
+
+
+def declared_flags():
+    """{field: (default, choices)} of the server-argument declarations the CLI injects,
+    read with ``ast`` (the module itself needs SGLang >= 0.5.20 to import)."""
+    source = (ROOT / "patches/kvtuner/server_args_fields.py").read_text()
+    [cls] = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
+    flags = {}
+    for stmt in cls.body:
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        choices = [
+            tuple(ast.literal_eval(node.value))
+            for node in ast.walk(stmt.annotation)
+            if isinstance(node, ast.keyword) and node.arg == "choices"
+        ]
+        flags[stmt.target.id] = (ast.literal_eval(stmt.value), choices[0] if choices else None)
+    return flags
+
+
+def test_defaults_are_the_declared_ones():
+    declared = declared_flags()
+    assert list(declared) == list(C.DEFAULTS)
+    assert {name: default for name, (default, _) in declared.items()} == C.DEFAULTS
+    assert {name: c for name, (_, c) in declared.items() if c} == {
+        "kvtuner_hicache_nbits_key": C.ALLOWED_BITS,
+        "kvtuner_hicache_nbits_value": C.ALLOWED_BITS,
+        "kvtuner_hicache_axis_key": C.ALLOWED_AXES,
+        "kvtuner_hicache_axis_value": C.ALLOWED_AXES,
+    }
+
+
+def test_readme_flag_table_is_the_declared_one():
+    """The README's table lists every flag, in order, with its declared default."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", readme, flags=re.M)
+
+    def shown(default):
+        # Not a dict lookup: False == 0 would show the default 0 as "off".
+        return "off" if default is False else "none" if default is None else str(default)
+
+    want = [(C._flag(name), shown(default)) for name, default in C.DEFAULTS.items()]
+    assert [(flag, default.strip()) for flag, default in rows] == want
 
 
 def test_flag_without_hierarchical_cache():

@@ -221,12 +221,13 @@ def test_residual_overlay_is_bounded_and_evicts_oldest(sgl, kvh, kq):
     cfg = make_cfg(kvh, residual_length=PAGE)  # one page per backup
     dev = device_pool(sgl)
     host = host_pool(sgl, kvh, dev, cfg, host_size=0.002)
-    slots = host._ovl_slots
+    exact = host.kvtuner_overlay.buffer
+    slots = host.kvtuner_overlay.slots
     assert slots >= 1
     # The overlay lives inside the budget: quantized rows + exact slots <= host bytes.
-    total = host.kv_buffer.numel() + host._ovl.numel() * host._ovl.element_size()
+    total = host.kv_buffer.numel() + exact.numel() * exact.element_size()
     assert total <= 0.002e9 + host.kvtuner_layout.row_nbytes
-    assert host._ovl.numel() * host._ovl.element_size() <= total / 8 + 1
+    assert exact.numel() * exact.element_size() <= total / 8 + 1
     backups = []
     for i in range(slots + 2):
         hidx = host.alloc(PAGE)
@@ -238,7 +239,7 @@ def test_residual_overlay_is_bounded_and_evicts_oldest(sgl, kvh, kq):
 def test_residual_disabled(sgl, kvh, kq):
     dev = device_pool(sgl)
     host = host_pool(sgl, kvh, dev, make_cfg(kvh, residual_length=0))
-    assert host._ovl is None and host._ovl_slots == 0
+    assert host.kvtuner_overlay is None
     roundtrip(host, dev, 2 * PAGE)
     assert host.kvtuner_overlay_pages() == []
 

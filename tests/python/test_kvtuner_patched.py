@@ -228,4 +228,4 @@ def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
         host = build_host_pool(sgl["mha"], pool, 2.0, 0, 64, "page_first", pin_memory=False)
     assert type(host).__name__ == "KVTunerMHATokenToKVPoolHost"
     assert host.kvtuner_plan.layer_bits == ((8, 4), (2, 2))
-    assert host._ovl is None
+    assert host.kvtuner_overlay is None

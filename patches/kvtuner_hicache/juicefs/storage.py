@@ -1,73 +1,15 @@
-"""HiCache L3 storage backend on a JuiceFS mount (any POSIX directory works, with a warning).
-
-Loaded two ways (SGLang 0.5.23):
-- patched: ``--hicache-storage-backend juicefs`` (registered as a built-in by the kvtuner patch);
-- unpatched: ``--hicache-storage-backend dynamic`` with ``module_path`` / ``class_name`` /
-  ``interface_v1`` in ``--hicache-storage-backend-extra-config``.
-
-Options come from ``storage_config.extra_config`` (see ``JuiceFSOptions``).
-
-On disk, under ``<mount_point>/<root_dir>/``::
-
-    <namespace>/namespace.json          what the namespace name encodes, unabbreviated
-    <namespace>/<xx>/<key>.kvp          one page; xx = first byte of blake2b(key), 256 shards
-    <namespace>/<xx>/.tmp.<key>.<id>    a write in progress (or left by a killed writer)
-
-``<namespace>`` spells model, parallel ranks (TP left out for MLA, whose KV every TP rank
-shares), page size, host layout, KV format (the kvtuner quantization tag or the pool dtype) and
-page bytes, and ends in a hash of all of them so two configurations never share a directory.
-
-A page file is a 32-byte header followed by the page bytes::
-
-    magic "KVTJFS" | version u8 | checksum algorithm u8 | payload length u64 | checksum u64 | key tag u64
-
-The key tag binds the file to (namespace, payload order, key): a file copied or renamed into the
-wrong place reads as a miss. Every failure on the data path (ENOENT, EIO, ENOTCONN, short or long
-file, header, tag or checksum mismatch, volume unmounted) is a miss or a refused write, logged,
-never an exception into SGLang. A file that contradicts its own header (truncated, extended,
-checksum mismatch) is deleted by the writer rank so the next backup can publish the key again.
-
-Volume health: every call first checks that the mount point still has the device it had at
-startup. After ``juicefs umount`` (or a dead FUSE daemon: ENOTCONN) everything misses and no
-write lands on the local disk under the bare mount point; when the same kind of file system is
-mounted there again and holds this namespace, the backend resumes (probed every 5 s).
-
-Capacity (``capacity_bytes``, optional): bytes this backend may have in its namespace, counted from
-a startup scan plus its own writes. A batch is granted space in key order up to the first page
-that does not fit; that page and the rest of the batch are refused (``False``, so SGLang stops
-that backup) while stored pages keep serving reads. Nothing is evicted: free space with
-``clear()`` or by deleting namespace files (JuiceFS directory quotas, EDQUOT, also read as refused
-writes).
-
-Zero-copy vs verification: reads land directly in the host-pool pages (``preadv`` into views of
-``get_page_buffer_meta`` regions) and the checksum is verified over those bytes afterwards. A page
-that fails verification is reported ``False``; SGLang only uses the leading run of ``True`` pages
-of a prefetch and frees the rest, so unverified bytes in a page reported ``False`` are never used.
-
-Publishing is write-once: the page is written to a temporary file in the same shard directory and
-moved into place with ``renameat2(RENAME_NOREPLACE)`` (falling back to ``link`` + ``unlink``, then
-``os.replace`` where the file system supports neither). A final name therefore only ever holds one
-complete page; when two processes publish the same key the first wins, the second discards its copy.
-"""
+"""``JuiceFSStorage``: SGLang's ``HiCacheStorage`` interface over write-once page files on a
+JuiceFS (FUSE) mount. Design and options: ``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import hashlib
-import itertools
 import json
 import logging
 import os
-import re
-import struct
 import threading
 import time
-import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -78,276 +20,31 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 from sglang.srt.observability.metrics_collector import StorageMetrics
 
-try:  # xxh3 is ~10x faster than zlib's crc32; sglang's dependencies (datasets) bring it.
-    import xxhash
-except ImportError:  # pragma: no cover - depends on the environment
-    xxhash = None
+from .options import JuiceFSOptions
+from .page_file import (
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    ORDER_FLAT,
+    ORDER_META,
+    PAGE_SUFFIX,
+    TMP_PREFIX,
+    Publisher,
+    algo_available,
+    default_algo,
+    digest,
+    merge_runs,
+    preadv_all,
+    raw_view,
+    tensor_bytes,
+    tensor_runs,
+)
+from .volume import NAMESPACE_MARKER, MountWatch, key_tag, mount_fstype, namespace_name, page_relpath
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "juicefs"
-
-_MAGIC = b"KVTJFS"
-_VERSION = 1
-_ALGO_CRC32 = 1
-_ALGO_XXH3 = 2
-_HEADER = struct.Struct("<6sBBQQQ")  # magic, version, algo, payload len, checksum, key tag
-HEADER_SIZE = _HEADER.size  # 32
-PAGE_SUFFIX = ".kvp"
-TMP_PREFIX = ".tmp."
-NAMESPACE_MARKER = "namespace.json"
-
-# Payload byte orders: "V" = the pool's get_page_buffer_meta regions in order (v1 path);
-# "F" = get_data_page(flat=True) (legacy path). Equal for page-contiguous layouts (checked at
-# registration); part of the key tag so a page written in one order never loads in the other.
-_ORDER_META = "V"
-_ORDER_FLAT = "F"
-
-_IOV_MAX = 1024
-_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
-_SAFE_PART = re.compile(r"[^A-Za-z0-9._+=-]")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
-               "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-
-
-def _load_renameat2():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # old glibc: fall back to link + unlink
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _load_renameat2()
-
-
-# --------------------------------------------------------------------------- options
-
-
-def _parse_size(name: str, value: Any) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"juicefs backend: {name} must be a byte count, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise ValueError(
-                f"juicefs backend: {name} must be bytes or a size like '64GiB', got {value!r}"
-            )
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ValueError(f"juicefs backend: {name} must be positive, got {value!r}")
-    return n
-
-
-def _parse_bool(name: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise ValueError(f"juicefs backend: {name} must be true or false, got {value!r}")
-
-
-@dataclass(frozen=True)
-class JuiceFSOptions:
-    """Options read from ``--hicache-storage-backend-extra-config``."""
-
-    mount_point: str
-    # Directory under the mount point holding all namespaces.
-    root_dir: str = "sglang-hicache"
-    # Worker threads for batch I/O (FUSE requests overlap; the GIL is released in syscalls).
-    threads: int = 8
-    # Bytes this backend may publish into its namespace; a full namespace refuses new pages
-    # (set returns False, SGLang stops that backup) while existing pages keep serving reads.
-    capacity_bytes: Optional[int] = None
-    # Refuse a mount point that is not a JuiceFS mount instead of warning.
-    require_juicefs: bool = False
-    # fsync each page before publishing (JuiceFS already uploads on close; off by default).
-    fsync: bool = False
-    # Seconds a confirmed page is remembered as present without asking the file system.
-    exists_cache_ttl: float = 60.0
-    # Temporaries older than this (seconds; left by killed writers) are removed by the
-    # startup scan that a capacity triggers; clear() removes all of them.
-    stale_tmp_age: float = 3600.0
-
-    @classmethod
-    def from_extra_config(cls, extra: Optional[dict]) -> "JuiceFSOptions":
-        extra = dict(extra or {})
-        mount = extra.get("mount_point")
-        if not mount or not isinstance(mount, str):
-            raise ValueError(
-                "juicefs backend: 'mount_point' is required in "
-                "--hicache-storage-backend-extra-config, e.g. '{\"mount_point\": \"/mnt/jfs\"}'"
-            )
-        if not os.path.exists(mount):
-            raise ValueError(f"juicefs backend: mount_point {mount!r} does not exist")
-        if not os.path.isdir(mount):
-            raise ValueError(f"juicefs backend: mount_point {mount!r} is not a directory")
-        root_dir = extra.get("root_dir", cls.root_dir)
-        if (
-            not isinstance(root_dir, str)
-            or not root_dir
-            or os.path.isabs(root_dir)
-            or ".." in root_dir.split("/")
-        ):
-            raise ValueError(
-                f"juicefs backend: root_dir must be a relative path inside the mount, got {root_dir!r}"
-            )
-        threads = extra.get("threads", cls.threads)
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise ValueError(f"juicefs backend: threads must be an integer in 1..256, got {threads!r}")
-        floats = {}
-        for name in ("exists_cache_ttl", "stale_tmp_age"):
-            value = extra.get(name, getattr(cls, name))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"juicefs backend: {name} must be a number >= 0, got {value!r}")
-            floats[name] = float(value)
-        return cls(
-            mount_point=os.path.realpath(mount),
-            root_dir=root_dir.strip("/"),
-            threads=threads,
-            capacity_bytes=_parse_size("capacity_bytes", extra.get("capacity_bytes")),
-            require_juicefs=_parse_bool("require_juicefs", extra.get("require_juicefs"), False),
-            fsync=_parse_bool("fsync", extra.get("fsync"), False),
-            **floats,
-        )
-
-
-def mount_fstype(path: str) -> Tuple[str, str]:
-    """(mount root, file system type) of the mount holding ``path``, from /proc/self/mountinfo."""
-    path = os.path.realpath(path)
-    best = ("/", "unknown")
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) < 5 or not right:
-                    continue
-                # Mount points escape spaces as \040.
-                point = fields[4].replace("\\040", " ")
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best[0]):
-                    best = (point, right.split()[0])
-    except OSError:
-        pass
-    return best
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _blake(data: str, size: int) -> bytes:
-    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=size).digest()
-
-
-def _part(text: str, limit: int) -> str:
-    """A readable file-name fragment; long ones are cut and keep a hash of the whole."""
-    safe = _SAFE_PART.sub("-", text).strip(".") or "none"
-    if len(safe) > limit:
-        safe = f"{safe[: limit - 9]}~{_blake(text, 4).hex()}"
-    return safe
-
-
-def _digest(algo: int, views: Sequence[memoryview]) -> int:
-    if algo == _ALGO_XXH3:
-        h = xxhash.xxh3_64()
-        for v in views:
-            h.update(v)
-        return h.intdigest()
-    crc = 0
-    for v in views:
-        crc = zlib.crc32(v, crc)
-    return crc
-
-
-def _advance(bufs: List[memoryview], n: int) -> None:
-    while n and bufs:
-        size = bufs[0].nbytes
-        if n >= size:
-            n -= size
-            bufs.pop(0)
-        else:
-            bufs[0] = bufs[0][n:]
-            n = 0
-
-
-def _preadv_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
-    """Fill ``bufs`` from ``offset``; returns bytes read (less than asked only at end of file)."""
-    todo, total = list(bufs), 0
-    while todo:
-        n = os.preadv(fd, todo[:_IOV_MAX], offset + total)
-        if n == 0:
-            break
-        total += n
-        _advance(todo, n)
-    return total
-
-
-def _pwritev_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
-    todo, total = list(bufs), 0
-    while todo:
-        n = os.pwritev(fd, todo[:_IOV_MAX], offset + total)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        total += n
-        _advance(todo, n)
-    return total
-
-
-def _raw_view(ptr: int, size: int) -> memoryview:
-    """Writable byte view over host memory the pool owns (zero-copy)."""
-    return memoryview((ctypes.c_ubyte * size).from_address(ptr)).cast("B")
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def _merge_runs(runs: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    merged: List[List[int]] = []
-    for start, size in runs:
-        if merged and merged[-1][0] + merged[-1][1] == start:
-            merged[-1][1] += size
-        else:
-            merged.append([start, size])
-    return [(a, b) for a, b in merged]
-
-
-def _tensor_runs(t: torch.Tensor, limit: int = 1 << 16) -> Optional[List[Tuple[int, int]]]:
-    """Byte runs (address, size) of ``t`` in row-major order, i.e. the bytes flatten() yields."""
-    shape, stride, item = list(t.shape), list(t.stride()), t.element_size()
-    block, d = 1, len(shape)
-    while d and (shape[d - 1] == 1 or stride[d - 1] == block):
-        block *= shape[d - 1]
-        d -= 1
-    count = 1
-    for s in shape[:d]:
-        count *= s
-    if count > limit:
-        return None
-    base = t.data_ptr()
-    runs = [
-        (base + sum(i * s for i, s in zip(idx, stride[:d])) * item, block * item)
-        for idx in itertools.product(*(range(s) for s in shape[:d]))
-    ]
-    return _merge_runs(runs)
-
-
-# --------------------------------------------------------------------------- backend
 
 
 class JuiceFSStorage(HiCacheStorage):
@@ -374,7 +71,6 @@ class JuiceFSStorage(HiCacheStorage):
             if self.options.require_juicefs:
                 raise ValueError(message)
             logger.warning("%s; using it as a plain directory", message)
-        self._dev = os.stat(self.mount_point).st_dev
         self.root = os.path.join(self.mount_point, self.options.root_dir)
         os.makedirs(self.root, exist_ok=True)
 
@@ -382,16 +78,15 @@ class JuiceFSStorage(HiCacheStorage):
         # MLA ranks share one copy: only the designated writer rank publishes it.
         self.is_writer = bool(getattr(storage_config, "is_storage_writer",
                                       not self.is_mla or storage_config.tp_rank == 0))
-        self.algo = _ALGO_XXH3 if xxhash is not None else _ALGO_CRC32
+        self.algo = default_algo()
         self._executor = ThreadPoolExecutor(
             max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
         )
         self._lock = threading.Lock()
         self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
-        self._publish = "renameat2" if _renameat2 is not None else "link"
-        self._volume_lost_logged = False
+        self._publisher = Publisher(fsync=self.options.fsync)
+        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self._known.clear)
         self._unregistered_logged = False
-        self._last_reprobe = 0.0
         self._closed = False
         self.used_bytes = 0
         self._capacity_logged = False
@@ -437,14 +132,14 @@ class JuiceFSStorage(HiCacheStorage):
             )
         self.page_bytes = page_bytes if page_bytes is not None else flat_bytes
         self.flat_bytes = flat_bytes
-        self.v1_order = _ORDER_META if self._meta_regions else _ORDER_FLAT
-        self.flat_order = _ORDER_FLAT
+        self.v1_order = ORDER_META if self._meta_regions else ORDER_FLAT
+        self.flat_order = ORDER_FLAT
         if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
-            self.flat_order = _ORDER_META
+            self.flat_order = ORDER_META
 
         fields = self._namespace_fields(pool)
         self.namespace_fields = fields
-        self.namespace = self._namespace_name(fields)
+        self.namespace = namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
         os.makedirs(self.ns_dir, exist_ok=True)
         self._known.clear()
@@ -470,8 +165,8 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             view = pool.get_data_page(0, flat=False)
             ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
-            runs = _tensor_runs(view)
-            return runs is not None and runs == _merge_runs(list(zip(ptrs, sizes)))
+            runs = tensor_runs(view)
+            return runs is not None and runs == merge_runs(list(zip(ptrs, sizes)))
         except Exception:
             return False
 
@@ -480,7 +175,7 @@ class JuiceFSStorage(HiCacheStorage):
         tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
         kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
         fields = {
-            "format": _VERSION,
+            "format": FORMAT_VERSION,
             "model": cfg.model_name or "",
             # MLA KV is replicated over TP ranks: one copy serves all of them.
             "tp": None if self.is_mla else [cfg.tp_rank, cfg.tp_size],
@@ -496,68 +191,19 @@ class JuiceFSStorage(HiCacheStorage):
         }
         return fields
 
-    @staticmethod
-    def _namespace_name(f: dict) -> str:
-        ranks = "mla" if f["tp"] is None else f"tp{f['tp'][0]}of{f['tp'][1]}"
-        ranks += f"-pp{f['pp'][0]}of{f['pp'][1]}-cp{f['cp'][0]}of{f['cp'][1]}-dp{f['dp']}"
-        if f["dcp"][1] > 1:
-            ranks += f"-dcp{f['dcp'][0]}of{f['dcp'][1]}-lp{f['dcp'][2]}"
-        parts = [
-            _part(f["model"] or "unnamed", 80),
-            ranks,
-            f"ps{f['page_size']}-{_part(f['layout'], 24)}",
-            _part(f["kv_format"], 48),
-            f"{f['page_bytes']}B",
-            # The readable parts are lossy (sanitized, cut); the hash keeps namespaces apart.
-            "h" + _blake(json.dumps(f, sort_keys=True), 6).hex(),
-        ]
-        return "__".join(parts)
-
     # ---------------------------------------------------------------- paths and health
 
-    def _fname(self, key: str) -> str:
-        return (key if _SAFE_KEY.match(key) else "h-" + _blake(key, 20).hex()) + PAGE_SUFFIX
-
-    def _shard(self, key: str) -> str:
-        return "%02x" % _blake(key, 1)[0]
-
     def _path(self, key: str) -> str:
-        return os.path.join(self.ns_dir, self._shard(key), self._fname(key))
+        return os.path.join(self.ns_dir, page_relpath(key, PAGE_SUFFIX))
 
     def _key_tag(self, key: str, order: str) -> int:
-        return int.from_bytes(_blake(f"{self.namespace}\0{order}\0{key}", 8), "little")
+        return key_tag(self.namespace, order, key)
 
     def _volume_ok(self) -> bool:
         """The mount still holds the volume we started on (an unmounted volume reads as misses)."""
         if self._closed or self.ns_dir is None:
             return False
-        try:
-            dev = os.stat(self.mount_point).st_dev
-        except OSError as e:  # ENOTCONN after the FUSE daemon died, ENOENT, ...
-            return self._volume_lost(f"stat failed: {e}")
-        if dev == self._dev:
-            return True
-        # Remounted? Adopt the new mount only when it is the same kind of file system and
-        # already holds our namespace; probe at most every few seconds.
-        now = time.monotonic()
-        if now - self._last_reprobe < 5.0:
-            return False
-        self._last_reprobe = now
-        if mount_fstype(self.mount_point)[1] == self.fstype and os.path.isfile(
-            os.path.join(self.ns_dir, NAMESPACE_MARKER)
-        ):
-            logger.warning("juicefs backend: %s was remounted; resuming", self.mount_point)
-            self._dev, self._volume_lost_logged = dev, False
-            self._known.clear()
-            return True
-        return self._volume_lost("a different file system is mounted there now")
-
-    def _volume_lost(self, why: str) -> bool:
-        if not self._volume_lost_logged:
-            self._volume_lost_logged = True
-            logger.error("juicefs backend: volume at %s unavailable (%s); all lookups miss",
-                         self.mount_point, why)
-        return False
+        return self.mount.holds(os.path.join(self.ns_dir, NAMESPACE_MARKER))
 
     def _ready(self) -> bool:
         if self.mem_pool_host is None:
@@ -593,7 +239,7 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             header, tail = bytearray(HEADER_SIZE), bytearray(1)
             # The extra byte detects files longer than a page.
-            got = _preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
+            got = preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
         except OSError as e:
             return self._read_failed(key, f"read: {e}")
         finally:
@@ -602,8 +248,8 @@ class JuiceFSStorage(HiCacheStorage):
         # page this reader cannot use (other byte order, length or key) is only a miss.
         if got < HEADER_SIZE:
             return self._read_failed(key, f"{got} bytes, shorter than a header", corrupt=True)
-        magic, version, algo, length, checksum, tag = _HEADER.unpack(header)
-        if magic != _MAGIC or version != _VERSION:
+        magic, version, algo, length, checksum, tag = HEADER.unpack(header)
+        if magic != MAGIC or version != FORMAT_VERSION:
             return self._read_failed(key, "bad header", corrupt=True)
         if length != expected:
             return self._read_failed(key, f"page of {length} bytes, expected {expected}")
@@ -612,9 +258,9 @@ class JuiceFSStorage(HiCacheStorage):
                                      f" bytes, header says {HEADER_SIZE + expected}", corrupt=True)
         if tag != self._key_tag(key, order):
             return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
-        if algo == _ALGO_XXH3 and xxhash is None or algo not in (_ALGO_CRC32, _ALGO_XXH3):
+        if not algo_available(algo):
             return self._read_failed(key, f"checksum algorithm {algo} unavailable")
-        if _digest(algo, views) != checksum:
+        if digest(algo, views) != checksum:
             return self._read_failed(key, "checksum mismatch", corrupt=True)
         self._remember(key)
         self.counters["get_hits"] += 1
@@ -675,10 +321,10 @@ class JuiceFSStorage(HiCacheStorage):
     def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
         """Write one page whose capacity is already reserved (released unless it is new)."""
         size = sum(v.nbytes for v in views)
-        header = _HEADER.pack(_MAGIC, _VERSION, self.algo, size, _digest(self.algo, views),
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.algo, size, digest(self.algo, views),
                               self._key_tag(key, order))
         try:
-            outcome = self._publish_views(self._path(key), [memoryview(header), *views])
+            outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
         except OSError as e:
             outcome = None
             logger.warning("juicefs backend: writing page %s failed: %s", key, e)
@@ -691,69 +337,10 @@ class JuiceFSStorage(HiCacheStorage):
         self._remember(key)
         return True
 
-    def _publish_views(self, path: str, views: Sequence[memoryview]) -> str:
-        """Write ``views`` to a temporary file next to ``path`` and move it into place
-        without replacing an existing file. Returns "new", "exists", or raises OSError."""
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}."
-                                      f"{os.getpid()}.{uuid.uuid4().hex[:12]}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o644)
-        except FileNotFoundError:  # first page in this shard (or namespace) on this volume
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
-        try:
-            try:
-                total = sum(v.nbytes for v in views)
-                if _pwritev_all(fd, views, 0) != total:
-                    raise OSError(errno.EIO, "short write")
-                if self.options.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)  # JuiceFS reports upload/flush errors here
-            return self._move_into_place(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def _move_into_place(self, tmp: str, path: str) -> str:
-        if self._publish == "renameat2":
-            if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path),
-                          _RENAME_NOREPLACE) == 0:
-                return "new"
-            err = ctypes.get_errno()
-            if err == errno.EEXIST:
-                os.unlink(tmp)
-                return "exists"
-            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise OSError(err, os.strerror(err), path)
-            logger.info("juicefs backend: RENAME_NOREPLACE unsupported here; using link+unlink")
-            self._publish = "link"
-        if self._publish == "link":
-            try:
-                os.link(tmp, path)
-                os.unlink(tmp)
-                return "new"
-            except FileExistsError:
-                os.unlink(tmp)
-                return "exists"
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                logger.warning("juicefs backend: hard links unsupported here; publishing with "
-                               "os.replace (a concurrent writer may replace an equal page)")
-                self._publish = "replace"
-        os.replace(tmp, path)
-        return "new"
-
     def _publish_bytes(self, path: str, data: bytes) -> None:
         try:
             if not os.path.exists(path):
-                self._publish_views(path, [memoryview(data)])
+                self._publisher.publish(path, [memoryview(data)])
         except OSError as e:
             logger.warning("juicefs backend: could not write %s: %s", path, e)
 
@@ -812,7 +399,7 @@ class JuiceFSStorage(HiCacheStorage):
         per = len(ptrs) // n if n else 0
         if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
             raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
-        views = [_raw_view(p, s) for p, s in zip(ptrs, sizes)]
+        views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
         pages = [views[i * per:(i + 1) * per] for i in range(n)]
         if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
             raise ValueError("page regions do not add up to the registered page size")
@@ -877,7 +464,7 @@ class JuiceFSStorage(HiCacheStorage):
     def _get_flat_into_pool(self, key: str, index: int) -> bool:
         dtype, numel = self._flat_template
         scratch = torch.empty(numel, dtype=dtype)
-        if not self._read_page(key, [_tensor_bytes(scratch)], self.v1_order):
+        if not self._read_page(key, [tensor_bytes(scratch)], self.v1_order):
             return False
         self.mem_pool_host.set_from_flat_data_page(index, scratch)
         return True
@@ -895,7 +482,7 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: page %s has %d bytes, expected %s", key,
                          data.numel() * data.element_size(), self.flat_bytes)
             return None
-        return [_tensor_bytes(data)]  # the view keeps `data` alive
+        return [tensor_bytes(data)]  # the view keeps `data` alive
 
     def get(self, key: str, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> torch.Tensor | None:
@@ -912,7 +499,7 @@ class JuiceFSStorage(HiCacheStorage):
                 logger.error("juicefs backend: get(%s) target holds %d bytes, expected %d", key,
                              buf.numel() * buf.element_size(), self.flat_bytes)
                 return None
-            if not self._read_page(key, [_tensor_bytes(buf.reshape(-1))], self.flat_order):
+            if not self._read_page(key, [tensor_bytes(buf.reshape(-1))], self.flat_order):
                 return None
             if not direct:
                 out.copy_(buf.view(out.shape))
@@ -1047,4 +634,4 @@ class JuiceFSStorage(HiCacheStorage):
             self._executor.shutdown(wait=True)
 
 
-__all__ = ["JuiceFSStorage", "JuiceFSOptions", "BACKEND_NAME", "HEADER_SIZE"]
+__all__ = ["JuiceFSStorage", "BACKEND_NAME"]
