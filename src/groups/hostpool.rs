@@ -163,6 +163,8 @@ pub fn group(era: Era) -> Option<Group> {
         module!("package-overlay", "overlay.py"),
         module!("package-host-pool", "host_pool.py"),
         module!("package-selection", "selection.py"),
+        module!("package-kv-model", "kv_model.py"),
+        module!("package-evaluate", "evaluate.py"),
         select,
         check,
     ];

@@ -121,3 +121,6 @@ def kvh(sgl):
 
 # JuiceFS volume fixtures (tests/python/juicefs_fixture.py), shared by the test_juicefs_* suites.
 from juicefs_fixture import juicefs_volume, make_volume  # noqa: E402,F401
+# Tiny real model and the evaluate/calibrate modules (tests/python/tiny_lm.py), shared by
+# test_evaluate and test_calibrate.
+from tiny_lm import kvtools, tiny_model_dir  # noqa: E402,F401

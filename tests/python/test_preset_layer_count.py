@@ -48,9 +48,11 @@ def host_pool_for(sgl, kvh, dev, cfg):
     params = inspect.signature(sgl["mha"].MHATokenToKVPoolHost.__init__).parameters
     if "buffer_info" in params:  # 0.5.23
         source = dev.get_device_pool_infos()[0].buffer_info
-        geometry = dict(
-            device_capacity_tokens=dev.size, start_layer=dev.start_layer, end_layer=dev.end_layer
-        )
+        geometry = {
+            "device_capacity_tokens": dev.size,
+            "start_layer": dev.start_layer,
+            "end_layer": dev.end_layer,
+        }
     return kvh.host_pool.KVTunerMHATokenToKVPoolHost(
         source,
         0.0,
