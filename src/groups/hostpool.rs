@@ -165,6 +165,7 @@ pub fn group(era: Era) -> Option<Group> {
         module!("package-selection", "selection.py"),
         module!("package-kv-model", "kv_model.py"),
         module!("package-evaluate", "evaluate.py"),
+        module!("package-calibrate", "calibrate.py"),
         select,
         check,
     ];

@@ -28,7 +28,7 @@ def kvtools(sgl):
     return types.SimpleNamespace(
         **{
             name: importlib.import_module(f"{base}.{name}")
-            for name in ("config", "kv_model", "evaluate")
+            for name in ("config", "kv_model", "evaluate", "calibrate")
         }
     )
 
