@@ -178,3 +178,22 @@ def test_replaying_unchanged_layers_gives_the_same_scores(kvtools, tiny):
     # Replaying a layer whose KV did change is wrong, and visibly so.
     wrong = tiny.continuation_logprobs(k_q, v, ids[64:], layer_outputs=outputs, first_layer=3)
     assert not torch.equal(full, wrong)
+
+
+def test_calibrated_preset_naming_a_layer_the_model_lacks_is_refused(
+    kvtools, tiny, three_bits, tmp_path
+):
+    """The calibrated preset with one layer too many: the pool refuses it, naming the layer."""
+    path = tmp_path / "preset.yaml"
+    path.write_text(three_bits[2] + f"{LAYERS}: {{nbits_key: 8, nbits_value: 8}}\n")
+    ev = kvtools.evaluate
+    with pytest.raises(ValueError, match=f"names layers {LAYERS} but the model has {LAYERS}"):
+        ev.evaluate(
+            tiny,
+            text("kjv-luke.txt"),
+            [ev.parse_config(str(path))],
+            prefix_tokens=64,
+            continuation_tokens=33,
+            page_size=32,
+            progress=False,
+        )
