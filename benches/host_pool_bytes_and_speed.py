@@ -21,7 +21,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -38,13 +37,13 @@ def kvtuner_style_preset(layers: int) -> dict:
     """A KVTuner-shaped preset (keys get more bits than values; the first and last
     layers, the most sensitive ones, get more bits). Synthetic, not calibrated."""
     out = {}
-    for l in range(layers):
-        if l < 2 or l >= layers - 2:
-            out[l] = (8, 4)
-        elif l % 4 == 0:
-            out[l] = (4, 4)
+    for layer in range(layers):
+        if layer < 2 or layer >= layers - 2:
+            out[layer] = (8, 4)
+        elif layer % 4 == 0:
+            out[layer] = (4, 4)
         else:
-            out[l] = (4, 2)
+            out[layer] = (4, 2)
     return out
 
 
@@ -64,19 +63,26 @@ def paired_times(fn, ref, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens per transfer (2048 = 256 MiB fp16)")
+    ap.add_argument(
+        "--tokens", type=int, default=2048, help="tokens per transfer (2048 = 256 MiB fp16)"
+    )
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="kvtuner_quant threads (0 = its default)")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch intra-op threads for the gathers/scatters of both sides; on a "
-                         "loaded 2-core box OpenMP spin-waits make >1 erratic")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="kvtuner_quant threads (0 = its default)"
+    )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the gathers/scatters of both sides; on a "
+        "loaded 2-core box OpenMP spin-waits make >1 erratic",
+    )
     a = ap.parse_args()
 
     import kvtuner_quant as kq
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
     from kvtuner_hicache.config import KVTunerHiCacheConfig
     from kvtuner_hicache.host_pool import KVTunerMHATokenToKVPoolHost
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     if a.threads:
         kq.set_num_threads(a.threads)
@@ -84,8 +90,16 @@ def main():
         torch.set_num_threads(a.torch_threads)
     n = a.tokens // PAGE * PAGE
     dev = MHATokenToKVPool(
-        size=n + PAGE, page_size=PAGE, dtype=torch.float16, head_num=HEADS, head_dim=HEAD_DIM,
-        layer_num=LAYERS, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=LAYERS,
+        size=n + PAGE,
+        page_size=PAGE,
+        dtype=torch.float16,
+        head_num=HEADS,
+        head_dim=HEAD_DIM,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+        start_layer=0,
+        end_layer=LAYERS,
     )
     g = torch.Generator().manual_seed(0)
     for b in (*dev.k_buffer, *dev.v_buffer):
@@ -101,23 +115,27 @@ def main():
     # The host rows of one transfer are a contiguous run, so the copy into the
     # page-first host buffer is a plain strided copy_ (faster than index_copy_).
     def plain_backup():
-        for l in range(LAYERS):
-            host_k[:n, l].copy_(dev.k_buffer[l].index_select(0, didx))
-            host_v[:n, l].copy_(dev.v_buffer[l].index_select(0, didx))
+        for layer in range(LAYERS):
+            host_k[:n, layer].copy_(dev.k_buffer[layer].index_select(0, didx))
+            host_v[:n, layer].copy_(dev.v_buffer[layer].index_select(0, didx))
 
     def plain_load():
-        for l in range(LAYERS):
-            dev.k_buffer[l][didx] = host_k[:n, l]
-            dev.v_buffer[l][didx] = host_v[:n, l]
+        for layer in range(LAYERS):
+            dev.k_buffer[layer][didx] = host_k[:n, layer]
+            dev.v_buffer[layer][didx] = host_v[:n, layer]
 
     stock_bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
-    print(f"geometry: {LAYERS} layers x {HEADS} KV heads x head_dim {HEAD_DIM}, fp16, page {PAGE}; "
-          f"{n} tokens = {fp16_bytes / 2**20:.0f} MiB fp16 per transfer; torch threads "
-          f"{torch.get_num_threads()}, kvtuner_quant threads "
-          f"{kq.get_num_threads() if hasattr(kq, 'get_num_threads') else '?'}")
+    print(
+        f"geometry: {LAYERS} layers x {HEADS} KV heads x head_dim {HEAD_DIM}, fp16, page {PAGE}; "
+        f"{n} tokens = {fp16_bytes / 2**20:.0f} MiB fp16 per transfer; torch threads "
+        f"{torch.get_num_threads()}, kvtuner_quant threads "
+        f"{kq.get_num_threads() if hasattr(kq, 'get_num_threads') else '?'}"
+    )
     print()
-    print(f"{'config':<22}{'B/token':>9}{'vs fp16':>9}{'tok/GB':>10}{'SNR K/V dB':>14}"
-          f"{'backup GB/s':>13}{'plain':>7}{'ratio':>7}{'load GB/s':>11}{'plain':>7}{'ratio':>7}")
+    print(
+        f"{'config':<22}{'B/token':>9}{'vs fp16':>9}{'tok/GB':>10}{'SNR K/V dB':>14}"
+        f"{'backup GB/s':>13}{'plain':>7}{'ratio':>7}{'load GB/s':>11}{'plain':>7}{'ratio':>7}"
+    )
     print(f"{'fp16 stock pool':<22}{stock_bpt:>9}{1.0:>9.2f}{int(1e9 // stock_bpt):>10}{'-':>14}")
 
     preset = kvtuner_style_preset(LAYERS)
@@ -128,12 +146,27 @@ def main():
         ("KVTuner-style preset", dict(layer_bits=tuple(sorted(preset.items())))),
     ]
     for name, over in configs:
-        cfg = KVTunerHiCacheConfig(enabled=True, asym=True, axis_key=1, axis_value=0,
-                                   group_size=64, residual_length=0, **over)
+        cfg = KVTunerHiCacheConfig(
+            enabled=True,
+            asym=True,
+            axis_key=1,
+            axis_value=0,
+            group_size=64,
+            residual_length=0,
+            **over,
+        )
         host = KVTunerMHATokenToKVPoolHost(
-            info, 0.0, (n + 2 * PAGE) * 1.0 * stock_bpt / 1e9, PAGE, "page_first",
-            pin_memory=False, device="cpu", device_capacity_tokens=dev.size,
-            start_layer=0, end_layer=LAYERS, kvtuner_config=cfg,
+            info,
+            0.0,
+            (n + 2 * PAGE) * 1.0 * stock_bpt / 1e9,
+            PAGE,
+            "page_first",
+            pin_memory=False,
+            device="cpu",
+            device_capacity_tokens=dev.size,
+            start_layer=0,
+            end_layer=LAYERS,
+            kvtuner_config=cfg,
         )
         hidx = host.alloc(n)
         ref_k = dev.k_buffer[0][didx].float().clone()
@@ -143,28 +176,40 @@ def main():
             host.backup_from_device_all_layer(dev, hidx, didx, "kernel")
 
         def load():
-            for l in range(LAYERS):
-                host.load_to_device_per_layer(dev, hidx, didx, l, "kernel")
+            for layer in range(LAYERS):
+                host.load_to_device_per_layer(dev, hidx, didx, layer, "kernel")
 
         backup()
         load()
         snr = []
-        for ref, got in ((ref_k, dev.k_buffer[0][didx].float()), (ref_v, dev.v_buffer[LAYERS - 1][didx].float())):
+        for ref, got in (
+            (ref_k, dev.k_buffer[0][didx].float()),
+            (ref_v, dev.v_buffer[LAYERS - 1][didx].float()),
+        ):
             snr.append(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()).item())
         assert min(snr) > 3, f"{name}: round trip broken (SNR {snr})"
         t_b, t_pb = paired_times(backup, plain_backup, a.runs)
         t_l, t_pl = paired_times(load, plain_load, a.runs)
         bpt = host.size_per_token
-        gb = lambda t: fp16_bytes / t / 1e9
-        print(f"{name:<22}{bpt:>9}{stock_bpt / bpt:>9.2f}{int(1e9 // bpt):>10}{snr[0]:>7.1f}/{snr[1]:<6.1f}"
-              f"{gb(t_b):>13.2f}{gb(t_pb):>7.2f}{t_pb / t_b:>7.2f}{gb(t_l):>11.2f}{gb(t_pl):>7.2f}{t_pl / t_l:>7.2f}")
-        del host
+
+        def gb(seconds):
+            return fp16_bytes / seconds / 1e9
+
+        print(
+            f"{name:<22}{bpt:>9}{stock_bpt / bpt:>9.2f}{int(1e9 // bpt):>10}"
+            f"{snr[0]:>7.1f}/{snr[1]:<6.1f}"
+            f"{gb(t_b):>13.2f}{gb(t_pb):>7.2f}{t_pb / t_b:>7.2f}"
+            f"{gb(t_l):>11.2f}{gb(t_pl):>7.2f}{t_pl / t_l:>7.2f}"
+        )
+        host = None  # free this config's pool before the next one is built
         # Restore the device data the loads overwrote with dequantized values.
         g = torch.Generator().manual_seed(0)
         for b in (*dev.k_buffer, *dev.v_buffer):
             b.copy_((torch.randn(b.shape, generator=g) * 2).half())
     print()
-    print("B/token includes every header and padding. GB/s are of fp16 KV moved; 'plain' is the plain")
+    print(
+        "B/token includes every header and padding. GB/s are of fp16 KV moved; 'plain' is the plain"
+    )
     print("fp16 copy of the same tokens timed alternately with the pool; ratio > 1 = pool faster.")
 
 

@@ -4,7 +4,8 @@ For 1, 2, 4 and 8 MiB pages: ``batch_set_v1`` / ``batch_get_v1`` of 128 MiB per 
 SGLang's stock CPU host pool, against plain sequential writes and reads of the same bytes (one
 file per page, no header, no temp file, no checksum) on the same mount, in the same run.
 Reads start with the kernel page cache dropped for both sides (posix_fadvise DONTNEED), so
-they are served by the JuiceFS client. Then ``batch_exists`` over 128 keys, cold (fresh backend, kernel entry cache expired) and warm.
+they are served by the JuiceFS client. Then ``batch_exists`` over 128 keys, cold (fresh backend,
+kernel entry cache expired) and warm.
 
     PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python benches/juicefs_backend.py
     ... [--mount /mnt/jfs] [--threads 8] [--rounds 3] [--total-mib 128]
@@ -36,8 +37,14 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from juicefs_fixture import MOUNT_OPTIONS, create_volume, juicefs_binary, make_mha_host_pool, storage_config  # noqa: E402
 
+from juicefs_fixture import (  # noqa: E402
+    MOUNT_OPTIONS,
+    create_volume,
+    juicefs_binary,
+    make_mha_host_pool,
+    storage_config,
+)
 from kvtuner_hicache.juicefs import JuiceFSStorage  # noqa: E402
 
 MIB = 1 << 20
@@ -49,8 +56,9 @@ def keys(prefix: str, n: int):
 
 def pool_for(page_mib: int, pages: int):
     # bf16, 8 heads x 128 dims, 16 tokens per page: 64 KiB per layer per page (K+V).
-    return make_mha_host_pool("page_first", layers=16 * page_mib, heads=8, head_dim=128,
-                              page_size=16, tokens=16 * pages)
+    return make_mha_host_pool(
+        "page_first", layers=16 * page_mib, heads=8, head_dim=128, page_size=16, tokens=16 * pages
+    )
 
 
 def plain_write(directory: str, names, pool, pages) -> float:
@@ -111,13 +119,16 @@ def main() -> int:
             print(f"SKIP: no JuiceFS volume: {e}")
             return 0
         mount = vol.mnt
-        options = " ".join(["--cache-dir", str(vol.base / "cache"), *MOUNT_OPTIONS]) + \
-            " (sqlite3 metadata, local-dir object storage, --trash-days 0)"
+        options = (
+            " ".join(["--cache-dir", str(vol.base / "cache"), *MOUNT_OPTIONS])
+            + " (sqlite3 metadata, local-dir object storage, --trash-days 0)"
+        )
     try:
         with open("/proc/mounts") as f:
-            line = next((l.strip() for l in f if l.split()[1] == os.path.realpath(mount)), "?")
-        version = subprocess.run([juicefs_binary(), "version"], capture_output=True,
-                                 text=True).stdout.strip()
+            line = next((m.strip() for m in f if m.split()[1] == os.path.realpath(mount)), "?")
+        version = subprocess.run(
+            [juicefs_binary(), "version"], capture_output=True, text=True
+        ).stdout.strip()
         print(f"# {version}; {os.cpu_count()} CPUs; backend threads={args.threads}")
         print(f"# juicefs mount options: {options}")
         print(f"# /proc/mounts: {line}")
@@ -131,7 +142,10 @@ def main() -> int:
 
 def run(work: str, args) -> None:
     print()
-    print("| page | v1 set MiB/s | plain write MiB/s | set ratio | v1 get MiB/s | plain read MiB/s | get ratio |")
+    print(
+        "| page | v1 set MiB/s | plain write MiB/s | set ratio "
+        "| v1 get MiB/s | plain read MiB/s | get ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for page_mib in [int(s) for s in args.sizes.split(",")]:
         n = max(1, args.total_mib // page_mib)
@@ -153,28 +167,41 @@ def run(work: str, args) -> None:
             # Alternate the order so neither side always runs on a warmer client.
             if r % 2 == 0:
                 res["write"].append(plain_write(plain_dir, ks, pool, src))
-                t = time.perf_counter(); ok = backend.batch_set_v1(ks, idx); res["set"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ok = backend.batch_set_v1(ks, idx)
+                res["set"].append(time.perf_counter() - t)
             else:
-                t = time.perf_counter(); ok = backend.batch_set_v1(ks, idx); res["set"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ok = backend.batch_set_v1(ks, idx)
+                res["set"].append(time.perf_counter() - t)
                 res["write"].append(plain_write(plain_dir, ks, pool, src))
             assert all(ok), "batch_set_v1 failed"
             time.sleep(2.0)  # let the client finish uploading before anyone reads
-            drop_page_cache([os.path.join(plain_dir, k) for k in ks] + [backend._path(k) for k in ks])
+            drop_page_cache(
+                [os.path.join(plain_dir, k) for k in ks] + [backend._path(k) for k in ks]
+            )
             reader = JuiceFSStorage(cfg, {})  # no in-process state
             reader.register_mem_pool_host(pool)
             if r % 2 == 0:
                 res["read"].append(plain_read(plain_dir, ks, page_bytes))
-                t = time.perf_counter(); ok = reader.batch_get_v1(ks, idx); res["get"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ok = reader.batch_get_v1(ks, idx)
+                res["get"].append(time.perf_counter() - t)
             else:
-                t = time.perf_counter(); ok = reader.batch_get_v1(ks, idx); res["get"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ok = reader.batch_get_v1(ks, idx)
+                res["get"].append(time.perf_counter() - t)
                 res["read"].append(plain_read(plain_dir, ks, page_bytes))
             assert all(ok), "batch_get_v1 failed"
             reader.close()
             shutil.rmtree(plain_dir, ignore_errors=True)
         rate = {k: total / statistics.median(v) for k, v in res.items()}
-        print(f"| {page_mib} MiB x {n} | {rate['set']:.0f} | {rate['write']:.0f} | "
-              f"{rate['set'] / rate['write']:.2f} | {rate['get']:.0f} | {rate['read']:.0f} | "
-              f"{rate['get'] / rate['read']:.2f} |", flush=True)
+        print(
+            f"| {page_mib} MiB x {n} | {rate['set']:.0f} | {rate['write']:.0f} | "
+            f"{rate['set'] / rate['write']:.2f} | {rate['get']:.0f} | {rate['read']:.0f} | "
+            f"{rate['get'] / rate['read']:.2f} |",
+            flush=True,
+        )
         backend.clear()
         backend.close()
         del pool, raw
@@ -202,8 +229,9 @@ def run(work: str, args) -> None:
     cold.register_mem_pool_host(pool)
     measure("cold (fresh backend, kernel caches expired)", cold, ks, 128)
     measure("warm (backend's presence cache)", cold, ks, 128)
-    nocache = JuiceFSStorage(storage_config(work, threads=args.threads, root_dir="ns-exists",
-                                            exists_cache_ttl=0), {})
+    nocache = JuiceFSStorage(
+        storage_config(work, threads=args.threads, root_dir="ns-exists", exists_cache_ttl=0), {}
+    )
     nocache.register_mem_pool_host(pool)
     nocache.batch_exists(ks)  # fill the kernel's entry/attr caches
     measure("warm, presence cache off (kernel entry/attr cache)", nocache, ks, 128)

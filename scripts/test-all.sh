@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project, cheapest first; stops at the first failure.
+#   0. Python style: `ruff format --check` and `ruff check` over every Python file (ruff.toml),
+#      with the ruff pinned in scripts/test-requirements.txt, from the cached SGLang venv.
 #   1. Rust: the kvtuner-patch CLI (unit, fixture snapshot, CLI, real-release tests).
 #   2. kvtuner_quant: cargo tests of the core, then pytest against the numpy oracle and real KV.
 #   3. SGLang 0.5.23 for real (cached venv with the full install; scripts/functional-matrix.sh): a
@@ -19,12 +21,16 @@ step() { printf '\n==== %s\n' "$*"; }
 
 rm -f target/functional-results.tsv   # only this run's functional results reach the table
 
-step "cargo test: kvtuner-patch CLI"
-cargo test --locked
-
 step "python venv with the full sglang 0.5.23 install (cached; ~10 min the first time)"
 venv=$(scripts/sglang-venv.sh 0.5.23)
 py="$venv/bin/python"
+
+step "python style: ruff format --check, ruff check (ruff.toml)"
+"$venv/bin/ruff" format --check .
+"$venv/bin/ruff" check .
+
+step "cargo test: kvtuner-patch CLI"
+cargo test --locked
 
 step "kvtuner_quant: cargo test, install, pytest"
 quant/run-tests.sh "$py"

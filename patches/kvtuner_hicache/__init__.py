@@ -1,9 +1,6 @@
-"""KVTuner quantizing HiCache host pool (and its storage backends) for SGLang.
-
-Works both injected into SGLang as ``sglang.srt.mem_cache.kvtuner_hicache`` and
-installed standalone as ``kvtuner_hicache`` (``patches/pyproject.toml``); modules
-import each other relatively. Importing the package imports nothing from SGLang:
-``host_pool`` does, and only :mod:`.selection` loads it, when the flag is on.
+"""KVTuner quantizing HiCache host pool and storage backends for SGLang, injected as
+``sglang.srt.mem_cache.kvtuner_hicache`` or installed standalone as ``kvtuner_hicache``.
+Importing the package imports nothing from SGLang. Module layout: ``docs/host-pool.md``.
 """
 
 from .config import (

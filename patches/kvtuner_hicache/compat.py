@@ -41,8 +41,7 @@ __all__ = [
 
 
 def is_buffer_info(source: Any) -> bool:
-    """0.5.23 passes host pools an ``MHABufferInfo`` (device buffers under ``.buffers``);
-    earlier releases pass the device pool itself."""
+    """Whether ``source`` is an ``MHABufferInfo`` (0.5.23) rather than a device pool."""
     return hasattr(source, "buffers") and not hasattr(source, "k_buffer")
 
 
@@ -58,10 +57,9 @@ def host_budget_bytes(requested: int) -> int:
 
 
 def alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
-    """The release's host allocator for the pool's transfer device, given what its
-    signature takes: the pool's allocator (0.5.7+) and the registration granularity
-    (0.5.19+). Before 0.5.6.post1 there is none: plain ``torch.empty``, as the stock
-    pool does."""
+    """Host memory from the release's allocator for the pool's transfer device."""
+    # Given what its signature takes: the pool's allocator (0.5.7+) and the registration
+    # granularity (0.5.19+). Before 0.5.6.post1 there is none: torch.empty, as the stock pool.
     if ALLOC_MEMORY_FUNCS is None:
         return torch.empty(shape, dtype=dtype, device=pool.device, pin_memory=pool.pin_memory)
     alloc = ALLOC_MEMORY_FUNCS[pool._transfer_device.type]
@@ -75,11 +73,11 @@ def alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
 
 
 def visible_model_layer_num(layers_through_this_stage: int) -> Optional[int]:
-    """The model's layer count when this rank can know it: without pipeline
-    parallelism, or on the last stage (whose layers end with the model's last).
-    Callers pass start_layer + the pool's layer count, never end_layer: SGLang's
-    device pool defaults end_layer to the last layer (inclusive) when a caller omits
-    it, while the model runner passes the exclusive end."""
+    """The model's layer count where this rank can know it, else None."""
+    # Known without pipeline parallelism, or on the last stage (whose layers end with the
+    # model's). Callers pass start_layer + the pool's layer count, never end_layer: SGLang's
+    # device pool defaults end_layer to the last layer (inclusive) when a caller omits it,
+    # while the model runner passes the exclusive end.
     try:
         from sglang.srt.runtime_context import get_parallel
 
@@ -104,8 +102,8 @@ def init_host_kv_cache(
     pool_label: str,
     device_capacity_tokens: int,
 ) -> None:
-    """Run the release's own ``HostKVCache.__init__`` on ``pool`` (0.5.3 - 0.5.22, which pass
-    host pools the device pool; 0.5.23 goes through ``MHATokenToKVPoolHost.__init__``)."""
+    """Run the release's own ``HostKVCache.__init__`` on ``pool`` (0.5.3 - 0.5.22)."""
+    # 0.5.23 passes host pools an MHABufferInfo and goes through MHATokenToKVPoolHost.__init__.
     params = inspect.signature(HostKVCache.__init__).parameters
     if "device_pool" in params:
         # Up to 0.5.21: the base sizes the pool from the device pool and calls

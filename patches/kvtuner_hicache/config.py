@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ DEFAULTS: Dict[str, Any] = {
 
 
 def _flag(name: str) -> str:
+    """The command-line spelling of a server-argument field."""
     return "--" + name.replace("_", "-")
 
 
@@ -54,37 +55,40 @@ class KVTunerHiCacheConfig:
     layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
 
     def layer_bits_map(self) -> Optional[Dict[int, Tuple[int, int]]]:
+        """The preset as ``{layer: (K bits, V bits)}``, or None without one."""
         return None if self.layer_bits is None else dict(self.layer_bits)
 
 
-def _get(args: Any, name: str) -> Any:
+def _arg(args: Any, name: str) -> Any:
+    """The server argument ``name`` of ``args``, or its default where the tree lacks it."""
     value = getattr(args, name, None) if args is not None else None
     return DEFAULTS[name] if value is None else value
 
 
 def config_from_args(args: Any, *, load_preset: bool = True) -> KVTunerHiCacheConfig:
-    """Build the config from any object carrying the flat server-arg names
-    (``ServerArgs``, the resolved ``memory`` bag, an argparse namespace)."""
-    path = _get(args, "kvtuner_hicache_layer_config")
+    """The config from anything carrying the server-argument names as attributes."""
+    # ServerArgs, the resolved `memory` bag, an argparse namespace.
+    path = _arg(args, "kvtuner_hicache_layer_config")
     layer_bits = None
     if path and load_preset:
         layer_bits = tuple(sorted(load_layer_preset(path).items()))
     return KVTunerHiCacheConfig(
-        enabled=bool(_get(args, "enable_kvtuner_hicache")),
-        nbits_key=_as_int(args, "kvtuner_hicache_nbits_key"),
-        nbits_value=_as_int(args, "kvtuner_hicache_nbits_value"),
-        asym=bool(_get(args, "kvtuner_hicache_asym")),
-        axis_key=_as_int(args, "kvtuner_hicache_axis_key"),
-        axis_value=_as_int(args, "kvtuner_hicache_axis_value"),
-        group_size=_as_int(args, "kvtuner_hicache_q_group_size"),
-        residual_length=_as_int(args, "kvtuner_hicache_residual_length"),
+        enabled=bool(_arg(args, "enable_kvtuner_hicache")),
+        nbits_key=_int_arg(args, "kvtuner_hicache_nbits_key"),
+        nbits_value=_int_arg(args, "kvtuner_hicache_nbits_value"),
+        asym=bool(_arg(args, "kvtuner_hicache_asym")),
+        axis_key=_int_arg(args, "kvtuner_hicache_axis_key"),
+        axis_value=_int_arg(args, "kvtuner_hicache_axis_value"),
+        group_size=_int_arg(args, "kvtuner_hicache_q_group_size"),
+        residual_length=_int_arg(args, "kvtuner_hicache_residual_length"),
         layer_config=str(path) if path else None,
         layer_bits=layer_bits,
     )
 
 
-def _as_int(args: Any, name: str) -> int:
-    value = _get(args, name)
+def _int_arg(args: Any, name: str) -> int:
+    """The server argument ``name`` as an int (argparse-free callers may pass strings)."""
+    value = _arg(args, name)
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = int(str(value), 10)
@@ -94,9 +98,7 @@ def _as_int(args: Any, name: str) -> int:
 
 
 def current_server_config() -> KVTunerHiCacheConfig:
-    """The config of the running server, read the way SGLang reads memory flags
-    (the resolved ``memory`` namespace bag, 0.5.17+), falling back to the raw
-    ``ServerArgs``. Nothing published (unit tests, tools) -> feature off."""
+    """The config of the running server; off where nothing is published (tests, tools)."""
     source = _published_memory_args()
     return config_from_args(source, load_preset=source is not None)
 
@@ -107,7 +109,7 @@ _scheduler_server_args: Any = None
 
 
 def publish_server_args(args: Any) -> None:
-    """Called first thing in the scheduler process with its ``ServerArgs``."""
+    """Remember the scheduler process's ``ServerArgs`` (called first thing there)."""
     global _scheduler_server_args
     _scheduler_server_args = args
 
@@ -119,35 +121,52 @@ def _published_memory_args() -> Any:
 
 
 def _release_memory_args() -> Any:
+    """The running server's arguments as the release publishes them, or None."""
     try:
         import sglang.srt.runtime_context as rc
     except ImportError:  # standalone install without SGLang, or before 0.5.15 (no runtime context)
         rc = None
-    bag = None
-    get_memory = getattr(rc, "get_memory", None)  # 0.5.17+
-    if get_memory is not None:
-        try:
-            bag = get_memory()
-        except (ValueError, RuntimeError, AttributeError, AssertionError):
-            bag = None
-        if bag is not None and "enable_kvtuner_hicache" in bag:
-            return _BagView(bag)
-    getter = getattr(rc, "get_server_args", None)  # 0.5.15+
+    bag = _memory_bag(rc)
+    if bag is not None and "enable_kvtuner_hicache" in bag:
+        return _BagView(bag)
+    getter = _server_args_getter(rc)
     if getter is None:
-        try:  # 0.5.3.post2 - 0.5.14: the module-level global of server_args.py
-            from sglang.srt.server_args import get_global_server_args as getter
-        except ImportError:  # 0.5.3, 0.5.3.post1
-            return bag
+        return bag
     try:
         return getter()
-    except (ValueError, RuntimeError, AttributeError, AssertionError):
+    except _NOT_PUBLISHED:
         return bag
 
 
+# What the releases' getters raise while nothing is published yet.
+_NOT_PUBLISHED = (ValueError, RuntimeError, AttributeError, AssertionError)
+
+
+def _memory_bag(rc: Any) -> Any:
+    """The resolved ``memory`` config bag (0.5.17+), or None."""
+    get_memory = getattr(rc, "get_memory", None)
+    if get_memory is None:
+        return None
+    try:
+        return get_memory()
+    except _NOT_PUBLISHED:
+        return None
+
+
+def _server_args_getter(rc: Any) -> Optional[Callable[[], Any]]:
+    """The release's getter of its published ``ServerArgs``; None in 0.5.3 and 0.5.3.post1."""
+    getter = getattr(rc, "get_server_args", None)  # 0.5.15+
+    if getter is not None:
+        return getter
+    try:  # 0.5.3.post2 - 0.5.14: the module-level global of server_args.py
+        from sglang.srt.server_args import get_global_server_args
+    except ImportError:
+        return None
+    return get_global_server_args
+
+
 class _BagView:
-    """getattr over a resolved config bag that answers None for absent leaves
-    (the bag raises AttributeError, which getattr's default would also catch; this
-    keeps the intent explicit)."""
+    """A resolved config bag whose absent leaves read as None (the bag itself raises)."""
 
     def __init__(self, bag: Any):
         self._bag = bag
@@ -183,6 +202,7 @@ def load_layer_preset(path: str) -> Dict[int, Tuple[int, int]]:
 
 
 def parse_layer_preset(data: Any, *, source: str = "<preset>") -> Dict[int, Tuple[int, int]]:
+    """Validate a loaded preset into ``{layer: (k_bits, v_bits)}``; ``source`` names it."""
     flag = _flag("kvtuner_hicache_layer_config")
     if not isinstance(data, Mapping) or not data:
         raise ValueError(
@@ -195,40 +215,37 @@ def parse_layer_preset(data: Any, *, source: str = "<preset>") -> Dict[int, Tupl
         layer = _layer_index(raw_layer, flag, source)
         if layer in out:
             raise ValueError(f"{flag}: {source} names layer {layer} twice")
-        if not isinstance(entry, Mapping):
-            raise ValueError(
-                f"{flag}: {source} layer {layer}: expected "
-                f"{{nbits_key: N, nbits_value: M}}, got {entry!r}"
-            )
-        if "nbits_key" not in entry or "nbits_value" not in entry:
-            if entry and all(_is_int_like(k) for k in entry):
-                raise ValueError(
-                    f"{flag}: {source} layer {layer} is a per-head preset "
-                    "(layer -> head -> bits); per-head bits are not supported by the "
-                    "host pool (it stores whole heads together). Use one "
-                    "{nbits_key, nbits_value} pair per layer."
-                )
-            raise ValueError(
-                f"{flag}: {source} layer {layer}: needs both nbits_key and "
-                f"nbits_value, got keys {sorted(map(str, entry))}"
-            )
-        extra = set(map(str, entry)) - {"nbits_key", "nbits_value"}
-        if extra:
-            raise ValueError(f"{flag}: {source} layer {layer}: unknown keys {sorted(extra)}")
-        bits = []
-        for name in ("nbits_key", "nbits_value"):
-            value = entry[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
-                raise ValueError(
-                    f"{flag}: {source} layer {layer}: {name}={value!r} is not one of "
-                    f"{list(ALLOWED_BITS)}"
-                )
-            bits.append(value)
-        out[layer] = (bits[0], bits[1])
+        out[layer] = _entry_bits(entry, f"{flag}: {source} layer {layer}")
     return out
 
 
+def _entry_bits(entry: Any, where: str) -> Tuple[int, int]:
+    """(K bits, V bits) of one preset entry ``{nbits_key: N, nbits_value: M}``."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected {{nbits_key: N, nbits_value: M}}, got {entry!r}")
+    if "nbits_key" not in entry or "nbits_value" not in entry:
+        if entry and all(_is_int_like(k) for k in entry):
+            raise ValueError(
+                f"{where} is a per-head preset "
+                "(layer -> head -> bits); per-head bits are not supported by the "
+                "host pool (it stores whole heads together). Use one "
+                "{nbits_key, nbits_value} pair per layer."
+            )
+        raise ValueError(
+            f"{where}: needs both nbits_key and nbits_value, got keys {sorted(map(str, entry))}"
+        )
+    extra = set(map(str, entry)) - {"nbits_key", "nbits_value"}
+    if extra:
+        raise ValueError(f"{where}: unknown keys {sorted(extra)}")
+    for name in ("nbits_key", "nbits_value"):
+        value = entry[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+            raise ValueError(f"{where}: {name}={value!r} is not one of {list(ALLOWED_BITS)}")
+    return entry["nbits_key"], entry["nbits_value"]
+
+
 def _is_int_like(value: Any) -> bool:
+    """An int, or a string of one (YAML keys may be either); never a bool."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
@@ -237,6 +254,7 @@ def _is_int_like(value: Any) -> bool:
 
 
 def _layer_index(raw: Any, flag: str, source: str) -> int:
+    """A preset key as a layer index."""
     if not _is_int_like(raw) or int(raw) < 0:
         raise ValueError(f"{flag}: {source}: layer key {raw!r} is not a layer index (int >= 0)")
     return int(raw)
@@ -246,8 +264,8 @@ def _layer_index(raw: Any, flag: str, source: str) -> int:
 
 
 def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
-    """Startup checks that need only the arguments. Returns the config when the
-    feature is on, None when off; raises ValueError naming the flag otherwise."""
+    """Startup checks that need only the arguments: the config when on, None when off."""
+    # Raises ValueError naming the flag and the bad value.
     cfg = config_from_args(args, load_preset=False)
     if not cfg.enabled:
         return None
@@ -268,6 +286,7 @@ def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
 
 
 def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
+    """Refuse bits, axes, group size or residual length outside their ranges."""
     for name, value in (
         ("kvtuner_hicache_nbits_key", cfg.nbits_key),
         ("kvtuner_hicache_nbits_value", cfg.nbits_value),
@@ -292,6 +311,7 @@ def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
 
 
 def _check_page_groups(cfg: KVTunerHiCacheConfig, page_size: int) -> None:
+    """Refuse per-channel groups longer than a page."""
     # Per-channel groups run along tokens and must never cross a page: a page is
     # the unit every backup, load and storage transfer moves.
     if (cfg.axis_key == 1 or cfg.axis_value == 1) and cfg.group_size > page_size:
@@ -318,10 +338,10 @@ class LayerPlan:
     dtype_name: str  # "float16" / "bfloat16" / "float32"
 
     def tag(self) -> str:
-        """Short stable name of everything that decides the stored page bytes:
-        dtype, geometry, per-layer bits, symmetry, axes, group size and the page
-        format version. The residual window is absent on purpose: storage only
-        ever receives quantized pages."""
+        """Short stable name of everything that decides the stored page bytes."""
+        # Dtype, geometry, per-layer bits, symmetry, axes, group size and the page format
+        # version. The residual window is absent on purpose: storage only ever receives
+        # quantized pages.
         from .page_format import PAGE_FORMAT_VERSION
 
         c = self.cfg
@@ -358,47 +378,16 @@ def resolve_layer_plan(
     dtype_name: str,
     model_layer_num: Optional[int],
 ) -> LayerPlan:
-    """Bind the flags to a host pool. ``model_layer_num`` is the model's layer count
-    when this rank knows it (no pipeline parallelism, or the last stage); with None
-    only this stage's layers are checked against the preset."""
+    """Bind the flags to a host pool's layers, geometry and KV dtype."""
+    # model_layer_num: the model's layer count where this rank knows it (no pipeline
+    # parallelism, or the last stage); with None only this stage's layers are checked.
     check_uniform_config(cfg)
     _check_page_groups(cfg, page_size)
-    if dtype_name not in ("float16", "bfloat16", "float32"):
-        raise ValueError(
-            f"{_flag('enable_kvtuner_hicache')}: the KV cache dtype is {dtype_name}; the "
-            "quantizing host pool needs fp16, bf16 or fp32 device KV (do not combine it "
-            "with an fp8/fp4 --kv-cache-dtype)"
-        )
-    for axis, name in ((cfg.axis_key, "key"), (cfg.axis_value, "value")):
-        if axis == 0 and head_dim % cfg.group_size:
-            raise ValueError(
-                f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} does not divide "
-                f"the model's head_dim {head_dim}, which per-token {name} groups "
-                f"({_flag('kvtuner_hicache_axis_' + name)} 0) require"
-            )
-    uniform = (cfg.nbits_key, cfg.nbits_value)
+    _check_kv_dtype(dtype_name)
+    _check_head_dim_groups(cfg, head_dim)
     layers = range(start_layer, start_layer + target_layer_num)
-    preset = cfg.layer_bits_map()
-    if preset is None:
-        bits = [uniform] * target_layer_num
-    else:
-        where = f"{_flag('kvtuner_hicache_layer_config')} {cfg.layer_config}"
-        missing = [l for l in layers if l not in preset]
-        if missing:
-            logger.info(
-                "%s lists no bits for layers %s; they use the uniform K%dV%d",
-                where, _ranges(missing), uniform[0], uniform[1],
-            )
-        if model_layer_num is not None:
-            extra = sorted(l for l in preset if l >= model_layer_num)
-            if extra:
-                raise ValueError(
-                    f"{where}: names layers {_ranges(extra)} but the model has "
-                    f"{model_layer_num} layers (0..{model_layer_num - 1}); is the preset "
-                    "for another model?"
-                )
-        bits = [preset.get(l, uniform) for l in layers]
-    bits += [uniform] * draft_layer_num
+    bits = _target_layer_bits(cfg, layers, model_layer_num)
+    bits += [(cfg.nbits_key, cfg.nbits_value)] * draft_layer_num
     return LayerPlan(
         cfg=cfg,
         layer_bits=tuple(bits),
@@ -409,7 +398,58 @@ def resolve_layer_plan(
     )
 
 
+def _check_kv_dtype(dtype_name: str) -> None:
+    """Refuse a device KV cache the codec cannot read (fp8, fp4, ...)."""
+    if dtype_name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(
+            f"{_flag('enable_kvtuner_hicache')}: the KV cache dtype is {dtype_name}; the "
+            "quantizing host pool needs fp16, bf16 or fp32 device KV (do not combine it "
+            "with an fp8/fp4 --kv-cache-dtype)"
+        )
+
+
+def _check_head_dim_groups(cfg: KVTunerHiCacheConfig, head_dim: int) -> None:
+    """Refuse per-token groups that do not divide head_dim."""
+    for axis, name in ((cfg.axis_key, "key"), (cfg.axis_value, "value")):
+        if axis == 0 and head_dim % cfg.group_size:
+            raise ValueError(
+                f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} does not divide "
+                f"the model's head_dim {head_dim}, which per-token {name} groups "
+                f"({_flag('kvtuner_hicache_axis_' + name)} 0) require"
+            )
+
+
+def _target_layer_bits(
+    cfg: KVTunerHiCacheConfig, layers: range, model_layer_num: Optional[int]
+) -> List[Tuple[int, int]]:
+    """(K bits, V bits) of each of ``layers``: the preset's, else the uniform bits."""
+    uniform = (cfg.nbits_key, cfg.nbits_value)
+    preset = cfg.layer_bits_map()
+    if preset is None:
+        return [uniform] * len(layers)
+    where = f"{_flag('kvtuner_hicache_layer_config')} {cfg.layer_config}"
+    missing = [layer for layer in layers if layer not in preset]
+    if missing:
+        logger.info(
+            "%s lists no bits for layers %s; they use the uniform K%dV%d",
+            where,
+            _ranges(missing),
+            uniform[0],
+            uniform[1],
+        )
+    if model_layer_num is not None:
+        extra = sorted(layer for layer in preset if layer >= model_layer_num)
+        if extra:
+            raise ValueError(
+                f"{where}: names layers {_ranges(extra)} but the model has "
+                f"{model_layer_num} layers (0..{model_layer_num - 1}); is the preset "
+                "for another model?"
+            )
+    return [preset.get(layer, uniform) for layer in layers]
+
+
 def _ranges(values: Iterable[int]) -> str:
+    """``"0-3, 7"`` for ``[0, 1, 2, 3, 7]``."""
     vals = sorted(values)
     out = []
     i = 0

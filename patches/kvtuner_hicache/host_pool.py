@@ -36,6 +36,7 @@ _DUMMY_CACHE_MAX_BYTES = 256 << 20
 
 
 def _import_quant():
+    """The kvtuner_quant extension, with an install hint when it is missing."""
     try:
         import kvtuner_quant
     except ImportError as e:
@@ -48,6 +49,12 @@ def _import_quant():
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def _gather_to_cpu(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows of a device KV buffer, copied to host memory for the codec."""
+    x = buffer.index_select(0, rows)
+    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
@@ -96,6 +103,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
+        """Build from an ``MHABufferInfo`` (0.5.23)."""
         _check_layout(layout)
         check_buffer_info(buffer_info)
         self._kvt_prepare(
@@ -150,8 +158,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         kvtuner_config: Optional[KVTunerHiCacheConfig] = None,
         model_layer_num: Optional[int] = None,
     ):
-        """0.5.3 - 0.5.22: the release passes its device pool (and, from 0.5.18,
-        MTP draft device pools whose layers are packed after the target layers)."""
+        """Build from a device pool (0.5.3 - 0.5.22), MTP draft pools packed after it."""
         _check_layout(layout)
         check_device_pool(device_pool)
         drafts = tuple(mtp_draft_device_pools)
@@ -218,8 +225,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         model_layer_num: Optional[int],
         fixed_capacity: bool,
     ) -> None:
-        """Everything get_size_per_token() and init_kv_buffer() need, set before
-        the base __init__ calls them."""
+        """Set what get_size_per_token() and init_kv_buffer() need before the base runs."""
         self._kq = _import_quant()
         cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
         plan = resolve_layer_plan(
@@ -262,10 +268,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def _kvt_memory_ratio_as_size(self, host_size, ratio, device_tokens) -> float:
-        """--hicache-ratio (and HiCache auto-sizing, which picks the ratio from a
-        byte budget and the device pool's fp16 bytes) is read as a memory ratio:
-        the pool gets the bytes the stock pool would, and so holds stock/quantized
-        times more tokens. An explicit --hicache-size (GB) is kept."""
+        """The host size in GB, with --hicache-ratio read as a ratio of memory, not tokens."""
+        # HiCache auto-sizing picks the ratio from a byte budget and the device pool's fp16 bytes,
+        # so the pool gets the bytes the stock pool would and holds stock/quantized times more
+        # tokens. An explicit --hicache-size (GB) is kept.
         if (host_size and host_size > 0) or not ratio:
             return host_size
         return device_tokens * ratio * self._kvt_stock_bytes / 1e9
@@ -284,13 +290,18 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return self.kvtuner_layout.row_nbytes
 
     def kvtuner_namespace_tag(self) -> str:
-        """Short stable name of dtype + quantization config (per-layer bits included)
-        for storage namespaces."""
+        """Short stable name of dtype and quantization config, for storage namespaces."""
         return self.kvtuner_layout.tag
 
     def _exact_page_nbytes(self) -> int:
+        """Bytes of one page of every layer's K and V at full precision."""
         return (
-            2 * self.layer_num * self.page_size * self.head_num * self.head_dim * self.dtype.itemsize
+            2
+            * self.layer_num
+            * self.page_size
+            * self.head_num
+            * self.head_dim
+            * self.dtype.itemsize
         )
 
     def _window_pages(self) -> int:
@@ -302,8 +313,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         super()._allocate_host_buffer()
 
     def _kvt_carve_overlay(self) -> None:
-        """Take the overlay's pages out of the sized pool (once; before the rows
-        are allocated, from whichever of the base's hooks runs first)."""
+        """Take the overlay's bytes out of the sized pool, once, before the rows are allocated."""
+        # Called from whichever of the base's hooks runs first (see compat.py).
         if self._kvt_carved:
             return
         self._kvt_carved = True
@@ -324,6 +335,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             self._kvt_overlay_slots = slots
 
     def _kvt_alloc_overlay(self) -> None:
+        """Allocate the overlay ring carved out by ``_kvt_carve_overlay``."""
         slots = self._kvt_overlay_slots
         if not slots or self.kvtuner_overlay is not None:
             return
@@ -342,6 +354,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def init_kv_buffer(self):
+        """The host rows: one uint8 row of ``row_nbytes`` per page."""
         # Bases before 0.5.22 call this right after sizing the pool.
         self._kvt_carve_overlay()
         # Kept for code that reads them; they describe the device rows.
@@ -353,6 +366,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return rows
 
     def _initialize_transfer_views(self, *_release_args) -> None:
+        """Disable the release's fp16 copy kernels and their pointer tables."""
         # The release's copy kernels and their pointer tables address fp16 host
         # rows; none of them applies to quantized rows. (0.5.23 calls this with
         # (buffer_info, write_back_staging), 0.5.22 with nothing; earlier releases
@@ -390,10 +404,12 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
     # ------------------------------------------------------------ overlay ---
 
     def _row_stamps(self, pages: torch.Tensor) -> torch.Tensor:
+        """The backup stamp each of ``pages`` carries in its header."""
         cols = self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES]
         return cols.contiguous().view(torch.int64).reshape(-1)
 
     def _new_stamps(self, n: int) -> torch.Tensor:
+        """``n`` stamps no earlier backup of this pool used."""
         with self._stamp_lock:
             start = self._stamp_next
             self._stamp_next = (start + n) & ((1 << 63) - 1)
@@ -436,12 +452,14 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return starts // self.page_size
 
     def _device_rows(self, device_indices: torch.Tensor) -> torch.Tensor:
+        """Device token indices as int64 on the device the KV buffers live on."""
         if device_indices.device != self._transfer_device:
             device_indices = device_indices.to(self._transfer_device)
         return device_indices.to(torch.int64)
 
     @staticmethod
     def _check_io_backend(io_backend: str) -> None:
+        """Refuse an io backend whose copy kernels would need fp16 host rows."""
         if io_backend not in SUPPORTED_IO_BACKENDS:
             raise ValueError(
                 f"KVTuner host pool: unsupported --hicache-io-backend {io_backend!r} "
@@ -449,6 +467,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             )
 
     def _quant_kwargs(self, layer: int, is_value: bool) -> dict:
+        """kvtuner_quant's codec arguments for one layer's K or V blob."""
         cfg = self._kvt_cfg
         k_bits, v_bits = self.kvtuner_plan.layer_bits[layer]
         return dict(
@@ -460,12 +479,14 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         )
 
     def _blob_columns(self, layer: int, is_value: bool) -> torch.Tensor:
+        """The byte columns of every host row that hold one layer's K or V blob."""
         off, nbytes = self.kvtuner_layout.blob(layer, is_value)
         return self.kv_buffer[:, off : off + nbytes]
 
     def backup_from_device_all_layer(
         self, device_pool, host_indices, device_indices, io_backend
     ) -> None:
+        """Quantize every layer of the device rows into the host pages."""
         self._check_io_backend(io_backend)
         pages = self._host_pages(host_indices)
         n = len(pages)
@@ -482,9 +503,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                     (False, self.device_k_buffers),
                     (True, self.device_v_buffers),
                 ):
-                    x = buffers[layer].index_select(0, rows)
-                    if x.device.type != "cpu":
-                        x = x.to("cpu")
+                    x = _gather_to_cpu(buffers[layer], rows)
                     self._kq.quantize_pages(
                         x,
                         self._blob_columns(layer, is_value),
@@ -495,11 +514,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                     if window is not None:
                         slots, first = window
                         overlay.store(slots, is_value, layer, x[first * ps :])
-            self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
-            stamps = self._new_stamps(n)
-            self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamps.view(
-                torch.uint8
-            ).view(n, STAMP_NBYTES)
+            stamps = self._write_headers(pages)
             if window is not None:
                 slots, first = window
                 overlay.publish(pages[first:], slots, stamps[first:])
@@ -514,6 +529,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         *,
         is_draft: bool = False,
     ) -> None:
+        """Restore one layer of the host pages into the device rows."""
         if not is_draft and not 0 <= layer_id < self.target_layer_num:
             return
         self._check_io_backend(io_backend)
@@ -537,19 +553,34 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             quantized = self.kvtuner_overlay.load_layer(
                 pages, self._row_stamps, layer_id, write_exact
             )
-        if quantized.numel() == 0:
-            return
-        q_pages = pages[quantized].numpy()
-        dst_rows = rows[quantized.to(rows.device)].reshape(-1)
-        out = torch.empty((len(q_pages) * ps, self.head_num, self.head_dim), dtype=self.dtype)
-        for is_value in (0, 1):
+        if quantized.numel():
+            self._dequantize_to_device(pages[quantized], rows[quantized.to(rows.device)], layer_id)
+
+    def _write_headers(self, pages: torch.Tensor) -> torch.Tensor:
+        """Write the page header with a fresh backup stamp into each page; returns the stamps."""
+        n = len(pages)
+        self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
+        stamps = self._new_stamps(n)
+        stamp_bytes = stamps.view(torch.uint8).view(n, STAMP_NBYTES)
+        self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamp_bytes
+        return stamps
+
+    def _dequantize_to_device(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
+        """Decode one layer of ``pages`` into the device rows ``rows`` ([pages, page_size])."""
+        dst_rows = rows.reshape(-1)
+        out = torch.empty(
+            (len(pages) * self.page_size, self.head_num, self.head_dim), dtype=self.dtype
+        )
+        page_ids = pages.numpy()
+        device_buffers = (self.device_k_buffers[layer], self.device_v_buffers[layer])
+        for is_value, buffer in enumerate(device_buffers):
             self._kq.dequantize_pages(
-                self._blob_columns(layer_id, bool(is_value)),
-                q_pages,
+                self._blob_columns(layer, bool(is_value)),
+                page_ids,
                 out,
-                **self._quant_kwargs(layer_id, bool(is_value)),
+                **self._quant_kwargs(layer, bool(is_value)),
             )
-            dev[is_value][dst_rows] = out.to(dev[is_value].device)
+            buffer[dst_rows] = out.to(buffer.device)
 
     # ------------------------------------------------------------- storage ---
 
@@ -558,6 +589,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return self.kv_buffer[page] if flat else self.kv_buffer[page : page + 1]
 
     def get_dummy_flat_data_page(self) -> torch.Tensor:
+        """A scratch page for one storage read."""
         # Not one shared buffer: the controller asks for one per key of a batch and
         # holds them all at once, so a single cached page would alias every read.
         # Pages handed back through set_from_flat_data_page are recycled instead.
@@ -569,6 +601,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return page
 
     def _recycle_dummy(self, data_page: torch.Tensor) -> None:
+        """Keep a scratch page this pool handed out for the next storage read."""
         if self._dummy_issued.get(id(data_page)) is not data_page:
             return
         del self._dummy_issued[id(data_page)]
@@ -580,7 +613,9 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             if len(self._dummy_free) < cap:
                 self._dummy_free.append(data_page)
 
-    def _page_bytes(self, data_page: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _page_bytes(data_page: torch.Tensor) -> torch.Tensor:
+        """A storage page as a flat CPU uint8 tensor."""
         t = data_page
         if t.device.type != "cpu":
             t = t.cpu()
@@ -590,6 +625,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return t
 
     def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        """Fill a host page from storage bytes, refusing another config's page."""
         page = int(index) // self.page_size
         src = self._page_bytes(data_page)
         row = self.kvtuner_layout.row_nbytes
@@ -598,9 +634,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"KVTuner host pool: storage page for host page {page} holds "
                 f"{src.numel()} bytes, expected {row} ({self.storage_format_tag})"
             )
-        problem = self.kvtuner_layout.header_mismatch(
-            bytes(src[:PAGE_HEADER_NBYTES].numpy())
-        )
+        problem = self.kvtuner_layout.header_mismatch(bytes(src[:PAGE_HEADER_NBYTES].numpy()))
         if problem is not None:
             raise ValueError(
                 f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
@@ -610,10 +644,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         self._recycle_dummy(data_page)
 
     def kvtuner_check_pages(self, host_indices: torch.Tensor) -> List[bool]:
-        """Per page of ``host_indices``: does the host row carry this pool's page
-        header? Zero-copy backends call it after writing rows themselves and treat
-        False as a miss. (No overlay bookkeeping is needed: a row can only be
-        filled from storage after ``free``, which dropped its overlay entry.)"""
+        """Per page of ``host_indices``: does the host row carry this pool's page header?"""
+        # Zero-copy backends call this after writing rows themselves and treat False as a
+        # miss. No overlay bookkeeping is needed: a row is only filled from storage after
+        # free(), which dropped its overlay entry.
         pages = self._host_pages(host_indices)
         if len(pages) == 0:
             return []
@@ -624,8 +658,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return [bool(v) for v in ok]
 
     def get_page_buffer_meta(self, indices):
-        """Zero-copy spans: two per page (the row's halves, contiguous), matching the
-        K/V pair MHA backends zip with their keys."""
+        """Zero-copy spans: two per page, the row's contiguous halves."""
+        # Two, not one: MHA backends zip a K and a V span with each key.
         assert len(indices) % self.page_size == 0
         row = self.kvtuner_layout.row_nbytes
         half = row // 2
@@ -639,8 +673,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         return ptrs, sizes
 
     def kvtuner_page_spans(self, indices) -> Tuple[List[int], List[int]]:
-        """One (pointer, row bytes) span per page, for backends storing one object
-        per page."""
+        """One (pointer, row bytes) span per page, for backends storing one object per page."""
         row = self.kvtuner_layout.row_nbytes
         base = self.kv_buffer.data_ptr()
         pages = self._host_pages(indices).tolist()
@@ -660,6 +693,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
 
 def _check_layout(layout: str) -> None:
+    """Refuse host layouts whose per-layer or per-head spans a quantized row lacks."""
     if layout not in SUPPORTED_LAYOUTS:
         raise ValueError(
             f"--enable-kvtuner-hicache stores page-major quantized rows; "
@@ -669,8 +703,7 @@ def _check_layout(layout: str) -> None:
 
 
 def check_pool_source(source) -> None:
-    """Refuse what the release passes (buffer info or device pool) when the
-    quantizing pool cannot mirror it, with the reason."""
+    """Refuse a buffer info or device pool the quantizing pool cannot mirror, with the reason."""
     if is_buffer_info(source):
         check_buffer_info(source)
     else:
@@ -680,12 +713,7 @@ def check_pool_source(source) -> None:
 def check_device_pool(device_pool) -> None:
     """0.5.3 - 0.5.22: refuse device pools the quantizing pool cannot mirror."""
     head_dim = getattr(device_pool, "head_dim", None)
-    v_head_dim = getattr(device_pool, "v_head_dim", None) or head_dim
-    if head_dim != v_head_dim:
-        raise ValueError(
-            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
-            f"model has K {head_dim} and V {v_head_dim}"
-        )
+    _check_same_head_dim(head_dim, getattr(device_pool, "v_head_dim", None) or head_dim)
     dtype = getattr(device_pool, "store_dtype", None)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
@@ -693,26 +721,28 @@ def check_device_pool(device_pool) -> None:
             f"this one stores {dtype}"
         )
     if getattr(device_pool, "layer_shard_enabled", False):
-        raise ValueError(
-            "--enable-kvtuner-hicache does not support layer-sharded device pools"
-        )
+        raise ValueError("--enable-kvtuner-hicache does not support layer-sharded device pools")
 
 
 def check_buffer_info(buffer_info) -> None:
-    """Refuse device pools the quantizing pool cannot mirror, with the reason."""
+    """0.5.23: refuse device buffers the quantizing pool cannot mirror."""
     if buffer_info.scales is not None:
         raise ValueError(
             "--enable-kvtuner-hicache: the device KV cache carries scales "
             f"({buffer_info.scales.layout.value}); the quantizing host pool needs a "
             "plain fp16/bf16/fp32 KV cache"
         )
-    if buffer_info.head_dim != buffer_info.v_head_dim:
-        raise ValueError(
-            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
-            f"model has K {buffer_info.head_dim} and V {buffer_info.v_head_dim}"
-        )
+    _check_same_head_dim(buffer_info.head_dim, buffer_info.v_head_dim)
     if buffer_info.transfer_buffers is not None:
         raise ValueError(
-            "--enable-kvtuner-hicache does not support relocatable device pools "
-            "(transfer_buffers)"
+            "--enable-kvtuner-hicache does not support relocatable device pools (transfer_buffers)"
+        )
+
+
+def _check_same_head_dim(head_dim, v_head_dim) -> None:
+    """Refuse K and V of different head_dim: one row layout holds both."""
+    if head_dim != v_head_dim:
+        raise ValueError(
+            "--enable-kvtuner-hicache supports K and V of the same head_dim; this "
+            f"model has K {head_dim} and V {v_head_dim}"
         )

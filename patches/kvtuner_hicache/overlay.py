@@ -20,8 +20,7 @@ def window_pages(residual_length: int, page_size: int) -> int:
 def carve_slots(
     page_num: int, row_nbytes: int, exact_page_nbytes: int, window: int, residual_length: int
 ) -> Tuple[int, int]:
-    """(exact slots, quantized rows they replace) for a pool of ``page_num`` rows; raises
-    ValueError when the budget share cannot hold one window."""
+    """(exact slots, quantized rows they replace) for a pool of ``page_num`` rows."""
     budget = page_num * row_nbytes
     slots = int(budget * OVERLAY_BUDGET_FRACTION) // exact_page_nbytes
     if slots < window:
@@ -51,8 +50,8 @@ class ResidualOverlay:
         self._lock = threading.Lock()
 
     def reserve(self, pages: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
-        """Drop the entries of pages about to be rewritten and reserve ring slots for the
-        window. Returns (slots, first window position in ``pages``) or None."""
+        """Reserve ring slots for the window of a backup: (slots, first position) or None."""
+        # The entries of the pages about to be rewritten are dropped first.
         with self._lock:
             self._drop_locked(pages)
             w = min(self.window_pages, len(pages), self.slots)
@@ -84,9 +83,8 @@ class ResidualOverlay:
         layer: int,
         write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
     ) -> torch.Tensor:
-        """Hand ``write(positions, k, v)`` the exact copies of ``layer`` for the positions of
-        ``pages`` still served from the ring (under the lock, so no backup reuses a slot
-        meanwhile). Returns the positions left to dequantize."""
+        """Copy out the exact ``layer`` of the pages still held; returns the positions to decode."""
+        # write(positions, k, v) runs under the lock, so no backup reuses a slot meanwhile.
         with self._lock:
             slots = self._slot_of_page[pages]
             mapped = slots >= 0
@@ -109,11 +107,13 @@ class ResidualOverlay:
             self._drop_locked(pages)
 
     def _drop_locked(self, pages: torch.Tensor) -> None:
+        """``drop`` with the lock already held."""
         old = self._slot_of_page[pages]
         self._page_of_slot[old[old >= 0]] = -1
         self._slot_of_page[pages] = -1
 
     def clear(self) -> None:
+        """Forget every exact copy."""
         with self._lock:
             self._slot_of_page.fill_(-1)
             self._page_of_slot.fill_(-1)

@@ -14,12 +14,24 @@ PAGE_MAGIC = b"KVTPAGE1"
 PAGE_FORMAT_VERSION = 1
 PAGE_HEADER_NBYTES = 64
 BLOB_ALIGN = 64
+# magic, version, header size, layers, page size, row bytes, config digest
 _HEADER_STRUCT = struct.Struct("<8sHHIIQ16s")
+_HEADER_FIELDS = (
+    "magic",
+    "version",
+    "header size",
+    "layers",
+    "page size",
+    "row bytes",
+    "config digest",
+)
+# The per-backup stamp: inside the header, outside the bytes the config check compares.
 STAMP_OFFSET = 48
 STAMP_NBYTES = 8
 
 
 def _round_up(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``."""
     return (n + m - 1) // m * m
 
 
@@ -27,9 +39,8 @@ class PageLayout:
     """Offsets of every blob inside a row, computed once per pool from the plan."""
 
     def __init__(self, plan, packed_nbytes) -> None:
-        """``packed_nbytes(tokens, heads, head_dim, *, dtype, bits, asym, axis,
-        group_size)`` is kvtuner_quant's size function (injected so this module has no
-        import-time dependency on the extension)."""
+        """Lay out ``plan``'s blobs; ``packed_nbytes`` is kvtuner_quant's blob size function."""
+        # Passed in rather than imported, so this module does not need the extension.
         self.plan = plan
         cfg = plan.cfg
         self.k_offsets: List[int] = []
@@ -74,6 +85,7 @@ class PageLayout:
 
     @property
     def bytes_per_token(self) -> int:
+        """Row bytes per token: what the pool reports as ``get_size_per_token()``."""
         return self.row_nbytes // self.plan.page_size
 
     def blob(self, layer: int, is_value: bool) -> Tuple[int, int]:
@@ -83,17 +95,15 @@ class PageLayout:
         return self.k_offsets[layer], self.k_nbytes[layer]
 
     def header_mismatch(self, got: bytes) -> str | None:
-        """None when ``got`` (a row's first 64 bytes) is this layout's header, else
-        a message naming the first differing field."""
+        """None when ``got`` starts with this layout's header, else the first field that differs."""
         got = bytes(got[:PAGE_HEADER_NBYTES])
         if len(got) < PAGE_HEADER_NBYTES:
             return f"page holds {len(got)} bytes, less than the {PAGE_HEADER_NBYTES}-byte header"
         if self.config_bytes(got) == self.config_bytes(self.header):
             return None
-        fields = ("magic", "version", "header size", "layers", "page size", "row bytes", "config digest")
         want = _HEADER_STRUCT.unpack_from(self.header)
-        have = _HEADER_STRUCT.unpack_from(bytes(got[:PAGE_HEADER_NBYTES]))
-        for name, w, h in zip(fields, want, have):
+        have = _HEADER_STRUCT.unpack_from(got)
+        for name, w, h in zip(_HEADER_FIELDS, want, have):
             if w != h:
                 if name == "config digest":
                     return (

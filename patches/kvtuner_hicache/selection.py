@@ -12,13 +12,10 @@ from .config import is_enabled
 
 
 def select_mha_host_pool_cls(source: Any, default_cls: Optional[type]) -> Optional[type]:
-    """The quantizing host pool class when the flag is on, else ``default_cls``.
-
-    With the flag on, a device pool the quantizing pool cannot mirror (scaled
-    MXFP8 KV, K/V of different head_dim, relocatable buffers) is a startup error
-    naming the reason, never a silent fall back to full precision. ``source``
-    is what the release passes ``get_mha_host_pool_cls``: an ``MHABufferInfo``
-    (0.5.23) or the device pool (0.5.3 - 0.5.22)."""
+    """The quantizing host pool class when the flag is on, else ``default_cls``."""
+    # `source` is what the release passes get_mha_host_pool_cls: an MHABufferInfo (0.5.23) or
+    # the device pool (0.5.3 - 0.5.22). With the flag on, one the quantizing pool cannot
+    # mirror is a startup error naming the reason, never a silent fall back to full precision.
     if not is_enabled():
         return default_cls
     from .host_pool import KVTunerMHATokenToKVPoolHost, check_pool_source

@@ -137,29 +137,37 @@ def check_against_oracle(x16, bits, G, P, dst, ids, out):
     n = 4
     xs = x16[: n * P]
     for i in range(n):
-        ref = oracle.quantize_ref(xs[i * P:(i + 1) * P], "float16", **cfg)
+        ref = oracle.quantize_ref(xs[i * P : (i + 1) * P], "float16", **cfg)
         blob = dst[ids[i], : kq.packed_nbytes(P, *x16.shape[1:], dtype="float16", **cfg)].tobytes()
         codes, sb, mb = kq.QuantizedTensor.from_bytes(blob)._unpack()
-        assert np.array_equal(np.frombuffer(codes, np.int32), ref.codes), "rust codes differ from the oracle"
+        assert np.array_equal(np.frombuffer(codes, np.int32), ref.codes), (
+            "rust codes differ from the oracle"
+        )
         assert np.array_equal(np.frombuffer(sb, np.uint32), ref.scale_bits), "rust scales differ"
         assert np.array_equal(np.frombuffer(mb, np.uint32), ref.min_bits), "rust mins differ"
-        assert oracle.ulp_diff(out[i * P:(i + 1) * P], ref.xhat, "float16").max() <= 1, "rust x_hat"
-        packed, s, m = np_quantize(xs[i * P:(i + 1) * P], bits, G)
+        assert oracle.ulp_diff(out[i * P : (i + 1) * P], ref.xhat, "float16").max() <= 1, (
+            "rust x_hat"
+        )
+        packed, s, m = np_quantize(xs[i * P : (i + 1) * P], bits, G)
         assert np.array_equal(s.view(np.uint16).astype(np.uint32), ref.scale_bits), "numpy scales"
         assert np.array_equal(m.view(np.uint16).astype(np.uint32), ref.min_bits), "numpy mins"
         y = np_dequantize(packed, s, m, bits, G, (P,) + x16.shape[1:])
         assert oracle.ulp_diff(y, ref.xhat, "float16").max() <= 1, "numpy x_hat"
         if torch is not None:
-            tp, ts, tm = torch_quantize(torch.from_numpy(xs[i * P:(i + 1) * P]), bits, G)
+            tp, ts, tm = torch_quantize(torch.from_numpy(xs[i * P : (i + 1) * P]), bits, G)
             assert np.array_equal(tp.numpy(), packed), "torch codes differ from numpy/oracle"
-            assert np.array_equal(ts.numpy().view(np.uint16).astype(np.uint32), ref.scale_bits), "torch scales"
+            assert np.array_equal(ts.numpy().view(np.uint16).astype(np.uint32), ref.scale_bits), (
+                "torch scales"
+            )
             ty = torch.empty((P,) + x16.shape[1:], dtype=torch.float16)
             torch_dequantize(tp, ts, tm, bits, G, ty)
             assert oracle.ulp_diff(ty.numpy(), ref.xhat, "float16").max() <= 1, "torch x_hat"
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mib", type=int, default=256, help="fp16 working set (input) in MiB")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", default="1,2")
@@ -168,14 +176,23 @@ def main():
     ap.add_argument("--page-tokens", type=int, default=64)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--numpy-mib", type=int, default=8, help="slice the numpy implementation is timed on")
+    ap.add_argument(
+        "--numpy-mib", type=int, default=8, help="slice the numpy implementation is timed on"
+    )
     ap.add_argument("--torch-slice-mib", type=int, default=16)
-    ap.add_argument("--torch-mib", type=int, default=32, help="slice the torch implementation is timed on")
+    ap.add_argument(
+        "--torch-mib", type=int, default=32, help="slice the torch implementation is timed on"
+    )
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--per-channel", action="store_true", help="also time K layout: axis 1, group 32")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one-thread runs: time with time.thread_time (CPU seconds of the calling thread, which "
-                         "runs every contender's work at one thread) instead of wall-clock; for shared machines")
+    ap.add_argument(
+        "--per-channel", action="store_true", help="also time K layout: axis 1, group 32"
+    )
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one-thread runs: time with time.thread_time (CPU seconds of the calling thread, which "
+        "runs every contender's work at one thread) instead of wall-clock; for shared machines",
+    )
     args = ap.parse_args()
     global torch
     if args.no_torch:
@@ -197,14 +214,20 @@ def main():
     tsl = max(1, args.torch_slice_mib * (1 << 20) // (2 * H * D))
     ttok = min(tokens, max(tsl, args.torch_mib * (1 << 20) // (2 * H * D)))
 
-    print(f"kvtuner_quant bench: {nbytes / 2**20:.0f} MiB fp16 [{tokens}, {H}, {D}] in {n} pages of {P} tokens, "
-          f"asym per-token group {G}; {args.runs} runs, medians; machine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, kernels={['portable', 'avx2', 'avx512'][kq._native._simd_level()]}")
-    print(f"numpy implementation timed on a {xs.nbytes / 2**20:.0f} MiB slice, scaled; torch "
-          f"{'(not installed)' if torch is None else torch.__version__} timed on a {ttok * H * D * 2 / 2**20:.0f} MiB slice "
-          f"(in {tsl * H * D * 2 / 2**20:.0f} MiB pieces), scaled")
+    print(
+        f"kvtuner_quant bench: {nbytes / 2**20:.0f} MiB fp16 [{tokens}, {H}, {D}] in {n} pages of {P} tokens, "
+        f"asym per-token group {G}; {args.runs} runs, medians; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, kernels={['portable', 'avx2', 'avx512'][kq._native._simd_level()]}"
+    )
+    print(
+        f"numpy implementation timed on a {xs.nbytes / 2**20:.0f} MiB slice, scaled; torch "
+        f"{'(not installed)' if torch is None else torch.__version__} timed on a {ttok * H * D * 2 / 2**20:.0f} MiB slice "
+        f"(in {tsl * H * D * 2 / 2**20:.0f} MiB pieces), scaled"
+    )
 
-    configs = [dict(bits=b, asym=True, axis=0, group_size=G) for b in map(int, args.bits.split(","))]
+    configs = [
+        dict(bits=b, asym=True, axis=0, group_size=G) for b in map(int, args.bits.split(","))
+    ]
     if args.per_channel:
         configs.append(dict(bits=4, asym=True, axis=1, group_size=32))
     rows = []
@@ -221,8 +244,14 @@ def main():
             if nt == 1:
                 np.copyto(copy_dst, x16)
             else:
-                list(pool.map(lambda i: np.copyto(copy_dst[i * half:(i + 1) * half], x16[i * half:(i + 1) * half]),
-                              range(nt)))
+                list(
+                    pool.map(
+                        lambda i: np.copyto(
+                            copy_dst[i * half : (i + 1) * half], x16[i * half : (i + 1) * half]
+                        ),
+                        range(nt),
+                    )
+                )
 
         for cfg in configs:
             bits = cfg["bits"]
@@ -244,12 +273,12 @@ def main():
 
                 def tq():
                     for a in range(0, ttok, tsl):
-                        tq_state[a] = torch_quantize(tx[a:min(a + tsl, ttok)], bits, G)
+                        tq_state[a] = torch_quantize(tx[a : min(a + tsl, ttok)], bits, G)
 
                 def tdq():
                     for a in range(0, ttok, tsl):
                         p_, s_, m_ = tq_state[a]
-                        torch_dequantize(p_, s_, m_, bits, G, tout[a:min(a + tsl, ttok)])
+                        torch_dequantize(p_, s_, m_, bits, G, tout[a : min(a + tsl, ttok)])
 
                 if torch is not None:
                     tx = torch.from_numpy(x16)
@@ -262,27 +291,53 @@ def main():
                 t["dq"].append(timed(rdq))
                 if cfg["axis"] == 0:
                     if nt == 1:  # numpy is single-threaded: time it once, with the one-thread runs
-                        t["npq"].append(timed(lambda: np_quantize(xs, bits, G)) * nbytes / xs.nbytes)
-                        t["npdq"].append(timed(lambda: np_dequantize(*npk, bits, G, xs.shape)) * nbytes / xs.nbytes)
+                        t["npq"].append(
+                            timed(lambda: np_quantize(xs, bits, G)) * nbytes / xs.nbytes
+                        )
+                        t["npdq"].append(
+                            timed(lambda: np_dequantize(*npk, bits, G, xs.shape))
+                            * nbytes
+                            / xs.nbytes
+                        )
                     if torch is not None:
                         t["tq"].append(timed(tq) * tokens / ttok)
                         t["tdq"].append(timed(tdq) * tokens / ttok)
             gbs = lambda k: nbytes / med(t[k]) / 1e9  # noqa: E731
             ratio = lambda a, b: med([x / y for x, y in zip(t[a], t[b])])  # time(b)/time(a) per run  # noqa: E731
-            row = dict(threads=nt, cfg=cfg, mem=gbs("mem"), q=gbs("q"), dq=gbs("dq"),
-                       q_mem=ratio("mem", "q"), dq_mem=ratio("mem", "dq"))
+            row = dict(
+                threads=nt,
+                cfg=cfg,
+                mem=gbs("mem"),
+                q=gbs("q"),
+                dq=gbs("dq"),
+                q_mem=ratio("mem", "q"),
+                dq_mem=ratio("mem", "dq"),
+            )
             if t["npq"]:
                 row.update(q_np=med(t["npq"]) / med(t["q"]), dq_np=med(t["npdq"]) / med(t["dq"]))
             if t["tq"]:
-                row.update(q_torch=ratio("tq", "q"), dq_torch=ratio("tdq", "dq"), tq=gbs("tq"), tdq=gbs("tdq"))
+                row.update(
+                    q_torch=ratio("tq", "q"),
+                    dq_torch=ratio("tdq", "dq"),
+                    tq=gbs("tq"),
+                    tdq=gbs("tdq"),
+                )
             rows.append(row)
-            lay = "per-token g%d" % cfg["group_size"] if cfg["axis"] == 0 else "per-channel g%d" % cfg["group_size"]
+            lay = (
+                "per-token g%d" % cfg["group_size"]
+                if cfg["axis"] == 0
+                else "per-channel g%d" % cfg["group_size"]
+            )
             clock = "cpu-time" if CLOCK is time.thread_time else "wall"
-            line = (f"threads={nt} ({clock}) bits={bits} {lay}: memcpy {row['mem']:6.2f} GB/s | quantize {row['q']:6.2f} GB/s "
-                    f"= {row['q_mem']:.2f}x memcpy | dequantize {row['dq']:6.2f} GB/s = {row['dq_mem']:.2f}x memcpy")
+            line = (
+                f"threads={nt} ({clock}) bits={bits} {lay}: memcpy {row['mem']:6.2f} GB/s | quantize {row['q']:6.2f} GB/s "
+                f"= {row['q_mem']:.2f}x memcpy | dequantize {row['dq']:6.2f} GB/s = {row['dq_mem']:.2f}x memcpy"
+            )
             if "q_torch" in row:
-                line += (f" | vs torch ({row['tq']:.2f} / {row['tdq']:.2f} GB/s): q {row['q_torch']:.1f}x, "
-                         f"dq {row['dq_torch']:.1f}x")
+                line += (
+                    f" | vs torch ({row['tq']:.2f} / {row['tdq']:.2f} GB/s): q {row['q_torch']:.1f}x, "
+                    f"dq {row['dq_torch']:.1f}x"
+                )
             if "q_np" in row:
                 line += f" | vs numpy: q {row['q_np']:.0f}x, dq {row['dq_np']:.0f}x"
             print(line, flush=True)
@@ -293,8 +348,10 @@ def main():
     for bits in map(int, args.bits.split(",")):
         if (1, bits, 0) in by and (2, bits, 0) in by:
             a, b = by[(1, bits, 0)], by[(2, bits, 0)]
-            print(f"scaling {bits}-bit, 2 threads / 1 thread: quantize {b['q'] / a['q']:.2f}x, "
-                  f"dequantize {b['dq'] / a['dq']:.2f}x, memcpy {b['mem'] / a['mem']:.2f}x")
+            print(
+                f"scaling {bits}-bit, 2 threads / 1 thread: quantize {b['q'] / a['q']:.2f}x, "
+                f"dequantize {b['dq'] / a['dq']:.2f}x, memcpy {b['mem'] / a['mem']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

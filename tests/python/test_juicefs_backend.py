@@ -1,6 +1,8 @@
 """JuiceFSStorage against a real JuiceFS FUSE mount, with SGLang 0.5.23's own classes.
 
-Run: PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs tests/python/test_juicefs_backend.py
+Run:
+    PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs \
+        tests/python/test_juicefs_backend.py
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ def fill_random(pool, seed=0):
 
 
 def page_bytes(pool, page: int) -> bytes:
-    return pool.get_data_page(page * pool.page_size, flat=True).contiguous().view(torch.uint8).numpy().tobytes()
+    return (
+        pool.get_data_page(page * pool.page_size, flat=True)
+        .contiguous()
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
 
 
 def indices(pool, pages):
@@ -68,6 +76,7 @@ def indices(pool, pages):
 def keys_for(prefix, n):
     # Same shape as SGLang's page keys: SHA-256 hex.
     import hashlib
+
     return [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(n)]
 
 
@@ -80,6 +89,7 @@ def page_path(b: JuiceFSStorage, key: str) -> str:
 
 def test_volume_is_a_real_juicefs_mount(juicefs_volume):
     from kvtuner_hicache.juicefs import mount_fstype
+
     assert mount_fstype(juicefs_volume.mnt) == (juicefs_volume.mnt, "fuse.juicefs")
 
 
@@ -142,7 +152,9 @@ def test_v1_and_legacy_share_pages_only_when_bytes_agree(mnt):
         assert b.batch_set_v1([key], indices(pool, [0])) == [True]
         out = b.get(key, pool.get_dummy_flat_data_page())
         if shared:
-            assert out is not None and out.view(torch.uint8).numpy().tobytes() == page_bytes(pool, 0)
+            assert out is not None and out.view(torch.uint8).numpy().tobytes() == page_bytes(
+                pool, 0
+            )
         else:
             assert out is None
             # ... and the refused read left the other path's page in place.
@@ -190,6 +202,7 @@ def test_publish_never_clobbers(mnt, monkeypatch):
     inode = os.stat(page_path(a, key)).st_ino
     fill_random(pool, seed=7)
     import kvtuner_hicache.juicefs.page_file as js
+
     monkeypatch.setattr(js.os.path, "exists", lambda p: False)
     assert b.batch_set_v1([key], indices(pool, [0])) == [True]
     monkeypatch.undo()
@@ -244,7 +257,9 @@ def test_tp_ranks_and_quant_tags_are_isolated(mnt):
 def test_namespace_spells_its_inputs(mnt):
     pool = make_mha_host_pool("page_first", page_size=16)
     b = backend(mnt, pool, tp_rank=1, tp_size=4, model="Org/Model-7B")
-    assert b.namespace.startswith("Org-Model-7B__tp1of4-pp0of1-cp0of1-dp0__ps16-page_first__bfloat16__")
+    assert b.namespace.startswith(
+        "Org-Model-7B__tp1of4-pp0of1-cp0of1-dp0__ps16-page_first__bfloat16__"
+    )
     marker = json.load(open(os.path.join(b.ns_dir, "namespace.json")))
     assert marker["model"] == "Org/Model-7B" and marker["tp"] == [1, 4]
     assert marker["page_bytes"] == b.page_bytes
@@ -287,6 +302,7 @@ def _damage_cases(path: str, other_path: str):
                 byte = f.read(1)
                 f.seek(offset)
                 f.write(bytes([byte[0] ^ 0xFF]))
+
         return run
 
     def extend():
@@ -299,10 +315,16 @@ def _damage_cases(path: str, other_path: str):
 
     size = os.path.getsize(path)
     return {
-        "truncated": truncate_half, "header_only": header_only, "empty": empty,
+        "truncated": truncate_half,
+        "header_only": header_only,
+        "empty": empty,
         "payload_bitflip": flip(HEADER_SIZE + (size - HEADER_SIZE) // 2),
-        "last_byte_flip": flip(size - 1), "magic_flip": flip(0), "length_flip": flip(9),
-        "checksum_flip": flip(17), "extended": extend, "other_keys_page": other_key,
+        "last_byte_flip": flip(size - 1),
+        "magic_flip": flip(0),
+        "length_flip": flip(9),
+        "checksum_flip": flip(17),
+        "extended": extend,
+        "other_keys_page": other_key,
     }
 
 
@@ -359,6 +381,7 @@ class _Children:
                 code = 0 if fn() else 2
             except BaseException:
                 import traceback
+
                 traceback.print_exc()
             finally:
                 os._exit(code)
@@ -448,7 +471,7 @@ def test_writer_killed_at_random_points_only_leaves_valid_pages(mnt, children):
     def writer():
         w = backend(mnt, pool, threads=4)
         for i in range(0, len(keys), 4):
-            batch = keys[i:i + 4]
+            batch = keys[i : i + 4]
             w.batch_set_v1(batch, indices(pool, [(i + j) % n_pages for j in range(len(batch))]))
         return True
 
@@ -482,6 +505,7 @@ def test_two_processes_writing_the_same_keys_leave_one_valid_page(mnt, tmp_path,
             assert _wait_for(go.exists)
             idx = indices(pools[fill], [i % 8 for i in range(len(keys))])
             return w.batch_set_v1(keys, idx) == [True] * len(keys)
+
         return run
 
     pids = [children.start(writer(0x11)), children.start(writer(0x22))]
@@ -548,8 +572,12 @@ def test_config_errors_are_clear(mnt, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     plain = JuiceFSStorage(storage_config(str(tmp_path)), {})  # any directory, with a warning
     assert "not a JuiceFS mount" in caplog.text
-    assert JuiceFSStorage(storage_config(mnt, require_juicefs=True, capacity_bytes="1GiB"),
-                          {}).options.capacity_bytes == 2**30
+    assert (
+        JuiceFSStorage(
+            storage_config(mnt, require_juicefs=True, capacity_bytes="1GiB"), {}
+        ).options.capacity_bytes
+        == 2**30
+    )
     pool = make_mha_host_pool()
     plain.register_mem_pool_host(pool)
     assert plain.batch_set_v1(["k"], indices(pool, [0])) == [True]
@@ -581,8 +609,12 @@ def test_used_before_pool_registration_is_a_miss(mnt):
 
 # What --hicache-storage-backend-extra-config carries for `--hicache-storage-backend dynamic`
 # (plus mount_point).
-DYNAMIC = {"backend_name": "juicefs", "module_path": "kvtuner_hicache.juicefs",
-           "class_name": "JuiceFSStorage", "interface_v1": 1}
+DYNAMIC = {
+    "backend_name": "juicefs",
+    "module_path": "kvtuner_hicache.juicefs",
+    "class_name": "JuiceFSStorage",
+    "interface_v1": 1,
+}
 
 
 def test_loads_through_sglang_dynamic_factory(mnt):
@@ -625,6 +657,7 @@ def test_patched_factory_creates_juicefs(mnt):
     import inspect
 
     from sglang.srt.managers.cache_controller import HiCacheController
+
     assert '"juicefs"' in inspect.getsource(HiCacheController.attach_storage_backend)
 
 
@@ -632,7 +665,7 @@ def test_standalone_package_loads_in_a_fresh_interpreter(mnt):
     """PYTHONPATH=patches only: SGLang's dynamic path imports the package on its own."""
     script = f"""
 import json, torch, sys
-sys.path.insert(0, {str(REPO / 'tests' / 'python')!r})
+sys.path.insert(0, {str(REPO / "tests" / "python")!r})
 from juicefs_fixture import make_mha_host_pool, storage_config
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 pool = make_mha_host_pool()
@@ -645,6 +678,7 @@ ok &= b.batch_get_v1(["standalone"], torch.arange(16, 32)) == [True]
 print("STANDALONE", type(b).__module__, ok)
 """
     env = dict(os.environ, PYTHONPATH=str(REPO / "patches"))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert "STANDALONE kvtuner_hicache.juicefs.storage True" in proc.stdout, proc.stderr[-3000:]

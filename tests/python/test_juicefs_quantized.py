@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from conftest import host_pool_args  # noqa: E402
+from conftest import cpu_device_pool, host_pool_args, quantizing_config  # noqa: E402
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
 
 if str(REPO / "patches") not in sys.path:
@@ -41,18 +41,11 @@ def mnt(juicefs_volume, request):
 
 
 def make_cfg(**kw):
-    base = dict(enabled=True, nbits_key=4, nbits_value=4, asym=True, axis_key=1,
-                axis_value=0, group_size=32, residual_length=0)
-    base.update(kw)
-    return kvconfig.KVTunerHiCacheConfig(**base)
+    return quantizing_config(kvconfig, **kw)
 
 
 def device_pool(seed=0):
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    pool = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=HEADS,
-                            head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
-                            enable_memory_saver=False, start_layer=0, end_layer=LAYERS)
+    pool = cpu_device_pool(size=512, page_size=PAGE, heads=HEADS, head_dim=HEAD_DIM, layers=LAYERS)
     g = torch.Generator().manual_seed(seed)
     for bufs in (pool.k_buffer, pool.v_buffer):
         for b in bufs:
@@ -63,8 +56,16 @@ def device_pool(seed=0):
 def quant_pool(dev, cfg):
     source, geometry = host_pool_args(dev)
     return kvhost.KVTunerMHATokenToKVPoolHost(
-        source, 0.0, 0.004, PAGE, "page_first", pin_memory=False, device="cpu",
-        kvtuner_config=cfg, **geometry)
+        source,
+        0.0,
+        0.004,
+        PAGE,
+        "page_first",
+        pin_memory=False,
+        device="cpu",
+        kvtuner_config=cfg,
+        **geometry,
+    )
 
 
 def backend(mnt, pool):
@@ -141,6 +142,7 @@ def test_other_quant_config_or_stock_pool_never_sees_pages(mnt):
     hb = b.alloc(3 * PAGE)
     assert bb.batch_exists(keys) == 0
     assert bb.batch_get_v1(keys, hb) == [False] * 3
-    stock = make_mha_host_pool(page_size=PAGE, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM,
-                               dtype=torch.float16)
+    stock = make_mha_host_pool(
+        page_size=PAGE, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM, dtype=torch.float16
+    )
     assert backend(mnt, stock).batch_exists(keys) == 0

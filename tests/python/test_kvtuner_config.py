@@ -81,13 +81,20 @@ def test_flag_without_hierarchical_cache():
         C.check_server_args(args(enable_hierarchical_cache=False))
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("kvtuner_hicache_nbits_key", 3, r"--kvtuner-hicache-nbits-key=3 is not one of \[2, 4, 8\]"),
-    ("kvtuner_hicache_nbits_value", 16, r"--kvtuner-hicache-nbits-value=16"),
-    ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
-    ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
-    ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        (
+            "kvtuner_hicache_nbits_key",
+            3,
+            r"--kvtuner-hicache-nbits-key=3 is not one of \[2, 4, 8\]",
+        ),
+        ("kvtuner_hicache_nbits_value", 16, r"--kvtuner-hicache-nbits-value=16"),
+        ("kvtuner_hicache_axis_key", 2, r"--kvtuner-hicache-axis-key=2"),
+        ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
+        ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
+    ],
+)
 def test_bad_values(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         C.check_server_args(args(**{field: value}))
@@ -97,27 +104,36 @@ def test_per_channel_group_longer_than_page():
     with pytest.raises(ValueError, match=r"longer than a page \(--page-size 32\)"):
         C.check_server_args(args(page_size=32, kvtuner_hicache_q_group_size=64))
     # Per-token groups only need to divide head_dim, not fit a page.
-    C.check_server_args(args(
-        page_size=32, kvtuner_hicache_q_group_size=64,
-        kvtuner_hicache_axis_key=0, kvtuner_hicache_axis_value=0,
-    ))
+    C.check_server_args(
+        args(
+            page_size=32,
+            kvtuner_hicache_q_group_size=64,
+            kvtuner_hicache_axis_key=0,
+            kvtuner_hicache_axis_value=0,
+        )
+    )
 
 
 def test_preset_parsed(tmp_path):
-    path = write(tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n")
+    path = write(
+        tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n"
+    )
     cfg = C.check_server_args(args(kvtuner_hicache_layer_config=path))
     assert cfg.layer_bits_map() == {0: (8, 4), 1: (4, 2)}
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("0: {nbits_key: 3, nbits_value: 4}\n", r"layer 0: nbits_key=3 is not one of"),
-    ("0: {nbits_key: 4}\n", r"needs both nbits_key and nbits_value"),
-    ("0: {0: {nbits_key: 4, nbits_value: 4}}\n", r"per-head preset"),
-    ("x: {nbits_key: 4, nbits_value: 4}\n", r"layer key 'x' is not a layer index"),
-    ("- 1\n- 2\n", r"must be a non-empty map"),
-    ("0: {nbits_key: 4, nbits_value: 4, foo: 1}\n", r"unknown keys \['foo'\]"),
-    ("0: [\n", r"cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("0: {nbits_key: 3, nbits_value: 4}\n", r"layer 0: nbits_key=3 is not one of"),
+        ("0: {nbits_key: 4}\n", r"needs both nbits_key and nbits_value"),
+        ("0: {0: {nbits_key: 4, nbits_value: 4}}\n", r"per-head preset"),
+        ("x: {nbits_key: 4, nbits_value: 4}\n", r"layer key 'x' is not a layer index"),
+        ("- 1\n- 2\n", r"must be a non-empty map"),
+        ("0: {nbits_key: 4, nbits_value: 4, foo: 1}\n", r"unknown keys \['foo'\]"),
+        ("0: [\n", r"cannot parse"),
+    ],
+)
 def test_bad_presets(tmp_path, text, msg):
     path = write(tmp_path, text)
     with pytest.raises(ValueError, match=msg):
@@ -130,8 +146,16 @@ def test_missing_preset_file():
 
 
 def plan(cfg, **kw):
-    geo = dict(start_layer=0, target_layer_num=4, draft_layer_num=0, head_num=2,
-               head_dim=128, page_size=64, dtype_name="float16", model_layer_num=4)
+    geo = dict(
+        start_layer=0,
+        target_layer_num=4,
+        draft_layer_num=0,
+        head_num=2,
+        head_dim=128,
+        page_size=64,
+        dtype_name="float16",
+        model_layer_num=4,
+    )
     geo.update(kw)
     return C.resolve_layer_plan(cfg, **geo)
 
@@ -147,8 +171,13 @@ def test_preset_naming_layers_the_model_lacks(tmp_path):
 
 def test_preset_missing_layers_use_uniform_bits(tmp_path):
     path = write(tmp_path, "1: {nbits_key: 8, nbits_value: 8}\n")
-    cfg = C.config_from_args(args(kvtuner_hicache_layer_config=path,
-                                  kvtuner_hicache_nbits_key=2, kvtuner_hicache_nbits_value=4))
+    cfg = C.config_from_args(
+        args(
+            kvtuner_hicache_layer_config=path,
+            kvtuner_hicache_nbits_key=2,
+            kvtuner_hicache_nbits_value=4,
+        )
+    )
     p = plan(cfg, draft_layer_num=1)
     assert p.layer_bits == ((2, 4), (8, 8), (2, 4), (2, 4), (2, 4))
     # Pipeline stage 2 of 2: global layers 2..3.

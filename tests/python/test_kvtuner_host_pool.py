@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import build_host_pool, host_pool_args
+from conftest import build_host_pool, cpu_device_pool, host_pool_args, quantizing_config
 
 PAGE = 32
 HEADS = 2
@@ -24,17 +24,12 @@ LAYERS = 3
 
 
 def make_cfg(kvh, **kw):
-    base = dict(enabled=True, nbits_key=4, nbits_value=4, asym=True, axis_key=1,
-                axis_value=0, group_size=32, residual_length=0)
-    base.update(kw)
-    return kvh.config.KVTunerHiCacheConfig(**base)
+    return quantizing_config(kvh.config, **kw)
 
 
 def device_pool(sgl, dtype=torch.float16, layers=LAYERS, size=512, seed=0):
-    pool = sgl["memory_pool"].MHATokenToKVPool(
-        size=size, page_size=PAGE, dtype=dtype, head_num=HEADS, head_dim=HEAD_DIM,
-        layer_num=layers, device="cpu", enable_memory_saver=False,
-        start_layer=0, end_layer=layers,
+    pool = cpu_device_pool(
+        size=size, page_size=PAGE, heads=HEADS, head_dim=HEAD_DIM, layers=layers, dtype=dtype
     )
     g = torch.Generator().manual_seed(seed)
     for bufs in (pool.k_buffer, pool.v_buffer):
@@ -50,12 +45,21 @@ def device_pool(sgl, dtype=torch.float16, layers=LAYERS, size=512, seed=0):
 def host_pool(sgl, kvh, dev, cfg, host_size=0.004, layout="page_first", **kw):
     source, geometry = host_pool_args(dev)
     return kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        source, 0.0, host_size, PAGE, layout, pin_memory=False, device="cpu",
-        kvtuner_config=cfg, **geometry, **kw,
+        source,
+        0.0,
+        host_size,
+        PAGE,
+        layout,
+        pin_memory=False,
+        device="cpu",
+        kvtuner_config=cfg,
+        **geometry,
+        **kw,
     )
 
 
 # ----------------------------------------------------------------- oracle ---
+
 
 def error_bound(x: torch.Tensor, bits, asym, axis, group, page):
     """Per-element bound ``scale/2 + 4*eps32*max(|mn|,|mx|) + ulp_out/2`` of the
@@ -77,7 +81,7 @@ def error_bound(x: torch.Tensor, bits, asym, axis, group, page):
     mn = g.amin(red, keepdim=True)
     mx = g.amax(red, keepdim=True)
     if asym:
-        s = (mx - mn) / (2 ** bits - 1)
+        s = (mx - mn) / (2**bits - 1)
         mag = torch.maximum(mn.abs(), mx.abs())
     else:
         mag = torch.maximum(mn.abs(), mx.abs())
@@ -98,7 +102,10 @@ def error_bound(x: torch.Tensor, bits, asym, axis, group, page):
 def blob_nbytes(page, heads, dim, itemsize, bits, asym, axis, group):
     """Blob size from quant/FORMAT.md: 64-byte header, codes, scales (+ mins), each
     section 8-aligned, then the exactly stored tail tokens."""
-    pad8 = lambda v: (v + 7) // 8 * 8
+
+    def pad8(v):
+        return (v + 7) // 8 * 8
+
     row = heads * dim
     nq = page if axis == 0 else page // group * group
     ngroups = nq * row // group
@@ -149,7 +156,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("over", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "k4v4")
+@pytest.mark.parametrize(
+    "over", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "k4v4"
+)
 def test_backup_load_within_error_bound(sgl, kvh, kq, dtype, over):
     if over.get("axis_key") == 0 and HEAD_DIM % over.get("group_size", 32):
         pytest.skip("group does not divide head_dim")
@@ -159,16 +168,25 @@ def test_backup_load_within_error_bound(sgl, kvh, kq, dtype, over):
     _, _, ref_k, ref_v, got_k, got_v = roundtrip(host, dev, 4 * PAGE)
     for layer in range(LAYERS):
         kb, vb = host.kvtuner_plan.layer_bits[layer]
-        for ref, got, bits, axis in ((ref_k, got_k, kb, cfg.axis_key), (ref_v, got_v, vb, cfg.axis_value)):
+        for ref, got, bits, axis in (
+            (ref_k, got_k, kb, cfg.axis_key),
+            (ref_v, got_v, vb, cfg.axis_value),
+        ):
             bound = error_bound(ref[layer], bits, cfg.asym, axis, cfg.group_size, PAGE)
             err = (got[layer].float() - ref[layer].float()).abs()
             worst = (err - bound).max().item()
-            assert worst <= 0, f"layer {layer} bits {bits} axis {axis}: error exceeds bound by {worst}"
+            assert worst <= 0, (
+                f"layer {layer} bits {bits} axis {axis}: error exceeds bound by {worst}"
+            )
             if bits < 8:  # it really was quantized
                 assert err.max().item() > 0
             if axis == 1 and PAGE % cfg.group_size:
-                tail = ref[layer].view(-1, PAGE, HEADS, HEAD_DIM)[:, PAGE // cfg.group_size * cfg.group_size:]
-                gtail = got[layer].view(-1, PAGE, HEADS, HEAD_DIM)[:, PAGE // cfg.group_size * cfg.group_size:]
+                tail = ref[layer].view(-1, PAGE, HEADS, HEAD_DIM)[
+                    :, PAGE // cfg.group_size * cfg.group_size :
+                ]
+                gtail = got[layer].view(-1, PAGE, HEADS, HEAD_DIM)[
+                    :, PAGE // cfg.group_size * cfg.group_size :
+                ]
                 assert torch.equal(tail, gtail)
 
 
@@ -254,7 +272,7 @@ def test_bytes_per_token_match_format(sgl, kvh, kq, bits):
     assert host.get_size_per_token() == host.size_per_token == row // PAGE
     assert tuple(host.kv_buffer.shape) == (host.page_num, row)
     assert host.kv_buffer.dtype == torch.uint8
-    stock = (2 * HEADS * HEAD_DIM * LAYERS * 2)
+    stock = 2 * HEADS * HEAD_DIM * LAYERS * 2
     assert host.stock_size_per_token() == stock
     # The same --hicache-size buys ~stock/quantized times more tokens.
     ratio = stock / host.size_per_token
@@ -266,13 +284,10 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
     """--hicache-ratio buys the stock pool's bytes, so more tokens."""
     dev = device_pool(sgl, size=4096)
     source, geometry = host_pool_args(dev)
-    stock = sgl["mha"].MHATokenToKVPoolHost(
-        source, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu", **geometry,
-    )
-    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(
-        source, 2.0, 0, PAGE, "page_first", pin_memory=False, device="cpu", **geometry,
-        kvtuner_config=make_cfg(kvh),
-    )
+    args = (source, 2.0, 0, PAGE, "page_first")
+    kwargs = dict(pin_memory=False, device="cpu", **geometry)
+    stock = sgl["mha"].MHATokenToKVPoolHost(*args, **kwargs)
+    ours = kvh.host_pool.KVTunerMHATokenToKVPoolHost(*args, **kwargs, kvtuner_config=make_cfg(kvh))
     stock_bytes = stock.kv_buffer.numel() * stock.kv_buffer.element_size()
     assert ours.kv_buffer.numel() <= stock_bytes + ours.kvtuner_layout.row_nbytes
     assert ours.size > 3 * stock.size
@@ -280,19 +295,29 @@ def test_ratio_is_a_memory_ratio(sgl, kvh, kq):
 
 def test_preset_bits_per_layer(sgl, kvh, kq, tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("0: {nbits_key: 8, nbits_value: 4}\n1: {nbits_key: 4, nbits_value: 2}\n2: {nbits_key: 2, nbits_value: 2}\n")
-    cfg = kvh.config.config_from_args(types.SimpleNamespace(
-        enable_kvtuner_hicache=True, kvtuner_hicache_layer_config=str(preset),
-        kvtuner_hicache_q_group_size=32, kvtuner_hicache_residual_length=0,
-        kvtuner_hicache_asym=True,
-    ))
+    preset.write_text(
+        "0: {nbits_key: 8, nbits_value: 4}\n"
+        "1: {nbits_key: 4, nbits_value: 2}\n"
+        "2: {nbits_key: 2, nbits_value: 2}\n"
+    )
+    cfg = kvh.config.config_from_args(
+        types.SimpleNamespace(
+            enable_kvtuner_hicache=True,
+            kvtuner_hicache_layer_config=str(preset),
+            kvtuner_hicache_q_group_size=32,
+            kvtuner_hicache_residual_length=0,
+            kvtuner_hicache_asym=True,
+        )
+    )
     dev = device_pool(sgl)
     host = host_pool(sgl, kvh, dev, cfg)
     assert host.kvtuner_plan.layer_bits == ((8, 4), (4, 2), (2, 2))
     assert "mixed" in host.kvtuner_namespace_tag()
-    assert host.kvtuner_layout.row_nbytes == expected_row_nbytes(cfg, host.kvtuner_plan.layer_bits, 2)
+    assert host.kvtuner_layout.row_nbytes == expected_row_nbytes(
+        cfg, host.kvtuner_plan.layer_bits, 2
+    )
     _, _, ref_k, _, got_k, _ = roundtrip(host, dev, 2 * PAGE)
-    errs = [(got_k[l].float() - ref_k[l].float()).abs().mean().item() for l in range(LAYERS)]
+    errs = [(got_k[i].float() - ref_k[i].float()).abs().mean().item() for i in range(LAYERS)]
     assert errs[0] < errs[1] < errs[2]  # K8 < K4 < K2
 
 
@@ -324,6 +349,7 @@ def test_load_refuses_foreign_blob(sgl, kvh, kq):
 
 # -------------------------------------------------------------- storage L3 ---
 
+
 def names_storage_by_format(sgl) -> bool:
     """0.5.22+ controllers put the pool's storage_format_tag into the model name
     storage backends key pages on; earlier ones pass the model name unchanged."""
@@ -338,9 +364,17 @@ def storage(sgl, host, path, model="org/model"):
     else:
         name = model
     cfg = hs.HiCacheStorageConfig(
-        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-        is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
-        model_name=name, extra_config={"file_storage_path": str(path)},
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=True,
+        model_name=name,
+        extra_config={"file_storage_path": str(path)},
     )
     if "file_path" in inspect.signature(hs.HiCacheFile.__init__).parameters:
         return hs.HiCacheFile(cfg, file_path=str(path))  # releases taking it as an argument
@@ -376,8 +410,9 @@ def generic_get(ctl, view, keys, host_indices) -> int:
 def controller_view(sgl, host, backend):
     """What HiCacheController's generic page get/set read from self (the host pool is
     ``storage_host_pool`` in newer controllers, ``mem_pool_host`` in older ones)."""
-    return types.SimpleNamespace(storage_host_pool=host, mem_pool_host=host,
-                                 storage_backend=backend, page_size=PAGE)
+    return types.SimpleNamespace(
+        storage_host_pool=host, mem_pool_host=host, storage_backend=backend, page_size=PAGE
+    )
 
 
 def test_l3_roundtrip_through_hicachefile(sgl, kvh, kq, tmp_path):
@@ -472,6 +507,7 @@ def test_page_buffer_meta_spans_whole_rows(sgl, kvh, kq):
 
 
 # ------------------------------------------------------------- selection ---
+
 
 def test_without_flag_stock_pool_is_selected(sgl, kvh):
     dev = device_pool(sgl)

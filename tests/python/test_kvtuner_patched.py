@@ -40,15 +40,35 @@ def test_flags_accepted(parser, kvh, tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("0: {nbits_key: 8, nbits_value: 4}\n")
     ns = parse(
-        parser, "--enable-hierarchical-cache", "--enable-kvtuner-hicache",
-        "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
-        "--kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0",
-        "--kvtuner-hicache-axis-value", "0", "--kvtuner-hicache-q-group-size", "32",
-        "--kvtuner-hicache-residual-length", "0",
-        "--kvtuner-hicache-layer-config", str(preset), "--page-size", "64",
+        parser,
+        "--enable-hierarchical-cache",
+        "--enable-kvtuner-hicache",
+        "--kvtuner-hicache-nbits-key",
+        "8",
+        "--kvtuner-hicache-nbits-value",
+        "2",
+        "--kvtuner-hicache-asym",
+        "--kvtuner-hicache-axis-key",
+        "0",
+        "--kvtuner-hicache-axis-value",
+        "0",
+        "--kvtuner-hicache-q-group-size",
+        "32",
+        "--kvtuner-hicache-residual-length",
+        "0",
+        "--kvtuner-hicache-layer-config",
+        str(preset),
+        "--page-size",
+        "64",
     )
     cfg = kvh.config.check_server_args(ns)
-    assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.group_size) == (8, 2, True, 0, 32)
+    assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.group_size) == (
+        8,
+        2,
+        True,
+        0,
+        32,
+    )
     assert cfg.layer_bits_map() == {0: (8, 4)}
 
 
@@ -59,11 +79,14 @@ def test_defaults(parser, kvh):
     assert kvh.config.check_server_args(ns) is None
 
 
-@pytest.mark.parametrize("flags,msg", [
-    (("--kvtuner-hicache-nbits-key", "3"), "invalid choice"),
-    (("--kvtuner-hicache-nbits-value", "x"), "invalid"),
-    (("--kvtuner-hicache-axis-key", "2"), "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (("--kvtuner-hicache-nbits-key", "3"), "invalid choice"),
+        (("--kvtuner-hicache-nbits-value", "x"), "invalid"),
+        (("--kvtuner-hicache-axis-key", "2"), "invalid choice"),
+    ],
+)
 def test_parser_rejects_bad_values(parser, flags, msg):
     out = parse_error(parser, *flags)
     assert msg in out and flags[0] in out
@@ -73,7 +96,9 @@ def test_cross_field_errors(parser, kvh):
     ns = parse(parser, "--enable-kvtuner-hicache")
     with pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
         kvh.config.check_server_args(ns)
-    ns = parse(parser, "--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", "32")
+    ns = parse(
+        parser, "--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", "32"
+    )
     with pytest.raises(ValueError, match="longer than a page"):
         kvh.config.check_server_args(ns)
 
@@ -127,8 +152,16 @@ def published_server_args(**fields):
 
 def _device_pool(sgl, size=128):
     return sgl["memory_pool"].MHATokenToKVPool(
-        size=size, page_size=64, dtype=torch.float16, head_num=2, head_dim=64,
-        layer_num=2, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=2,
+        size=size,
+        page_size=64,
+        dtype=torch.float16,
+        head_num=2,
+        head_dim=64,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+        start_layer=0,
+        end_layer=2,
     )
 
 
@@ -140,8 +173,11 @@ def test_selection_follows_the_flag(sgl, kvh, kq):
     with published_server_args(enable_hierarchical_cache=True):
         host = build_host_pool(mha, dev, 2.0, 0, 64, "page_first", pin_memory=False)
         assert type(host) is mha.MHATokenToKVPoolHost
-    with published_server_args(enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
-                               kvtuner_hicache_residual_length=0):
+    with published_server_args(
+        enable_hierarchical_cache=True,
+        enable_kvtuner_hicache=True,
+        kvtuner_hicache_residual_length=0,
+    ):
         host = build_host_pool(mha, dev, 2.0, 0, 64, "page_first", pin_memory=False)
         assert type(host) is kvh.host_pool.KVTunerMHATokenToKVPoolHost
 
@@ -162,9 +198,12 @@ def test_old_call_sites_build_the_quantizing_pool(sgl, kvh, monkeypatch):
     seen = []
     for cls in (sgl["mha"].MHATokenToKVPoolHost, kvh.host_pool.KVTunerMHATokenToKVPoolHost):
         monkeypatch.setattr(cls, "__init__", lambda self, *a, **k: seen.append(a[0]))
-    args = types.SimpleNamespace(hicache_ratio=2.0, hicache_size=0,
-                                 hicache_mem_layout="page_first",
-                                 hicache_storage_backend=None)
+    args = types.SimpleNamespace(
+        hicache_ratio=2.0,
+        hicache_size=0,
+        hicache_mem_layout="page_first",
+        hicache_storage_backend=None,
+    )
     dev = _device_pool(sgl)
     with published_server_args(enable_hierarchical_cache=True, enable_kvtuner_hicache=True):
         host = build_kv_host_pool(kv_pool=dev, page_size=64, server_args=args, use_mla=False)
@@ -174,13 +213,24 @@ def test_old_call_sites_build_the_quantizing_pool(sgl, kvh, monkeypatch):
     assert seen == [dev, dev]
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(enable_kvtuner_hicache=True), "needs --enable-hierarchical-cache"),
-    (dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True, page_size=32),
-     r"--kvtuner-hicache-q-group-size=64 is longer than a page \(--page-size 32\)"),
-    (dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True,
-          kvtuner_hicache_layer_config="/nonexistent.yaml"), "no such file"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(enable_kvtuner_hicache=True), "needs --enable-hierarchical-cache"),
+        (
+            dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True, page_size=32),
+            r"--kvtuner-hicache-q-group-size=64 is longer than a page \(--page-size 32\)",
+        ),
+        (
+            dict(
+                enable_kvtuner_hicache=True,
+                enable_hierarchical_cache=True,
+                kvtuner_hicache_layer_config="/nonexistent.yaml",
+            ),
+            "no such file",
+        ),
+    ],
+)
 def test_resolution_rejects_bad_combinations(sgl, kw, msg):
     """SGLang's own startup validation (what `sglang serve` runs before loading a model)
     raises the message."""
@@ -188,8 +238,14 @@ def test_resolution_rejects_bad_combinations(sgl, kw, msg):
 
     with pytest.raises(ValueError, match=msg):
         startup_checks(ServerArgs(model_path="dummy", **kw))
-    startup_checks(ServerArgs(model_path="dummy", enable_kvtuner_hicache=True,
-                              enable_hierarchical_cache=True, page_size=64))
+    startup_checks(
+        ServerArgs(
+            model_path="dummy",
+            enable_kvtuner_hicache=True,
+            enable_hierarchical_cache=True,
+            page_size=64,
+        )
+    )
 
 
 def startup_checks(server_args):
@@ -221,8 +277,10 @@ def test_pool_reads_the_published_flags(sgl, kvh, kq, tmp_path):
     preset.write_text("1: {nbits_key: 2, nbits_value: 2}\n")
     pool = _device_pool(sgl, size=256)
     with published_server_args(
-        enable_hierarchical_cache=True, enable_kvtuner_hicache=True,
-        kvtuner_hicache_nbits_key=8, kvtuner_hicache_layer_config=str(preset),
+        enable_hierarchical_cache=True,
+        enable_kvtuner_hicache=True,
+        kvtuner_hicache_nbits_key=8,
+        kvtuner_hicache_layer_config=str(preset),
         kvtuner_hicache_residual_length=0,
     ):
         host = build_host_pool(sgl["mha"], pool, 2.0, 0, 64, "page_first", pin_memory=False)

@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from conftest import PATCHED, ROOT
 
 TEXTS = ROOT / "benches" / "texts"

@@ -7,12 +7,26 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
-               "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def _parse_size(name: str, value: Any) -> Optional[int]:
+    """A positive byte count from a number or a size like ``"64GiB"``; None stays None."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -32,6 +46,7 @@ def _parse_size(name: str, value: Any) -> Optional[int]:
 
 
 def _parse_bool(name: str, value: Any, default: bool) -> bool:
+    """A JSON or string boolean; ``default`` when absent."""
     if value is None:
         return default
     if isinstance(value, bool):
@@ -67,12 +82,13 @@ class JuiceFSOptions:
 
     @classmethod
     def from_extra_config(cls, extra: Optional[dict]) -> "JuiceFSOptions":
+        """Validated options from the backend's extra config dict."""
         extra = dict(extra or {})
         mount = extra.get("mount_point")
         if not mount or not isinstance(mount, str):
             raise ValueError(
                 "juicefs backend: 'mount_point' is required in "
-                "--hicache-storage-backend-extra-config, e.g. '{\"mount_point\": \"/mnt/jfs\"}'"
+                '--hicache-storage-backend-extra-config, e.g. \'{"mount_point": "/mnt/jfs"}\''
             )
         if not os.path.exists(mount):
             raise ValueError(f"juicefs backend: mount_point {mount!r} does not exist")
@@ -86,11 +102,14 @@ class JuiceFSOptions:
             or ".." in root_dir.split("/")
         ):
             raise ValueError(
-                f"juicefs backend: root_dir must be a relative path inside the mount, got {root_dir!r}"
+                "juicefs backend: root_dir must be a relative path inside the mount, "
+                f"got {root_dir!r}"
             )
         threads = extra.get("threads", cls.threads)
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise ValueError(f"juicefs backend: threads must be an integer in 1..256, got {threads!r}")
+            raise ValueError(
+                f"juicefs backend: threads must be an integer in 1..256, got {threads!r}"
+            )
         floats = {}
         for name in ("exists_cache_ttl", "stale_tmp_age"):
             value = extra.get(name, getattr(cls, name))
@@ -106,4 +125,3 @@ class JuiceFSOptions:
             fsync=_parse_bool("fsync", extra.get("fsync"), False),
             **floats,
         )
-

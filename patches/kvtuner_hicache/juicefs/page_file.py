@@ -51,6 +51,7 @@ def algo_available(algo: int) -> bool:
 
 
 def digest(algo: int, views: Sequence[memoryview]) -> int:
+    """The ``algo`` checksum of ``views`` in order."""
     if algo == ALGO_XXH3:
         h = xxhash.xxh3_64()
         for v in views:
@@ -66,6 +67,7 @@ def digest(algo: int, views: Sequence[memoryview]) -> int:
 
 
 def _advance(bufs: List[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from ``bufs``."""
     while n and bufs:
         size = bufs[0].nbytes
         if n >= size:
@@ -89,6 +91,7 @@ def preadv_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
 
 
 def pwritev_all(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+    """Write all of ``bufs`` at ``offset``; returns the bytes written."""
     todo, total = list(bufs), 0
     while todo:
         n = os.pwritev(fd, todo[:_IOV_MAX], offset + total)
@@ -106,6 +109,7 @@ _AT_FDCWD = -100
 
 
 def _load_renameat2():
+    """glibc's ``renameat2``, or None where the C library lacks it."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # old glibc: fall back to link + unlink
@@ -128,11 +132,11 @@ class Publisher:
         self.mode = "renameat2" if _renameat2 is not None else "link"
 
     def publish(self, path: str, views: Sequence[memoryview]) -> str:
-        """Write ``views`` to a temporary file next to ``path`` and move it into place
-        without replacing an existing file. Returns "new", "exists", or raises OSError."""
+        """Write ``views`` as ``path`` unless it exists: "new" or "exists" (OSError otherwise)."""
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}."
-                                      f"{os.getpid()}.{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(
+            directory, f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        )
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd = os.open(tmp, flags, 0o644)
@@ -157,9 +161,14 @@ class Publisher:
             raise
 
     def _move_into_place(self, tmp: str, path: str) -> str:
+        """Move ``tmp`` to ``path`` without replacing a file already there."""
         if self.mode == "renameat2":
-            if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path),
-                          _RENAME_NOREPLACE) == 0:
+            if (
+                _renameat2(
+                    _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE
+                )
+                == 0
+            ):
                 return "new"
             err = ctypes.get_errno()
             if err == errno.EEXIST:
@@ -180,8 +189,10 @@ class Publisher:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
-                logger.warning("juicefs backend: hard links unsupported here; publishing with "
-                               "os.replace (a concurrent writer may replace an equal page)")
+                logger.warning(
+                    "juicefs backend: hard links unsupported here; publishing with "
+                    "os.replace (a concurrent writer may replace an equal page)"
+                )
                 self.mode = "replace"
         os.replace(tmp, path)
         return "new"
@@ -196,10 +207,12 @@ def raw_view(ptr: int, size: int) -> memoryview:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Byte view of a contiguous CPU tensor (zero-copy)."""
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 def merge_runs(runs: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Adjacent (address, size) runs merged."""
     merged: List[List[int]] = []
     for start, size in runs:
         if merged and merged[-1][0] + merged[-1][1] == start:

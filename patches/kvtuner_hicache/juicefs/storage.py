@@ -40,7 +40,14 @@ from .page_file import (
     tensor_bytes,
     tensor_runs,
 )
-from .volume import NAMESPACE_MARKER, MountWatch, key_tag, mount_fstype, namespace_name, page_relpath
+from .volume import (
+    NAMESPACE_MARKER,
+    MountWatch,
+    key_tag,
+    mount_fstype,
+    namespace_name,
+    page_relpath,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +83,11 @@ class JuiceFSStorage(HiCacheStorage):
 
         self.is_mla = bool(storage_config.is_mla_model)
         # MLA ranks share one copy: only the designated writer rank publishes it.
-        self.is_writer = bool(getattr(storage_config, "is_storage_writer",
-                                      not self.is_mla or storage_config.tp_rank == 0))
+        self.is_writer = bool(
+            getattr(
+                storage_config, "is_storage_writer", not self.is_mla or storage_config.tp_rank == 0
+            )
+        )
         self.algo = default_algo()
         self._executor = ThreadPoolExecutor(
             max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
@@ -90,9 +100,19 @@ class JuiceFSStorage(HiCacheStorage):
         self._closed = False
         self.used_bytes = 0
         self._capacity_logged = False
-        self.counters = {k: 0 for k in (
-            "get_hits", "get_misses", "corrupt", "io_errors", "set_pages",
-            "set_existing", "set_refused", "set_errors")}
+        self.counters = {
+            k: 0
+            for k in (
+                "get_hits",
+                "get_misses",
+                "corrupt",
+                "io_errors",
+                "set_pages",
+                "set_existing",
+                "set_refused",
+                "set_errors",
+            )
+        }
         self._metrics = StorageMetrics()
         self.mem_pool_host = None
         self.namespace: Optional[str] = None
@@ -103,10 +123,15 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- registration
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
+        """Size pages after the host pool and open (or create) this pool's namespace."""
         if mem_pool_host is self.mem_pool_host:
             return
         super().register_mem_pool_host(mem_pool_host)
-        pool = mem_pool_host
+        self._learn_page_shape(mem_pool_host)
+        self._open_namespace(mem_pool_host)
+
+    def _learn_page_shape(self, pool) -> None:
+        """Page bytes and payload byte orders, from the pool's meta regions and flat pages."""
         self.page_size = int(pool.page_size)
         self._meta_regions = None  # regions per page when get_page_buffer_meta works
         self._flat_template = None
@@ -123,8 +148,12 @@ class JuiceFSStorage(HiCacheStorage):
                 self._meta_regions = len(ptrs)
                 page_bytes = int(sum(sizes))
         except Exception as e:  # e.g. pools that only expose flat pages
-            logger.info("juicefs backend: %s has no usable get_page_buffer_meta (%s); "
-                        "v1 I/O goes through flat pages", type(pool).__name__, e)
+            logger.info(
+                "juicefs backend: %s has no usable get_page_buffer_meta (%s); "
+                "v1 I/O goes through flat pages",
+                type(pool).__name__,
+                e,
+            )
         if page_bytes is None and flat_bytes is None:
             raise ValueError(
                 f"juicefs backend: host pool {type(pool).__name__} exposes neither "
@@ -137,6 +166,8 @@ class JuiceFSStorage(HiCacheStorage):
         if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
             self.flat_order = ORDER_META
 
+    def _open_namespace(self, pool) -> None:
+        """Create this pool's namespace directory and marker; start the capacity scan."""
         fields = self._namespace_fields(pool)
         self.namespace_fields = fields
         self.namespace = namespace_name(fields)
@@ -145,14 +176,21 @@ class JuiceFSStorage(HiCacheStorage):
         self._known.clear()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
-        logger.info("juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
-                    self.ns_dir, self.page_bytes, self.v1_order, self.is_writer)
+        logger.info(
+            "juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
+            self.ns_dir,
+            self.page_bytes,
+            self.v1_order,
+            self.is_writer,
+        )
         if self.is_writer and self.options.capacity_bytes is not None:
             # Only a capacity needs the walk (it costs a lookup per page on FUSE).
-            threading.Thread(target=self._scan_namespace, name="juicefs-hicache-scan",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._scan_namespace, name="juicefs-hicache-scan", daemon=True
+            ).start()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        """Accept the KV pool again; refuse the other pools of hybrid models."""
         if str(host_pool_name) == "kv":  # the anchor pool, already registered above
             return super().register_mem_host_pool_v2(host_pool, host_pool_name)
         raise NotImplementedError(
@@ -171,6 +209,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
 
     def _namespace_fields(self, pool) -> dict:
+        """What the namespace must tell apart, spelled out (written to ``namespace.json``)."""
         cfg = self.storage_config
         tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
         kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
@@ -182,8 +221,11 @@ class JuiceFSStorage(HiCacheStorage):
             "pp": [cfg.pp_rank, cfg.pp_size],
             "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
             "dp": getattr(cfg, "dp_rank", 0),
-            "dcp": [getattr(cfg, "dcp_rank", 0), getattr(cfg, "dcp_size", 1),
-                    getattr(cfg, "logical_page_size", None)],
+            "dcp": [
+                getattr(cfg, "dcp_rank", 0),
+                getattr(cfg, "dcp_size", 1),
+                getattr(cfg, "logical_page_size", None),
+            ],
             "page_size": self.page_size,
             "layout": str(pool.layout),
             "kv_format": kv_format,
@@ -194,9 +236,11 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- paths and health
 
     def _path(self, key: str) -> str:
+        """The page file of ``key``."""
         return os.path.join(self.ns_dir, page_relpath(key, PAGE_SUFFIX))
 
     def _key_tag(self, key: str, order: str) -> int:
+        """The tag a page file of ``key`` in ``order`` carries in its header."""
         return key_tag(self.namespace, order, key)
 
     def _volume_ok(self) -> bool:
@@ -206,6 +250,7 @@ class JuiceFSStorage(HiCacheStorage):
         return self.mount.holds(os.path.join(self.ns_dir, NAMESPACE_MARKER))
 
     def _ready(self) -> bool:
+        """Whether a host pool is registered and the volume is mounted."""
         if self.mem_pool_host is None:
             if not self._unregistered_logged:
                 self._unregistered_logged = True
@@ -214,10 +259,12 @@ class JuiceFSStorage(HiCacheStorage):
         return self._volume_ok()
 
     def _known_present(self, key: str) -> bool:
+        """Whether ``key`` was confirmed present within ``exists_cache_ttl``."""
         seen = self._known.get(key)
         return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
 
     def _remember(self, key: str) -> None:
+        """Note ``key`` as present now."""
         if self.options.exists_cache_ttl > 0:
             if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
                 self._known.clear()
@@ -254,8 +301,12 @@ class JuiceFSStorage(HiCacheStorage):
         if length != expected:
             return self._read_failed(key, f"page of {length} bytes, expected {expected}")
         if got != HEADER_SIZE + expected:
-            return self._read_failed(key, f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
-                                     f" bytes, header says {HEADER_SIZE + expected}", corrupt=True)
+            return self._read_failed(
+                key,
+                f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
+                f" bytes, header says {HEADER_SIZE + expected}",
+                corrupt=True,
+            )
         if tag != self._key_tag(key, order):
             return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
         if not algo_available(algo):
@@ -267,6 +318,7 @@ class JuiceFSStorage(HiCacheStorage):
         return True
 
     def _read_failed(self, key: str, why: str, corrupt: bool = False) -> bool:
+        """Count and log a read that is a miss; drop a file that contradicts its header."""
         self._known.pop(key, None)
         self.counters["corrupt" if corrupt else "io_errors"] += 1
         self.counters["get_misses"] += 1
@@ -293,13 +345,13 @@ class JuiceFSStorage(HiCacheStorage):
             pass
         return False
 
-    def _write_batch(self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]],
-                     order: str) -> List[bool]:
-        """Publish pages write-once; per key, True when it holds a valid page afterwards.
-
-        Capacity is granted in key order and stops at the first page that does not fit:
-        SGLang only ever uses a prefix of a sequence's pages, so storing pages behind a
-        refused one would waste space."""
+    def _write_batch(
+        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
+    ) -> List[bool]:
+        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
+        # Capacity is granted in key order and stops at the first page that does not fit: SGLang
+        # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
+        # space.
         present = list(self._executor.map(self._present, keys))
         results = list(present)
         admitted, full = [], False
@@ -321,8 +373,14 @@ class JuiceFSStorage(HiCacheStorage):
     def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
         """Write one page whose capacity is already reserved (released unless it is new)."""
         size = sum(v.nbytes for v in views)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.algo, size, digest(self.algo, views),
-                              self._key_tag(key, order))
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.algo,
+            size,
+            digest(self.algo, views),
+            self._key_tag(key, order),
+        )
         try:
             outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
         except OSError as e:
@@ -338,6 +396,7 @@ class JuiceFSStorage(HiCacheStorage):
         return True
 
     def _publish_bytes(self, path: str, data: bytes) -> None:
+        """Write a small file once (the namespace marker); failures only warn."""
         try:
             if not os.path.exists(path):
                 self._publisher.publish(path, [memoryview(data)])
@@ -347,19 +406,25 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- capacity
 
     def _reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the capacity; False (logged once) when it does not fit."""
         cap = self.options.capacity_bytes
         with self._lock:
             if cap is not None and self.used_bytes + nbytes > cap:
                 self.counters["set_refused"] += 1  # the first refused page of a batch
                 if not self._capacity_logged:
                     self._capacity_logged = True
-                    logger.warning("juicefs backend: namespace %s is full (capacity %d bytes); "
-                                   "refusing new pages", self.namespace, cap)
+                    logger.warning(
+                        "juicefs backend: namespace %s is full (capacity %d bytes); "
+                        "refusing new pages",
+                        self.namespace,
+                        cap,
+                    )
                 return False
             self.used_bytes += nbytes
             return True
 
     def _release(self, nbytes: int) -> None:
+        """Give back capacity a write did not use."""
         with self._lock:
             self.used_bytes -= nbytes
 
@@ -395,26 +460,36 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- v1 (zero-copy)
 
     def _page_views(self, host_indices: torch.Tensor, n: int) -> List[List[memoryview]]:
+        """Writable byte views of each page's ``get_page_buffer_meta`` regions."""
         ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
         per = len(ptrs) // n if n else 0
         if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
             raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
         views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
-        pages = [views[i * per:(i + 1) * per] for i in range(n)]
+        pages = [views[i * per : (i + 1) * per] for i in range(n)]
         if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
             raise ValueError("page regions do not add up to the registered page size")
         return pages
 
     def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
+        """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
         if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
-            logger.error("juicefs backend: %s got %s host indices for %d pages of %d tokens",
-                         op, None if host_indices is None else host_indices.numel(),
-                         len(keys), self.page_size)
+            logger.error(
+                "juicefs backend: %s got %s host indices for %d pages of %d tokens",
+                op,
+                None if host_indices is None else host_indices.numel(),
+                len(keys),
+                self.page_size,
+            )
             return False
         return True
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
         if not keys:
             return []
         if not self._ready() or not self._check_batch("batch_get_v1", keys, host_indices):
@@ -423,12 +498,20 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             if self._meta_regions:
                 pages = self._page_views(host_indices.cpu(), len(keys))
-                results = list(self._executor.map(
-                    lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)))
+                results = list(
+                    self._executor.map(
+                        lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)
+                    )
+                )
             else:
-                results = list(self._executor.map(
-                    lambda i: self._get_flat_into_pool(keys[i], int(host_indices[i * self.page_size])),
-                    range(len(keys))))
+                results = list(
+                    self._executor.map(
+                        lambda i: self._get_flat_into_pool(
+                            keys[i], int(host_indices[i * self.page_size])
+                        ),
+                        range(len(keys)),
+                    )
+                )
             check = getattr(self.mem_pool_host, "kvtuner_check_pages", None)
             if callable(check) and any(results):
                 # The quantizing pool's own page header: a second, format-level check.
@@ -439,8 +522,12 @@ class JuiceFSStorage(HiCacheStorage):
         self._record("prefetch", sum(results), start)
         return results
 
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_set_v1(
+        self,
+        keys: List[str],
+        host_indices: torch.Tensor,
+        extra_info: Optional[HiCacheStorageExtraInfo] = None,
+    ) -> List[bool]:
         if not keys:
             return []
         if not self.is_writer:  # MLA: another rank writes the shared copy
@@ -452,8 +539,15 @@ class JuiceFSStorage(HiCacheStorage):
             if self._meta_regions:
                 pages = self._page_views(host_indices.cpu(), len(keys))
             else:
-                pages = [self._flat_views(k, self.mem_pool_host.get_data_page(
-                    int(host_indices[i * self.page_size]), flat=True)) for i, k in enumerate(keys)]
+                pages = [
+                    self._flat_views(
+                        k,
+                        self.mem_pool_host.get_data_page(
+                            int(host_indices[i * self.page_size]), flat=True
+                        ),
+                    )
+                    for i, k in enumerate(keys)
+                ]
             results = self._write_batch(keys, pages, self.v1_order)
         except Exception as e:
             logger.error("juicefs backend: batch_set_v1 failed: %s", e)
@@ -462,6 +556,7 @@ class JuiceFSStorage(HiCacheStorage):
         return results
 
     def _get_flat_into_pool(self, key: str, index: int) -> bool:
+        """Read one page through a flat scratch page into the host pool."""
         dtype, numel = self._flat_template
         scratch = torch.empty(numel, dtype=dtype)
         if not self._read_page(key, [tensor_bytes(scratch)], self.v1_order):
@@ -479,13 +574,18 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
             return None
         if data.numel() * data.element_size() != self.flat_bytes:
-            logger.error("juicefs backend: page %s has %d bytes, expected %s", key,
-                         data.numel() * data.element_size(), self.flat_bytes)
+            logger.error(
+                "juicefs backend: page %s has %d bytes, expected %s",
+                key,
+                data.numel() * data.element_size(),
+                self.flat_bytes,
+            )
             return None
         return [tensor_bytes(data)]  # the view keeps `data` alive
 
-    def get(self, key: str, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+    def get(
+        self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
+    ) -> torch.Tensor | None:
         if not self._ready() or self.flat_bytes is None:
             return None
         try:
@@ -496,8 +596,12 @@ class JuiceFSStorage(HiCacheStorage):
             direct = out.device.type == "cpu" and out.is_contiguous()
             buf = out if direct else torch.empty(out.numel(), dtype=out.dtype)
             if buf.numel() * buf.element_size() != self.flat_bytes:
-                logger.error("juicefs backend: get(%s) target holds %d bytes, expected %d", key,
-                             buf.numel() * buf.element_size(), self.flat_bytes)
+                logger.error(
+                    "juicefs backend: get(%s) target holds %d bytes, expected %d",
+                    key,
+                    buf.numel() * buf.element_size(),
+                    self.flat_bytes,
+                )
                 return None
             if not self._read_page(key, [tensor_bytes(buf.reshape(-1))], self.flat_order):
                 return None
@@ -508,8 +612,12 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: get(%s) failed: %s", key, e)
             return None
 
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+    def batch_get(
+        self,
+        keys: List[str],
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> List[torch.Tensor | None]:
         targets = list(target_locations) if target_locations is not None else [None] * len(keys)
         if not keys or not self._ready():
             return [None] * len(keys)
@@ -518,17 +626,26 @@ class JuiceFSStorage(HiCacheStorage):
         self._record("prefetch", sum(r is not None for r in results), start)
         return results
 
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Optional[Any] = None,
+        target_location: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
         if not self.is_writer:
             return True
         if value is None or not self._ready() or self.flat_bytes is None:
             return False
         return self._write_batch([key], [self._flat_views(key, value)], self.flat_order)[0]
 
-    def batch_set(self, keys: List[str], values: Optional[Any] = None,
-                  target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> bool:
+    def batch_set(
+        self,
+        keys: List[str],
+        values: Optional[Any] = None,
+        target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
         if not keys:
             return True
         if values is None or len(values) != len(keys):
@@ -548,6 +665,7 @@ class JuiceFSStorage(HiCacheStorage):
     # ---------------------------------------------------------------- lookups
 
     def _exists_one(self, key: str) -> bool:
+        """Whether the page file of ``key`` exists with a size that can verify."""
         if self._known_present(key):
             return True
         try:
@@ -564,8 +682,9 @@ class JuiceFSStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self._ready() and self._exists_one(key)
 
-    def batch_exists(self, keys: List[str],
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(
+        self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None
+    ) -> int:
         """Number of consecutive present pages from the start of ``keys``."""
         if not keys or not self._ready():
             return 0
@@ -584,13 +703,13 @@ class JuiceFSStorage(HiCacheStorage):
             return False
         ok = True
         try:
-            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir)
-                      if len(s) == 2]
+            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir) if len(s) == 2]
         except OSError as e:
             logger.error("juicefs backend: clear failed: %s", e)
             return False
 
         def wipe(directory: str) -> bool:
+            """Delete every file in ``directory``; False if one could not be deleted."""
             good = True
             try:
                 names = os.listdir(directory)
@@ -614,6 +733,7 @@ class JuiceFSStorage(HiCacheStorage):
         return ok
 
     def _record(self, kind: str, n: int, start: float) -> None:
+        """Add a batch to SGLang's storage metrics (when it collects them)."""
         # Only when SGLang collects them: nobody would drain the lists otherwise.
         if not self.storage_config.enable_storage_metrics or n == 0:
             return

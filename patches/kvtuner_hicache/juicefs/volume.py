@@ -43,6 +43,7 @@ def mount_fstype(path: str) -> Tuple[str, str]:
 
 
 def blake(data: str, size: int) -> bytes:
+    """BLAKE2b of ``data`` in ``size`` bytes."""
     return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=size).digest()
 
 
@@ -121,8 +122,12 @@ class MountWatch:
         return self._lost("a different file system is mounted there now")
 
     def _lost(self, why: str) -> bool:
+        """Log the first loss of the volume; always False."""
         if not self._lost_logged:
             self._lost_logged = True
-            logger.error("juicefs backend: volume at %s unavailable (%s); all lookups miss",
-                         self.mount_point, why)
+            logger.error(
+                "juicefs backend: volume at %s unavailable (%s); all lookups miss",
+                self.mount_point,
+                why,
+            )
         return False

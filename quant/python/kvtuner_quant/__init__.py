@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._native import __version__, HEADER_NBYTES, FORMAT_VERSION, QuantizedTensor, get_num_threads, set_num_threads
+from ._native import (
+    FORMAT_VERSION,
+    HEADER_NBYTES,
+    QuantizedTensor,
+    __version__,
+    get_num_threads,
+    set_num_threads,
+)
 
 __all__ = [
     "__version__",
@@ -77,7 +84,9 @@ def _float_view(x: Any, arg: str) -> tuple[Any, str]:
         name = x.dtype.name
         if name not in _NAMES:
             raise TypeError(f"{arg} must have dtype float16, bfloat16 or float32, got {x.dtype}")
-        if name == "bfloat16":  # ml_dtypes.bfloat16: numpy cannot export it through the buffer protocol
+        if (
+            name == "bfloat16"
+        ):  # ml_dtypes.bfloat16: numpy cannot export it through the buffer protocol
             x = x.view(np.uint16)
         return x, name
     raise TypeError(f"{arg} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
@@ -94,7 +103,9 @@ def _bytes_view(x: Any, arg: str) -> Any:
         if x.dtype != np.uint8:
             raise TypeError(f"{arg} must have dtype uint8, got {x.dtype}")
         return x
-    raise TypeError(f"{arg} must be a 2-D uint8 numpy array or CPU torch tensor, got {type(x).__name__}")
+    raise TypeError(
+        f"{arg} must be a 2-D uint8 numpy array or CPU torch tensor, got {type(x).__name__}"
+    )
 
 
 def _ids_view(ids: Any) -> Any:
@@ -108,14 +119,24 @@ def _ids_view(ids: Any) -> Any:
         return np.ascontiguousarray(ids)
     if isinstance(ids, (list, tuple, range)):
         return np.asarray(ids, dtype=np.int64)
-    raise TypeError(f"page_ids must be a 1-D int64 numpy array or torch tensor, got {type(ids).__name__}")
+    raise TypeError(
+        f"page_ids must be a 1-D int64 numpy array or torch tensor, got {type(ids).__name__}"
+    )
 
 
-def quantize(x: Any, *, bits: int, asym: bool, axis: int, group_size: int, residual_length: int = 0) -> QuantizedTensor:
+def quantize(
+    x: Any, *, bits: int, asym: bool, axis: int, group_size: int, residual_length: int = 0
+) -> QuantizedTensor:
     """Quantize a C-contiguous ``[tokens, heads, head_dim]`` array (numpy f16/f32, CPU torch f16/bf16/f32)."""
     view, name = _float_view(x, "x")
     return _native.quantize(
-        view, name, bits=bits, asym=asym, axis=axis, group_size=group_size, residual_length=residual_length
+        view,
+        name,
+        bits=bits,
+        asym=asym,
+        axis=axis,
+        group_size=group_size,
+        residual_length=residual_length,
     )
 
 
@@ -134,7 +155,9 @@ def _empty(shape: tuple[int, int, int], name: str) -> tuple[Any, Any]:
     try:
         import ml_dtypes
     except ImportError:
-        raise TypeError("dequantizing bfloat16 needs torch or ml_dtypes installed, or an out= buffer") from None
+        raise TypeError(
+            "dequantizing bfloat16 needs torch or ml_dtypes installed, or an out= buffer"
+        ) from None
     a = np.empty(shape, dtype=ml_dtypes.bfloat16)
     return a, a.view(np.uint16)
 
