@@ -72,17 +72,20 @@ def alloc_host(pool, shape, dtype, granularity: Optional[int]) -> torch.Tensor:
     return alloc(shape, **kwargs)
 
 
-def visible_model_layer_num(end_layer: int) -> Optional[int]:
+def visible_model_layer_num(layers_through_this_stage: int) -> Optional[int]:
     """The model's layer count where this rank can know it, else None."""
-    # Known without pipeline parallelism, or on the last stage (whose end_layer is the model's).
+    # Known without pipeline parallelism, or on the last stage (whose layers end with the
+    # model's). Callers pass start_layer + the pool's layer count, never end_layer: SGLang's
+    # device pool defaults end_layer to the last layer (inclusive) when a caller omits it,
+    # while the model runner passes the exclusive end.
     try:
         from sglang.srt.runtime_context import get_parallel
 
         parallel = get_parallel()
         pp_size, pp_rank = int(parallel.pp_size), int(parallel.pp_rank)
     except Exception:  # parallel state not initialized: a single-process build
-        return end_layer
-    return end_layer if pp_rank == pp_size - 1 else None
+        return layers_through_this_stage
+    return layers_through_this_stage if pp_rank == pp_size - 1 else None
 
 
 def init_host_kv_cache(

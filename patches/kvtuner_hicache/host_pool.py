@@ -254,7 +254,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             model_layer_num=(
                 model_layer_num
                 if model_layer_num is not None
-                else visible_model_layer_num(int(end_layer))
+                else visible_model_layer_num(int(start_layer or 0) + target_layer_num)
             ),
         )
         self.kvtuner_plan = plan

@@ -169,6 +169,9 @@ pub fn group(era: Era) -> Option<Group> {
         package_module!("package-overlay", "overlay.py"),
         package_module!("package-host-pool", "host_pool.py"),
         package_module!("package-selection", "selection.py"),
+        package_module!("package-kv-model", "kv_model.py"),
+        package_module!("package-evaluate", "evaluate.py"),
+        package_module!("package-calibrate", "calibrate.py"),
         select,
         check,
     ];

@@ -161,3 +161,7 @@ from juicefs_fixture import juicefs_volume, make_volume  # noqa: E402,F401
 
 # A fleet: real Redis metadata, one volume mounted once per server (juicefs_fleet_fixture.py).
 from juicefs_fleet_fixture import fleet, make_fleet  # noqa: E402,F401
+
+# Tiny real model and the evaluate/calibrate modules (tests/python/tiny_lm.py), shared by
+# test_evaluate and test_calibrate.
+from tiny_lm import kvtools, tiny_model_dir  # noqa: E402,F401
