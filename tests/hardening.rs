@@ -297,31 +297,33 @@ fn assert_both_recoveries(crashed: &Path, pristine: &BTreeMap<String, Entry>, co
     );
 }
 
-#[test]
-fn apply_crashed_at_every_file_system_step_recovers_both_ways() {
-    let fresh = copy_tree(&fixture("sglang-0.5.23"), "");
-    let pristine = full_snapshot(fresh.path());
+/// Kill `command` (run on a copy of `start`) at each of its file-system steps in turn, and
+/// check after each crash that both recoveries give `pristine` or a verified tree.
+fn crash_at_every_step(command: &str, start: &Path, pristine: &BTreeMap<String, Entry>) {
     let probe = tempfile::tempdir().unwrap();
-    cp_a(fresh.path(), probe.path());
-    let counts = count_fs_steps(&["apply"], probe.path());
+    cp_a(start, probe.path());
+    let counts = count_fs_steps(&[command], probe.path());
     assert!(
         ["rename", "renameat", "renameat2"]
             .iter()
             .any(|r| counts.contains_key(*r)),
-        "apply renamed nothing? {counts:?}"
+        "{command} renamed nothing? {counts:?}"
     );
     for (syscall, &total) in &counts {
         for n in 1..=total {
             let t = tempfile::tempdir().unwrap();
-            cp_a(fresh.path(), t.path());
-            crash_at(&["apply"], t.path(), syscall, n);
-            assert_both_recoveries(
-                t.path(),
-                &pristine,
-                &format!("apply killed at {syscall} #{n}"),
-            );
+            cp_a(start, t.path());
+            crash_at(&[command], t.path(), syscall, n);
+            let context = format!("{command} killed at {syscall} #{n}");
+            assert_both_recoveries(t.path(), pristine, &context);
         }
     }
+}
+
+#[test]
+fn apply_crashed_at_every_file_system_step_recovers_both_ways() {
+    let fresh = copy_tree(&fixture("sglang-0.5.23"), "");
+    crash_at_every_step("apply", fresh.path(), &full_snapshot(fresh.path()));
 }
 
 #[test]
@@ -331,22 +333,7 @@ fn revert_crashed_at_every_file_system_step_recovers_both_ways() {
     let patched = tempfile::tempdir().unwrap();
     cp_a(fresh.path(), patched.path());
     ok(&["apply"], patched.path(), "apply");
-    let probe = tempfile::tempdir().unwrap();
-    cp_a(patched.path(), probe.path());
-    let counts = count_fs_steps(&["revert"], probe.path());
-    assert!(!counts.is_empty(), "revert made no file-system step?");
-    for (syscall, &total) in &counts {
-        for n in 1..=total {
-            let t = tempfile::tempdir().unwrap();
-            cp_a(patched.path(), t.path());
-            crash_at(&["revert"], t.path(), syscall, n);
-            assert_both_recoveries(
-                t.path(),
-                &pristine,
-                &format!("revert killed at {syscall} #{n}"),
-            );
-        }
-    }
+    crash_at_every_step("revert", patched.path(), &pristine);
 }
 
 #[test]
