@@ -74,19 +74,9 @@ fn full_snapshot(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-/// Assert two full snapshots are equal, naming the first difference.
+/// Assert the tree at `root` is exactly `want` (every path, kind, mode and byte).
 fn assert_pristine(want: &BTreeMap<String, Entry>, root: &Path, context: &str) {
-    let got = full_snapshot(root);
-    for (k, v) in want {
-        match got.get(k) {
-            None => panic!("{context}: {k} is missing"),
-            Some(w) if w != v => panic!("{context}: {k} differs (kind, mode or bytes)"),
-            _ => {}
-        }
-    }
-    for k in got.keys() {
-        assert!(want.contains_key(k), "{context}: {k} appeared");
-    }
+    assert_same_entries(want, &full_snapshot(root), context);
 }
 
 fn bin() -> PathBuf {
@@ -185,14 +175,12 @@ fn strace() -> &'static str {
     "strace"
 }
 
-/// How many times `args` calls each of [`FS_STEPS`] on a copy of `tree` (the copy is used up).
-fn count_fs_steps(args: &[&str], tree: &Path) -> BTreeMap<String, usize> {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let status = Proc::new(strace())
+/// Run the CLI with `args` on `tree` under `strace -f -e EXPR`, its log into `log`.
+fn under_strace(log: &Path, expr: &str, args: &[&str], tree: &Path) -> std::process::ExitStatus {
+    Proc::new(strace())
         .args(["-f", "-qq", "-o"])
-        .arg(log.path())
-        .arg("-e")
-        .arg(format!("trace={}", FS_STEPS.join(",")))
+        .arg(log)
+        .args(["-e", expr])
         .arg(bin())
         .args(args)
         .arg("--sglang-root")
@@ -200,7 +188,14 @@ fn count_fs_steps(args: &[&str], tree: &Path) -> BTreeMap<String, usize> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .unwrap();
+        .unwrap()
+}
+
+/// How many times `args` calls each of [`FS_STEPS`] on a copy of `tree` (the copy is used up).
+fn count_fs_steps(args: &[&str], tree: &Path) -> BTreeMap<String, usize> {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let trace = format!("trace={}", FS_STEPS.join(","));
+    let status = under_strace(log.path(), &trace, args, tree);
     assert!(status.success(), "{args:?} under strace failed");
     let mut counts = BTreeMap::new();
     for line in fs::read_to_string(log.path()).unwrap().lines() {
@@ -219,18 +214,8 @@ fn count_fs_steps(args: &[&str], tree: &Path) -> BTreeMap<String, usize> {
 
 /// Run `args` on `tree` and SIGKILL it at the `n`-th call of `syscall`.
 fn crash_at(args: &[&str], tree: &Path, syscall: &str, n: usize) {
-    let status = Proc::new(strace())
-        .args(["-f", "-qq", "-o", "/dev/null"])
-        .arg("-e")
-        .arg(format!("inject={syscall}:signal=SIGKILL:when={n}"))
-        .arg(bin())
-        .args(args)
-        .arg("--sglang-root")
-        .arg(tree)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+    let inject = format!("inject={syscall}:signal=SIGKILL:when={n}");
+    let status = under_strace(Path::new("/dev/null"), &inject, args, tree);
     assert!(
         !status.success(),
         "{args:?} was not killed at {syscall} #{n}: the step count changed between runs"

@@ -179,15 +179,25 @@ pub fn assert_same_tree(
     a: &BTreeMap<String, Option<Vec<u8>>>,
     b: &BTreeMap<String, Option<Vec<u8>>>,
 ) {
-    for (k, v) in a {
-        match b.get(k) {
-            None => panic!("{k} is missing afterwards"),
-            Some(w) if w != v => panic!("{k} differs"),
+    assert_same_entries(a, b, "afterwards");
+}
+
+/// Assert two path-keyed maps are equal, naming the first path that differs (`context` says
+/// when).
+pub fn assert_same_entries<V: PartialEq>(
+    want: &BTreeMap<String, V>,
+    got: &BTreeMap<String, V>,
+    context: &str,
+) {
+    for (k, v) in want {
+        match got.get(k) {
+            None => panic!("{context}: {k} is missing"),
+            Some(w) if w != v => panic!("{context}: {k} differs"),
             _ => {}
         }
     }
-    for k in b.keys() {
-        assert!(a.contains_key(k), "{k} appeared");
+    for k in got.keys() {
+        assert!(want.contains_key(k), "{context}: {k} appeared");
     }
 }
 
