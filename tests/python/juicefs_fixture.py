@@ -49,6 +49,35 @@ def is_juicefs_mount(path: str) -> bool:
         return any(line.split()[1] == path and line.split()[2] == "fuse.juicefs" for line in f)
 
 
+def mount_juicefs(
+    binary: str, meta: str, mnt: str, cache: str, log: str, options: List[str]
+) -> None:
+    """``juicefs mount -d`` of ``meta`` on ``mnt``; raises with the daemon's log tail on failure."""
+    proc = subprocess.run(
+        [binary, "mount", "-d", "--no-usage-report", "--cache-dir", cache, "--log", log]
+        + [*options, meta, mnt],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode != 0 or not is_juicefs_mount(mnt):
+        tail = Path(log).read_text()[-600:] if os.path.exists(log) else ""
+        raise RuntimeError(
+            f"juicefs mount failed ({proc.returncode}): {proc.stderr.strip()[-600:]} {tail}"
+        )
+
+
+def unmount_juicefs(binary: str, mnt: str) -> None:
+    """``juicefs umount --force``, waiting for the FUSE daemon (it exits asynchronously)."""
+    if not is_juicefs_mount(mnt):
+        return
+    subprocess.run([binary, "umount", "--force", mnt], capture_output=True, text=True, timeout=120)
+    for _ in range(50):
+        if not is_juicefs_mount(mnt):
+            break
+        time.sleep(0.1)
+
+
 @dataclass
 class Volume:
     binary: str
@@ -65,43 +94,17 @@ class Volume:
         return f"sqlite3://{self.base}/meta.db"
 
     def mount(self) -> None:
-        proc = subprocess.run(
-            [
-                self.binary,
-                "mount",
-                "-d",
-                "--no-usage-report",
-                "--cache-dir",
-                str(self.base / "cache"),
-                "--log",
-                str(self.base / "mount.log"),
-                *self.options,
-                self.meta,
-                self.mnt,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        mount_juicefs(
+            self.binary,
+            self.meta,
+            self.mnt,
+            str(self.base / "cache"),
+            str(self.base / "mount.log"),
+            self.options,
         )
-        if proc.returncode != 0 or not is_juicefs_mount(self.mnt):
-            log = self.base / "mount.log"
-            tail = log.read_text()[-600:] if log.exists() else ""
-            raise RuntimeError(
-                f"juicefs mount failed ({proc.returncode}): {proc.stderr.strip()[-600:]} {tail}"
-            )
 
     def umount(self) -> None:
-        if is_juicefs_mount(self.mnt):
-            subprocess.run(
-                [self.binary, "umount", "--force", self.mnt],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            for _ in range(50):  # the FUSE daemon exits asynchronously
-                if not is_juicefs_mount(self.mnt):
-                    break
-                time.sleep(0.1)
+        unmount_juicefs(self.binary, self.mnt)
 
     def destroy(self) -> None:
         self.umount()

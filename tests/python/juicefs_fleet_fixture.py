@@ -25,7 +25,15 @@ from typing import List, Optional
 
 import pytest
 
-from juicefs_fixture import MOUNT_OPTIONS, _fuse_unavailable, is_juicefs_mount, juicefs_binary
+from juicefs_fixture import (
+    MOUNT_OPTIONS,
+    _fuse_unavailable,
+    _sigterm_as_interrupt,
+    is_juicefs_mount,
+    juicefs_binary,
+    mount_juicefs,
+    unmount_juicefs,
+)
 
 
 def redis_server_binary() -> str:
@@ -149,42 +157,10 @@ class Mount:
 
     def mount(self) -> None:
         os.makedirs(self.path, exist_ok=True)
-        proc = subprocess.run(
-            [
-                self.binary,
-                "mount",
-                "-d",
-                "--no-usage-report",
-                "--cache-dir",
-                self.cache,
-                "--log",
-                self.log,
-                *self.options,
-                self.meta,
-                self.path,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if proc.returncode != 0 or not is_juicefs_mount(self.path):
-            tail = Path(self.log).read_text()[-600:] if os.path.exists(self.log) else ""
-            raise RuntimeError(
-                f"juicefs mount failed ({proc.returncode}): {proc.stderr.strip()[-600:]} {tail}"
-            )
+        mount_juicefs(self.binary, self.meta, self.path, self.cache, self.log, self.options)
 
     def umount(self) -> None:
-        if is_juicefs_mount(self.path):
-            subprocess.run(
-                [self.binary, "umount", "--force", self.path],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            for _ in range(50):  # the FUSE daemon exits asynchronously
-                if not is_juicefs_mount(self.path):
-                    break
-                time.sleep(0.1)
+        unmount_juicefs(self.binary, self.path)
         if is_juicefs_mount(self.path):  # last resort: lazy kernel unmount
             self.lazy_umount()
 
@@ -274,10 +250,6 @@ def create_fleet(
         fleet.destroy()
         raise
     return fleet
-
-
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
