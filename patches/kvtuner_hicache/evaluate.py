@@ -38,7 +38,7 @@ from .kv_model import (
     load_model,
     read_text,
     scored_nll_and_kl,
-    split_tokens,
+    token_windows,
 )
 
 UNQUANTIZED = "none"
@@ -388,37 +388,50 @@ def evaluate(
     *,
     prefix_tokens: int = 512,
     continuation_tokens: int = 512,
+    windows: int = 1,
     page_size: int = 64,
     kv_dtype: torch.dtype = torch.float16,
     via: str = "pool",
     route: str = "storage",
     progress: bool = True,
 ) -> list[EvalResult]:
-    """Score ``text``'s continuation after each config's round trip of the prefix KV."""
+    """Score ``text``'s continuation after each config's round trip of the prefix KV; with
+    ``windows`` > 1, over that many disjoint (prefix, continuation) windows from the start of
+    the text, perplexity and KL taken over all their scored tokens."""
     if via not in ("pool", "codec"):
         raise ValueError(f"via {via!r} is not one of ['pool', 'codec']")
     if route not in ROUTES:
         raise ValueError(f"route {route!r} is not one of {list(ROUTES)}")
     _check_pages(prefix_tokens, page_size)
-    prefix, cont = split_tokens(lm.encode(text), prefix_tokens, continuation_tokens)
-    k, v = lm.prefix_kv(prefix)
-    reference = unquantized_roundtrip(k, v, kv_dtype)
-    ref_logprobs = lm.continuation_logprobs(reference.k, reference.v, cont)
-    ref_nll, _, n = scored_nll_and_kl(ref_logprobs, ref_logprobs, cont)
-    ref_ppl = math.exp(ref_nll / n)
+    if windows < 1:
+        raise ValueError(f"--windows {windows} must be >= 1")
+    ids = lm.encode(text)
+    pieces = token_windows(ids, prefix_tokens, continuation_tokens, windows)
+    if len(pieces) < windows:
+        raise ValueError(
+            f"text has {len(ids)} tokens: {len(pieces)} window(s) of prefix {prefix_tokens} + "
+            f"continuation {continuation_tokens} fit, --windows {windows} asked for"
+        )
+    # per config: [summed NLL, summed KL, first window's round trip]
+    sums: list[list] = [[0.0, 0.0, None] for _ in configs]
+    ref_nll, scored = 0.0, 0
+    for prefix, cont in pieces:
+        k, v = lm.prefix_kv(prefix)
+        reference = unquantized_roundtrip(k, v, kv_dtype)
+        ref_logprobs = lm.continuation_logprobs(reference.k, reference.v, cont)
+        nll, _, n = scored_nll_and_kl(ref_logprobs, ref_logprobs, cont)
+        ref_nll, scored = ref_nll + nll, scored + n
+        for config, acc in zip(configs, _progress(sums, progress, "configs")):
+            trip = _roundtrip(k, v, config, via, route, kv_dtype, page_size)
+            logprobs = lm.continuation_logprobs(trip.k, trip.v, cont)
+            nll, kl, _ = scored_nll_and_kl(ref_logprobs, logprobs, cont)
+            acc[0], acc[1] = acc[0] + nll, acc[1] + kl
+            if acc[2] is None:
+                acc[2] = trip
+    ref_ppl = math.exp(ref_nll / scored)
     results = []
-    for config in _progress(configs, progress, "configs"):
-        if config.pool_config is None:
-            trip = unquantized_roundtrip(k, v, kv_dtype)
-        elif via == "pool":
-            trip = pool_roundtrip(
-                k, v, config.pool_config, dtype=kv_dtype, page_size=page_size, route=route
-            )
-        else:
-            trip = codec_roundtrip(k, v, config.pool_config, dtype=kv_dtype, page_size=page_size)
-        logprobs = lm.continuation_logprobs(trip.k, trip.v, cont)
-        nll, kl, _ = scored_nll_and_kl(ref_logprobs, logprobs, cont)
-        ppl = math.exp(nll / n)
+    for config, (nll, kl, trip) in zip(configs, sums):
+        ppl = math.exp(nll / scored)
         results.append(
             EvalResult(
                 config=config.name,
@@ -427,12 +440,23 @@ def evaluate(
                 tokens_per_gib=trip.tokens_per_gib,
                 perplexity=ppl,
                 ppl_change_pct=100.0 * (ppl / ref_ppl - 1.0),
-                kl=kl / n,
-                scored_tokens=n,
+                kl=kl / scored,
+                scored_tokens=scored,
                 roundtrip=trip,
             )
         )
     return results
+
+
+def _roundtrip(k, v, config: EvalConfig, via: str, route: str, kv_dtype, page_size) -> RoundTrip:
+    """One config's round trip of a prefix's KV."""
+    if config.pool_config is None:
+        return unquantized_roundtrip(k, v, kv_dtype)
+    if via == "pool":
+        return pool_roundtrip(
+            k, v, config.pool_config, dtype=kv_dtype, page_size=page_size, route=route
+        )
+    return codec_roundtrip(k, v, config.pool_config, dtype=kv_dtype, page_size=page_size)
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -517,6 +541,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=512)
     parser.add_argument("--continuation-tokens", type=int, default=512)
     parser.add_argument(
+        "--windows",
+        type=int,
+        default=1,
+        help="disjoint prefix+continuation windows from the text's start, scored together "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--via",
         choices=("pool", "codec"),
         default="pool",
@@ -549,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             configs,
             prefix_tokens=args.prefix_tokens,
             continuation_tokens=args.continuation_tokens,
+            windows=args.windows,
             page_size=args.page_size,
             kv_dtype=KV_DTYPES[args.kv_dtype],
             via=args.via,
@@ -557,8 +589,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(
-        f"model {args.model}, text {args.text}: prefix {args.prefix_tokens} tokens, "
-        f"{results[0].scored_tokens} scored; KV {args.kv_dtype}, page {args.page_size}, "
+        f"model {args.model}, text {args.text}: {args.windows} window(s), prefix "
+        f"{args.prefix_tokens} tokens, {results[0].scored_tokens} scored; KV {args.kv_dtype}, page {args.page_size}, "
         f"via {args.via}, route {args.route}"
     )
     print(format_table(results))

@@ -129,7 +129,6 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             draft_layer_num=len(draft_buffer_infos),
             page_size=page_size,
             start_layer=start_layer,
-            end_layer=end_layer,
             model_layer_num=model_layer_num,
             fixed_capacity=host_token_capacity is not None,
         )
@@ -203,7 +202,6 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             draft_layer_num=len(drafts),
             page_size=page_size,
             start_layer=device_pool.start_layer,
-            end_layer=device_pool.end_layer,
             model_layer_num=model_layer_num,
             fixed_capacity=False,
         )
@@ -235,7 +233,6 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         draft_layer_num: int,
         page_size: int,
         start_layer,
-        end_layer,
         model_layer_num: Optional[int],
         fixed_capacity: bool,
     ) -> None:

@@ -121,6 +121,45 @@ def test_text_shorter_than_prefix_plus_continuation(kvtools, tiny):
         )
 
 
+class _Skipping:
+    """``lm`` with the first ``skip`` tokens of every text dropped."""
+
+    def __init__(self, lm, skip):
+        self.lm, self.skip = lm, skip
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def encode(self, text):
+        return self.lm.encode(text)[self.skip :]
+
+
+def test_windows_pool_their_scored_tokens(kvtools, tiny):
+    specs = ["none", "k2v2"]
+    both = run(kvtools, tiny, specs, windows=2)
+    alone = [run(kvtools, _Skipping(tiny, w * (PREFIX + CONTINUATION)), specs) for w in (0, 1)]
+    n = [r[1].scored_tokens for r in alone]
+    assert both[1].scored_tokens == sum(n) == 2 * (CONTINUATION - 1)
+    assert alone[0][1].kl != alone[1][1].kl  # two different windows
+    kl = sum(r[1].kl * m for r, m in zip(alone, n)) / sum(n)
+    assert both[1].kl == pytest.approx(kl, rel=1e-9)
+    nll = sum(math.log(r[1].perplexity) * m for r, m in zip(alone, n))
+    ref = sum(math.log(r[0].perplexity) * m for r, m in zip(alone, n))
+    assert both[1].perplexity == pytest.approx(math.exp(nll / sum(n)), rel=1e-9)
+    assert both[1].ppl_change_pct == pytest.approx(
+        100 * (math.exp((nll - ref) / sum(n)) - 1), rel=1e-6
+    )
+    assert both[0].ppl_change_pct == 0.0 and both[0].kl == 0.0
+
+
+def test_more_windows_than_the_text_holds(kvtools, tiny):
+    fits = len(tiny.encode(text("kjv-luke.txt"))) // (PREFIX + CONTINUATION)
+    with pytest.raises(ValueError, match=f"{fits} window\\(s\\) .* --windows {fits + 1} asked"):
+        run(kvtools, tiny, ["k4v4"], windows=fits + 1)
+    with pytest.raises(ValueError, match="--windows 0 must be >= 1"):
+        run(kvtools, tiny, ["k4v4"], windows=0)
+
+
 def test_prefix_must_be_whole_pages(kvtools, tiny):
     with pytest.raises(ValueError, match="must be whole pages of --page-size 32"):
         run(kvtools, tiny, ["k4v4"], prefix_tokens=48)
