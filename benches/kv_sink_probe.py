@@ -74,9 +74,7 @@ def main() -> None:
                 acc[0], acc[1] = acc[0] + nll, acc[1] + kl
                 # quantized bytes plus the exact tokens' fp16 K and V, per element
                 exact = sinks * 2 * k[0, 0].numel() * k.shape[0] * 2
-                effective[(config.name, sinks)] = (
-                    8 * (trip.stored_nbytes + exact) / (2 * k.numel())
-                )
+                effective[(config.name, sinks)] = 8 * (trip.stored_nbytes + exact) / (2 * k.numel())
     print(
         f"{args.model}, {Path(args.text).name}: {len(windows)} windows, prefix "
         f"{args.prefix_tokens} tokens, {scored} scored; KV float16, page 64, asymmetric, "
