@@ -11,6 +11,11 @@ the prefix KV of each window with ``kvtuner_quant`` (the bytes the pool stores, 
 the unquantized prefix, over all windows). The host pool has no such window today: the
 effective bits printed count the ``kvtuner_quant`` blobs (no page headers) plus the S exact
 fp16 tokens, the price such a window would have on this prefix.
+
+With --budgets, presets are first calibrated with the first --calibration-sinks tokens of every
+calibration prefix kept exact (``Calibrator(exact_prefix_tokens=...)``, on the texts and with
+the defaults of ``kv_accuracy.py``) and scored as further configs: what the exact sink and
+calibration would give together.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +32,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "patches"))
+sys.path.insert(0, str(ROOT / "benches"))
 
 
 def main() -> None:
@@ -38,15 +45,42 @@ def main() -> None:
     parser.add_argument("--continuation-tokens", type=int, default=512)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--budgets", type=float, nargs="*", default=[])
+    parser.add_argument("--calibration-sinks", type=int, default=1)
     args = parser.parse_args()
 
-    from kvtuner_hicache import evaluate
+    from kv_accuracy import CALIBRATION, TEXTS
+    from kvtuner_hicache import calibrate, evaluate
     from kvtuner_hicache.kv_model import load_model, scored_nll_and_kl, token_windows
 
     t0 = time.time()
     lm = load_model(args.model)
     base = dataclasses.replace(evaluate.DEFAULT_CONFIG, group_size=args.group_size)
     configs = [evaluate.parse_config(spec, base) for spec in args.configs]
+    if args.budgets:
+        calibrator = calibrate.Calibrator(
+            lm,
+            [(name, (TEXTS / name).read_text(encoding="utf-8")) for name in CALIBRATION],
+            base=base,
+            prefix_tokens=512,
+            continuation_tokens=256,
+            windows_per_text=2,
+            exact_prefix_tokens=args.calibration_sinks,
+        )
+        table = calibrator.sensitivity()
+        out_dir = Path(tempfile.mkdtemp(prefix="kvtuner-sink-presets-"))
+        for budget in args.budgets:
+            result = calibrate.search(calibrator, table, budget)
+            path = out_dir / f"{args.model}-{budget:g}bits-sink{args.calibration_sinks}.yaml"
+            path.write_text(calibrate.preset_yaml(result, calibrator, args.model))
+            print(
+                f"budget {budget:g} with {args.calibration_sinks} exact: KL {result.cost:.5f} "
+                f"(uniform K{result.uniform[0]}V{result.uniform[1]} {result.uniform_cost:.5f}); "
+                + " ".join(f"K{k}V{v}" for k, v in result.layer_bits),
+                flush=True,
+            )
+            name = f"calibrated {budget:g} (sink {args.calibration_sinks})"
+            configs.append(dataclasses.replace(evaluate.parse_config(str(path), base), name=name))
     windows = token_windows(
         lm.encode(Path(args.text).read_text(encoding="utf-8")),
         args.prefix_tokens,

@@ -96,8 +96,11 @@ class Calibrator:
         windows_per_text: int = 2,
         page_size: int = 64,
         kv_dtype: torch.dtype = torch.float16,
+        exact_prefix_tokens: int = 0,
         progress: bool = True,
     ):
+        """``exact_prefix_tokens``: the first tokens of every prefix kept unquantized, as
+        an exact attention-sink window would keep them (``docs/host-pool.md``, "Next")."""
         if not texts:
             raise ValueError("calibration needs at least one --text")
         if windows_per_text < 1:
@@ -107,7 +110,12 @@ class Calibrator:
                 f"the prefix ({prefix_tokens} tokens) must be whole pages of --page-size "
                 f"{page_size}: HiCache only backs up whole pages"
             )
+        if not 0 <= exact_prefix_tokens <= prefix_tokens:
+            raise ValueError(
+                f"exact prefix tokens {exact_prefix_tokens} must be within 0..{prefix_tokens}"
+            )
         check_uniform_config(base)
+        self.exact_prefix_tokens = exact_prefix_tokens
         self.lm = lm
         self.base = base
         self.page_size = page_size
@@ -167,6 +175,7 @@ class Calibrator:
                     dtype=self.kv_dtype,
                     page_size=self.page_size,
                 )[0]
+        out[:, : self.exact_prefix_tokens] = x[:, : self.exact_prefix_tokens]
         return out
 
     def sensitivity(

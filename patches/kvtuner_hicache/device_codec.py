@@ -608,6 +608,28 @@ def _launch_options() -> dict:
     return {} if interpreted() else _NO_FUSION
 
 
+def _blob_geometry(spec: BlobSpec) -> dict:
+    """The blob shape and dtype as the quantize and dequantize kernels take them."""
+    return dict(
+        T=spec.tokens,
+        C=spec.row_elems,
+        G=spec.group_size,
+        NQ=spec.nq,
+        AXIS=spec.axis,
+        DTYPE=_DTYPE_CODES[spec.dtype_name],
+    )
+
+
+def _blob_sections(spec: BlobSpec) -> dict:
+    """Where a blob's scales, mins and residual section start, for the kernels."""
+    return dict(
+        ES=spec.itemsize,
+        SCALES_OFF=spec.scales_off,
+        MINS_OFF=spec.mins_off,
+        RES_OFF=spec.residual_off,
+    )
+
+
 class BlobTemplate:
     """A blob configuration and, on the device, its bytes that do not depend on
     the data (header and section padding); built once per configuration."""
@@ -677,24 +699,16 @@ def quantize_pages(
         template.fixed_off,
         template.fixed_val,
         N_FIXED=template.n_fixed,
-        T=spec.tokens,
-        C=spec.row_elems,
-        G=spec.group_size,
         GP=group_span,
-        NQ=spec.nq,
         NGROUPS=ngroups,
         DIVISOR=float(spec.levels if spec.asym else spec.qmax),
         ASYM=spec.asym,
-        AXIS=spec.axis,
-        DTYPE=_DTYPE_CODES[spec.dtype_name],
-        ES=spec.itemsize,
-        SCALES_OFF=spec.scales_off,
-        MINS_OFF=spec.mins_off,
-        RES_OFF=spec.residual_off,
         RES_NBYTES=spec.residual_nbytes,
         BLOCK_G=block_groups,
         BLOCK_R=_BLOCK_BYTES,
         BLOCK_F=_BLOCK_FIXED,
+        **_blob_geometry(spec),
+        **_blob_sections(spec),
         **_launch_options(),
     )
     if spec.codes_nbytes:
@@ -708,19 +722,14 @@ def quantize_pages(
             blob_off,
             scale,
             mins,
-            T=spec.tokens,
-            C=spec.row_elems,
-            G=spec.group_size,
-            NQ=spec.nq,
             NGROUPS=ngroups,
             CODES_NBYTES=spec.codes_nbytes,
             BITS=spec.bits,
             LO=0.0 if spec.asym else -float(spec.qmax),
             HI=float(spec.levels if spec.asym else spec.qmax),
             CODE_OFFSET=spec.code_offset,
-            AXIS=spec.axis,
-            DTYPE=_DTYPE_CODES[spec.dtype_name],
             BLOCK_B=_BLOCK_BYTES,
+            **_blob_geometry(spec),
             **_launch_options(),
         )
 
@@ -806,22 +815,14 @@ def dequantize_pages(
         ovl_view,
         ovl_base,
         ovl_slot,
-        T=spec.tokens,
-        C=spec.row_elems,
-        G=spec.group_size,
-        NQ=spec.nq,
         BITS=spec.bits,
         CODE_OFFSET=spec.code_offset,
         ASYM=spec.asym,
-        AXIS=spec.axis,
-        DTYPE=_DTYPE_CODES[spec.dtype_name],
-        ES=spec.itemsize,
-        SCALES_OFF=spec.scales_off,
-        MINS_OFF=spec.mins_off,
-        RES_OFF=spec.residual_off,
         STAMP_OFF=stamp_off,
         HAS_OVERLAY=overlay is not None,
         BLOCK_E=_BLOCK_ELEMS,
+        **_blob_geometry(spec),
+        **_blob_sections(spec),
         **_launch_options(),
     )
 

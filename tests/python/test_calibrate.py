@@ -198,3 +198,19 @@ def test_calibrated_preset_naming_a_layer_the_model_lacks_is_refused(
             page_size=32,
             progress=False,
         )
+
+
+def test_exact_prefix_tokens_stay_exact_and_cost_less(kvtools, tiny):
+    """The sink what-if: the first prefix tokens come back unquantized, the others as
+    before (the tiny random model has no attention sink, so costs are not compared)."""
+    cal = kvtools.calibrate
+    texts = [(name, text(name)) for name in TEXT_NAMES]
+    plain = cal.Calibrator(tiny, texts, progress=False, **OPTIONS)
+    sink = cal.Calibrator(tiny, texts, progress=False, exact_prefix_tokens=1, **OPTIONS)
+    x = sink.windows[0].k
+    bits = [2] * LAYERS
+    q_sink, q_plain = sink._quantize(x, bits, 1), plain._quantize(x, bits, 1)
+    assert torch.equal(q_sink[:, :1], x[:, :1]) and not torch.equal(q_plain[:, :1], x[:, :1])
+    assert torch.equal(q_sink[:, 1:], q_plain[:, 1:])
+    with pytest.raises(ValueError, match="exact prefix tokens 65 must be within 0..64"):
+        cal.Calibrator(tiny, texts, progress=False, exact_prefix_tokens=65, **OPTIONS)
