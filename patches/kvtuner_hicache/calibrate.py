@@ -367,6 +367,11 @@ def preset_yaml(result: CalibrationResult, calibrator: Calibrator, model: str) -
             f"{str(calibrator.kv_dtype).replace('torch.', '')}"
         ),
     ]
+    if calibrator.exact_prefix_tokens:
+        lines.append(
+            f"# measured with the first {calibrator.exact_prefix_tokens} prefix token(s) "
+            "unquantized (an exact attention-sink window; the pool does not keep one yet)"
+        )
     for layer, (k, v) in enumerate(result.layer_bits):
         lines.append(f"{layer}: {{nbits_key: {k}, nbits_value: {v}}}")
     return "\n".join(lines) + "\n"

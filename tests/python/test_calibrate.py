@@ -212,5 +212,7 @@ def test_exact_prefix_tokens_stay_exact_and_cost_less(kvtools, tiny):
     q_sink, q_plain = sink._quantize(x, bits, 1), plain._quantize(x, bits, 1)
     assert torch.equal(q_sink[:, :1], x[:, :1]) and not torch.equal(q_plain[:, :1], x[:, :1])
     assert torch.equal(q_sink[:, 1:], q_plain[:, 1:])
+    result = cal.search(sink, sink.sensitivity(), 3.0, rounds=0)
+    assert "first 1 prefix token(s) unquantized" in cal.preset_yaml(result, sink, "tiny")
     with pytest.raises(ValueError, match="exact prefix tokens 65 must be within 0..64"):
         cal.Calibrator(tiny, texts, progress=False, exact_prefix_tokens=65, **OPTIONS)
