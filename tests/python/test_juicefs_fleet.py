@@ -115,3 +115,24 @@ def test_restarted_server_serves_old_pages_and_other_configs_never_see_them(make
         assert other.batch_get_v1(keys[:2], indices(other.mem_pool_host, [0, 1])) == [False] * 2
     # ... and they left the old namespace alone.
     assert server(f.mnts[0], make_mha_host_pool(), "fleet").batch_exists(keys) == 6
+
+
+def test_a_page_deleted_on_one_server_is_a_miss_and_absent_on_the_other(fleet, root):
+    """B's kernel may still hold the entry and attributes of a file A just deleted (the mount's
+    --entry-cache / --attr-cache, 1 s here): B's read then fails while a stat still succeeds.
+    Once a read found the file gone, B must not report the key present."""
+    pool_a, pool_b = make_mha_host_pool(), make_mha_host_pool()
+    fill_random(pool_a, seed=23)
+    a = server(fleet.mnts[0], pool_a, root)
+    b = server(fleet.mnts[1], pool_b, root, exists_cache_ttl=0)
+    keys = keys_for("gone", 4)
+    assert a.batch_set_v1(keys, indices(pool_a, range(4))) == [True] * 4
+    assert b.batch_exists(keys) == 4  # B's kernel now caches the entries
+    for k in keys:
+        os.unlink(a._path(k))  # as A's eviction does, through A's mount
+    assert b.batch_get_v1(keys[:1], indices(pool_b, [8])) == [False]
+    assert b.batch_exists(keys[:1]) == 0
+    assert not b.exists(keys[0])
+    # A page published again is found again at once (by this server).
+    assert b.batch_set_v1(keys[:1], indices(pool_b, [0])) == [True]
+    assert b.batch_exists(keys[:1]) == 1

@@ -53,6 +53,9 @@ from .volume import (
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "juicefs"
+# How long a key whose file a read found gone is reported absent whatever a stat says: longer
+# than the entry and attribute caches of a mount (JuiceFS's default is 1 s; docs/juicefs-fleet.md).
+GONE_TTL = 5.0
 
 
 class JuiceFSStorage(HiCacheStorage):
@@ -95,8 +98,11 @@ class JuiceFSStorage(HiCacheStorage):
         )
         self._lock = threading.Lock()
         self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
+        # key -> monotonic time a read found its file gone: another server's mount deleted it,
+        # and this mount's kernel may still return its cached entry and attributes to a stat.
+        self._gone: Dict[str, float] = {}
         self._publisher = Publisher(fsync=self.options.fsync)
-        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self._known.clear)
+        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self._forget_all)
         self._unregistered_logged = False
         self._closed = False
         self.used_bytes = 0
@@ -187,7 +193,7 @@ class JuiceFSStorage(HiCacheStorage):
         self.namespace = namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
         os.makedirs(self.ns_dir, exist_ok=True)
-        self._known.clear()
+        self._forget_all()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
         logger.info(
@@ -279,8 +285,31 @@ class JuiceFSStorage(HiCacheStorage):
         seen = self._known.get(key)
         return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
 
+    def _forget_all(self) -> None:
+        """Drop what this server believes about which pages exist (a remount, a namespace)."""
+        self._known.clear()
+        self._gone.clear()
+
+    def _recently_gone(self, key: str) -> bool:
+        """Whether a read found ``key``'s file gone within the mount's cache window."""
+        seen = self._gone.get(key)
+        if seen is None:
+            return False
+        if time.monotonic() - seen <= GONE_TTL:
+            return True
+        self._gone.pop(key, None)
+        return False
+
+    def _forget(self, key: str) -> None:
+        """Note ``key`` as gone now (a read found no file)."""
+        self._known.pop(key, None)
+        if len(self._gone) > 1_000_000:  # bound memory, as for _known
+            self._gone.clear()
+        self._gone[key] = time.monotonic()
+
     def _remember(self, key: str) -> None:
         """Note ``key`` as present now."""
+        self._gone.pop(key, None)
         if self.options.exists_cache_ttl > 0:
             if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
                 self._known.clear()
@@ -294,7 +323,7 @@ class JuiceFSStorage(HiCacheStorage):
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._known.pop(key, None)
+            self._forget(key)
             self.counters["get_misses"] += 1
             return False
         except OSError as e:
@@ -769,6 +798,8 @@ class JuiceFSStorage(HiCacheStorage):
 
     def _exists_one(self, key: str) -> bool:
         """Whether the page file of ``key`` exists with a size that can verify."""
+        if self._recently_gone(key):
+            return False
         if self._known_present(key):
             return True
         try:
