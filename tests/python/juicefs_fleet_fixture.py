@@ -32,6 +32,7 @@ from juicefs_fixture import (
     is_juicefs_mount,
     juicefs_binary,
     mount_juicefs,
+    storage_config,
     unmount_juicefs,
 )
 
@@ -288,6 +289,16 @@ def make_fleet():
 
 
 # --------------------------------------------------------------------------- pages
+
+
+def fleet_server(mount, pool, root_dir: str, **options):
+    """One server's ``JuiceFSStorage`` on its own mount, registered with its host pool (the
+    ``dynamic`` construction form)."""
+    from kvtuner_hicache.juicefs import JuiceFSStorage  # the tests put patches/ on sys.path
+
+    backend = JuiceFSStorage(storage_config(mount, root_dir=root_dir, **options), {})
+    backend.register_mem_pool_host(pool)
+    return backend
 
 
 def fill_random(pool, seed: int = 0) -> None:

@@ -19,6 +19,7 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
 from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
+    fleet_server,
     indices,
     keys_for,
     page_bytes,
@@ -42,8 +43,7 @@ def root(request):
 def server(mount, pool, root, **kw) -> JuiceFSStorage:
     """One server's backend; returns once its startup maintenance pass is over, so a test
     controls every later pass."""
-    b = JuiceFSStorage(storage_config(mount, root_dir=root, **kw), {})
-    b.register_mem_pool_host(pool)
+    b = fleet_server(mount, pool, root, **kw)
     assert b.wait_for_maintenance(60)
     return b
 

@@ -16,9 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
+from juicefs_fixture import REPO, make_mha_host_pool  # noqa: E402
 from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
+    fleet_server,
     indices,
     keys_for,
     page_bytes,
@@ -27,14 +28,8 @@ from juicefs_fleet_fixture import (  # noqa: E402
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
 
-from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
+from kvtuner_hicache.juicefs import HEADER_SIZE  # noqa: E402
 from sglang.srt.observability.metrics_collector import StorageMetrics  # noqa: E402
-
-
-def server(mount, pool, **kw) -> JuiceFSStorage:
-    b = JuiceFSStorage(storage_config(mount, root_dir="fleet", **kw), {})
-    b.register_mem_pool_host(pool)
-    return b
 
 
 def _wait_for(predicate, timeout):
@@ -52,8 +47,15 @@ def test_redis_down_gives_misses_then_service_resumes(make_fleet):
     fill_random(pool_a, seed=41)
     cap = 100 * (HEADER_SIZE + pool_a.page_size * pool_a.size_per_token)
     # A runs its maintenance thread (access log, lease, passes) all along.
-    a = server(f.mnts[0], pool_a, capacity_bytes=cap, evict_interval=0.5, access_flush_interval=0.2)
-    b = server(f.mnts[1], pool_b)
+    a = fleet_server(
+        f.mnts[0],
+        pool_a,
+        "fleet",
+        capacity_bytes=cap,
+        evict_interval=0.5,
+        access_flush_interval=0.2,
+    )
+    b = fleet_server(f.mnts[1], pool_b, "fleet")
     keys = keys_for("redis", 4)
     expected = [page_bytes(pool_a, p) for p in range(4)]
     assert a.batch_set_v1(keys, indices(pool_a, range(4))) == [True] * 4
@@ -116,7 +118,7 @@ def test_lazy_unmount_of_one_server_leaves_the_other_serving(make_fleet):
     f = make_fleet("kvlazy")
     pool_a, pool_b = make_mha_host_pool(), make_mha_host_pool()
     fill_random(pool_a, seed=42)
-    a, b = server(f.mnts[0], pool_a), server(f.mnts[1], pool_b)
+    a, b = fleet_server(f.mnts[0], pool_a, "fleet"), fleet_server(f.mnts[1], pool_b, "fleet")
     keys = keys_for("lazy", 4)
     expected = [page_bytes(pool_a, p) for p in range(4)]
     assert a.batch_set_v1(keys, indices(pool_a, range(4))) == [True] * 4

@@ -15,9 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
+from juicefs_fixture import REPO, make_mha_host_pool  # noqa: E402
 from juicefs_fleet_fixture import (  # noqa: E402
     fill_random,
+    fleet_server,
     indices,
     keys_for,
     page_bytes,
@@ -25,15 +26,6 @@ from juicefs_fleet_fixture import (  # noqa: E402
 
 if str(REPO / "patches") not in sys.path:
     sys.path.insert(0, str(REPO / "patches"))
-
-from kvtuner_hicache.juicefs import JuiceFSStorage  # noqa: E402
-
-
-def server(mount, pool, root, **kw) -> JuiceFSStorage:
-    """One server's backend on its own mount (the `dynamic` construction form)."""
-    b = JuiceFSStorage(storage_config(mount, root_dir=root, **kw), {})
-    b.register_mem_pool_host(pool)
-    return b
 
 
 @pytest.fixture
@@ -53,8 +45,8 @@ def test_fleet_is_one_volume_on_redis(fleet):
 def test_page_written_on_one_server_is_a_hit_on_the_other(fleet, root):
     pool_a, pool_b = make_mha_host_pool(), make_mha_host_pool()
     fill_random(pool_a, seed=21)
-    a = server(fleet.mnts[0], pool_a, root)
-    b = server(fleet.mnts[1], pool_b, root)
+    a = fleet_server(fleet.mnts[0], pool_a, root)
+    b = fleet_server(fleet.mnts[1], pool_b, root)
     assert os.path.relpath(a.ns_dir, a.mount_point) == os.path.relpath(b.ns_dir, b.mount_point)
     keys = keys_for("cross", 8)
     expected = [page_bytes(pool_a, p) for p in range(8)]
@@ -87,7 +79,7 @@ def test_restarted_server_serves_old_pages_and_other_configs_never_see_them(make
     fill_random(pool, seed=23)
     keys = keys_for("restart", 6)
     expected = [page_bytes(pool, p) for p in range(6)]
-    first = server(f.mnts[0], pool, "fleet")
+    first = fleet_server(f.mnts[0], pool, "fleet")
     assert first.batch_set_v1(keys, indices(pool, range(6))) == [True] * 6
     first.close()
     del first
@@ -96,7 +88,7 @@ def test_restarted_server_serves_old_pages_and_other_configs_never_see_them(make
     f.mounts[0].mount()
     for mount in f.mnts:  # the restarted server, and the other one
         fresh_pool = make_mha_host_pool()
-        again = server(mount, fresh_pool, "fleet")
+        again = fleet_server(mount, fresh_pool, "fleet")
         assert again.batch_exists(keys) == 6
         assert again.batch_get_v1(keys, indices(fresh_pool, range(6, 12))) == [True] * 6
         assert [page_bytes(fresh_pool, p) for p in range(6, 12)] == expected
@@ -106,15 +98,15 @@ def test_restarted_server_serves_old_pages_and_other_configs_never_see_them(make
     quant = make_mha_host_pool()
     quant.kvtuner_namespace_tag = lambda: "bf16-k4v4-g64"
     others = [
-        server(f.mnts[1], quant, "fleet"),
-        server(f.mnts[1], make_mha_host_pool(), "fleet", model="org/other-model"),
-        server(f.mnts[1], make_mha_host_pool(), "fleet", tp_rank=1, tp_size=2),
+        fleet_server(f.mnts[1], quant, "fleet"),
+        fleet_server(f.mnts[1], make_mha_host_pool(), "fleet", model="org/other-model"),
+        fleet_server(f.mnts[1], make_mha_host_pool(), "fleet", tp_rank=1, tp_size=2),
     ]
     for other in others:
         assert other.batch_exists(keys) == 0
         assert other.batch_get_v1(keys[:2], indices(other.mem_pool_host, [0, 1])) == [False] * 2
     # ... and they left the old namespace alone.
-    assert server(f.mnts[0], make_mha_host_pool(), "fleet").batch_exists(keys) == 6
+    assert fleet_server(f.mnts[0], make_mha_host_pool(), "fleet").batch_exists(keys) == 6
 
 
 def test_a_page_deleted_on_one_server_is_a_miss_and_absent_on_the_other(fleet, root):
@@ -123,8 +115,8 @@ def test_a_page_deleted_on_one_server_is_a_miss_and_absent_on_the_other(fleet, r
     Once a read found the file gone, B must not report the key present."""
     pool_a, pool_b = make_mha_host_pool(), make_mha_host_pool()
     fill_random(pool_a, seed=23)
-    a = server(fleet.mnts[0], pool_a, root)
-    b = server(fleet.mnts[1], pool_b, root, exists_cache_ttl=0)
+    a = fleet_server(fleet.mnts[0], pool_a, root)
+    b = fleet_server(fleet.mnts[1], pool_b, root, exists_cache_ttl=0)
     keys = keys_for("gone", 4)
     assert a.batch_set_v1(keys, indices(pool_a, range(4))) == [True] * 4
     assert b.batch_exists(keys) == 4  # B's kernel now caches the entries
