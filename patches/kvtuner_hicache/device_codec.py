@@ -686,16 +686,10 @@ def quantize_pages(
     block_groups = max(1, min(_BLOCK_GROUPS, _MAX_GROUP_TILE // group_span))
     group_blocks = triton.cdiv(spec.ngroups, block_groups)
     res_blocks = triton.cdiv(spec.residual_nbytes, _BLOCK_BYTES)
+    # The source rows, the destination blobs and the group parameters both kernels share.
+    operands = (view, stride, rows, pages, dst, dst.stride(0), blob_off, scale, mins)
     _quant_groups_kernel[(n, group_blocks + 1 + res_blocks)](
-        view,
-        stride,
-        rows,
-        pages,
-        dst,
-        dst.stride(0),
-        blob_off,
-        scale,
-        mins,
+        *operands,
         template.fixed_off,
         template.fixed_val,
         N_FIXED=template.n_fixed,
@@ -713,15 +707,7 @@ def quantize_pages(
     )
     if spec.codes_nbytes:
         _quant_codes_kernel[(n, triton.cdiv(spec.codes_nbytes, _BLOCK_BYTES))](
-            view,
-            stride,
-            rows,
-            pages,
-            dst,
-            dst.stride(0),
-            blob_off,
-            scale,
-            mins,
+            *operands,
             NGROUPS=ngroups,
             CODES_NBYTES=spec.codes_nbytes,
             BITS=spec.bits,
