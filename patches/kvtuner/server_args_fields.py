@@ -108,6 +108,17 @@ class KvtunerHicacheFields(msgspec.Struct):
             ),
         ),
     ] = 128
+    kvtuner_hicache_sink_tokens: A[
+        int,
+        Arg(
+            help=(
+                "Number of first tokens of every host page also stored in full "
+                "precision. Every sequence starts a page, so its first token (the "
+                "attention sink that most heads attend to) is restored exactly; "
+                "costs this many fp16 tokens per page. 0 disables."
+            ),
+        ),
+    ] = 1
     kvtuner_hicache_layer_config: A[
         Optional[str],
         Arg(

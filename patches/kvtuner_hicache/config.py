@@ -30,6 +30,7 @@ DEFAULTS: Dict[str, Any] = {
     "kvtuner_hicache_axis_value": 0,
     "kvtuner_hicache_q_group_size": 64,
     "kvtuner_hicache_residual_length": 128,
+    "kvtuner_hicache_sink_tokens": 1,
     "kvtuner_hicache_layer_config": None,
     "kvtuner_hicache_codec": "auto",
 }
@@ -52,6 +53,9 @@ class KVTunerHiCacheConfig:
     axis_value: int = DEFAULTS["kvtuner_hicache_axis_value"]
     group_size: int = DEFAULTS["kvtuner_hicache_q_group_size"]
     residual_length: int = DEFAULTS["kvtuner_hicache_residual_length"]
+    # The first tokens of every page, also stored exact: every sequence starts a page, so
+    # its attention sink (position 0) is among them.
+    sink_tokens: int = DEFAULTS["kvtuner_hicache_sink_tokens"]
     layer_config: Optional[str] = DEFAULTS["kvtuner_hicache_layer_config"]
     # Who packs the pages: Triton kernels on the device, kvtuner_quant on the host, or
     # "auto" (the device when the KV cache is on a CUDA/ROCm device and Triton imports).
@@ -86,6 +90,7 @@ def config_from_args(args: Any, *, load_preset: bool = True) -> KVTunerHiCacheCo
         axis_value=_int_arg(args, "kvtuner_hicache_axis_value"),
         group_size=_int_arg(args, "kvtuner_hicache_q_group_size"),
         residual_length=_int_arg(args, "kvtuner_hicache_residual_length"),
+        sink_tokens=_int_arg(args, "kvtuner_hicache_sink_tokens"),
         layer_config=str(path) if path else None,
         codec=str(_arg(args, "kvtuner_hicache_codec")),
         layer_bits=layer_bits,
@@ -314,6 +319,8 @@ def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
         raise ValueError(
             f"{_flag('kvtuner_hicache_residual_length')}={cfg.residual_length} must be >= 0"
         )
+    if cfg.sink_tokens < 0:
+        raise ValueError(f"{_flag('kvtuner_hicache_sink_tokens')}={cfg.sink_tokens} must be >= 0")
     if cfg.codec not in ALLOWED_CODECS:
         raise ValueError(
             f"{_flag('kvtuner_hicache_codec')}={cfg.codec!r} is not one of {list(ALLOWED_CODECS)}"
@@ -321,7 +328,13 @@ def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
 
 
 def _check_page_groups(cfg: KVTunerHiCacheConfig, page_size: int) -> None:
-    """Refuse per-channel groups longer than a page."""
+    """Refuse per-channel groups longer than a page, and a page that would be all sink."""
+    if cfg.sink_tokens >= page_size:
+        raise ValueError(
+            f"{_flag('kvtuner_hicache_sink_tokens')}={cfg.sink_tokens} keeps a whole page "
+            f"(--page-size {page_size}) exact; use fewer sink tokens than the page size "
+            "(0 turns them off)"
+        )
     # Per-channel groups run along tokens and must never cross a page: a page is
     # the unit every backup, load and storage transfer moves.
     if (cfg.axis_key == 1 or cfg.axis_value == 1) and cfg.group_size > page_size:
@@ -349,8 +362,8 @@ class LayerPlan:
 
     def tag(self) -> str:
         """Short stable name of everything that decides the stored page bytes."""
-        # Dtype, geometry, per-layer bits, symmetry, axes, group size and the page format
-        # version. The residual window is absent on purpose: storage only ever receives
+        # Dtype, geometry, per-layer bits, symmetry, axes, group size, sink tokens and the
+        # page format version. The residual window is absent on purpose: storage only ever receives
         # quantized pages.
         from .page_format import PAGE_FORMAT_VERSION
 
@@ -367,13 +380,14 @@ class LayerPlan:
                 c.axis_key,
                 c.axis_value,
                 c.group_size,
+                c.sink_tokens,
             )
         )
         digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
         kinds = sorted(set(self.layer_bits))
         bits = f"k{kinds[0][0]}v{kinds[0][1]}" if len(kinds) == 1 else "mixed"
         short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype_name]
-        return f"kvt-{short}-{bits}-g{c.group_size}-{digest}"
+        return f"kvt-{short}-{bits}-g{c.group_size}-s{c.sink_tokens}-{digest}"
 
 
 def resolve_layer_plan(

@@ -533,6 +533,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                         page_tokens=ps,
                         **self._quant_kwargs(layer, is_value),
                     )
+                    self._store_sink(pages, layer, is_value, x)
                     if window is not None:
                         slots, first = window
                         overlay.store(slots, is_value, layer, x[first * ps :])
@@ -580,6 +581,33 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             )
         if quantized.numel():
             self._dequantize_to_device(pages[quantized], rows[quantized.to(rows.device)], layer_id)
+        self._load_sink(pages, rows, layer_id)
+
+    def _sink_columns(self, layer: int, is_value: bool) -> torch.Tensor:
+        """The byte columns of every host row that hold one layer's exact K or V sink tokens."""
+        off, nbytes = self.kvtuner_layout.sink(layer, is_value)
+        return self.kv_buffer[:, off : off + nbytes]
+
+    def _store_sink(self, pages: torch.Tensor, layer: int, is_value: bool, x: torch.Tensor):
+        """Keep the first sink tokens of each page of ``x`` (gathered device rows) exact."""
+        sink = self.kvtuner_layout.sink_tokens
+        if sink:
+            head = x.view(len(pages), self.page_size, -1)[:, :sink]
+            self._sink_columns(layer, is_value)[pages] = head.contiguous().view(torch.uint8).view(
+                len(pages), -1
+            )
+
+    def _load_sink(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
+        """Write each page's exact sink tokens over their decoded values ([pages, page_size])."""
+        sink = self.kvtuner_layout.sink_tokens
+        if not sink:
+            return
+        dst_rows = rows[:, :sink].reshape(-1)
+        device_buffers = (self.device_k_buffers[layer], self.device_v_buffers[layer])
+        for is_value, buffer in enumerate(device_buffers):
+            held = self._sink_columns(layer, bool(is_value))[pages]
+            tokens = held.view(self.dtype).view(-1, self.head_num, self.head_dim)
+            buffer[dst_rows] = tokens.to(buffer.device)
 
     def _write_headers(self, pages: torch.Tensor) -> torch.Tensor:
         """Write the page header with a fresh backup stamp into each page; returns the stamps."""

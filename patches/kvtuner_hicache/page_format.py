@@ -1,6 +1,7 @@
 """Byte layout of one quantized host page row, the unit backups, loads and storage backends
-move: a 64-byte page header, then one ``kvtuner_quant`` blob per layer for K and for V. Field by
-field: ``docs/host-pool.md`` ("Page row format").
+move: a 64-byte page header, then per layer one ``kvtuner_quant`` blob for K, one for V and the
+sink section (the page's first ``sink_tokens`` tokens of K and of V, exact, in the KV dtype).
+Field by field: ``docs/host-pool.md`` ("Page row format").
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import struct
 from typing import List, Tuple
 
 PAGE_MAGIC = b"KVTPAGE1"
-PAGE_FORMAT_VERSION = 1
+PAGE_FORMAT_VERSION = 2
 PAGE_HEADER_NBYTES = 64
 BLOB_ALIGN = 64
 # magic, version, header size, layers, page size, row bytes, config digest
@@ -35,8 +36,12 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
 class PageLayout:
-    """Offsets of every blob inside a row, computed once per pool from the plan."""
+    """Offsets of every blob and sink section inside a row, computed once per pool from the
+    plan."""
 
     def __init__(self, plan, packed_nbytes) -> None:
         """Lay out ``plan``'s blobs; ``packed_nbytes`` is kvtuner_quant's blob size function."""
@@ -47,6 +52,11 @@ class PageLayout:
         self.v_offsets: List[int] = []
         self.k_nbytes: List[int] = []
         self.v_nbytes: List[int] = []
+        self.sink_offsets: List[int] = []
+        # One layer's sink section: K of the page's first sink_tokens tokens, then V.
+        self.sink_tokens = cfg.sink_tokens
+        self.sink_token_nbytes = plan.head_num * plan.head_dim * _ITEMSIZE[plan.dtype_name]
+        self.sink_nbytes = 2 * self.sink_tokens * self.sink_token_nbytes
         off = PAGE_HEADER_NBYTES
         for k_bits, v_bits in plan.layer_bits:
             for bits, axis, offs, sizes in (
@@ -69,6 +79,8 @@ class PageLayout:
                 offs.append(off)
                 sizes.append(n)
                 off = _round_up(off + n, BLOB_ALIGN)
+            self.sink_offsets.append(off)
+            off = _round_up(off + self.sink_nbytes, BLOB_ALIGN)
         self.payload_nbytes = off
         self.row_nbytes = _round_up(off, math.lcm(BLOB_ALIGN, plan.page_size))
         self.tag = plan.tag()
@@ -93,6 +105,16 @@ class PageLayout:
         if is_value:
             return self.v_offsets[layer], self.v_nbytes[layer]
         return self.k_offsets[layer], self.k_nbytes[layer]
+
+    def sink(self, layer: int, is_value: bool) -> Tuple[int, int]:
+        """(offset, nbytes) of one layer's exact K or V sink tokens inside the row."""
+        half = self.sink_nbytes // 2
+        return self.sink_offsets[layer] + (half if is_value else 0), half
+
+    def layer_span(self, layer: int) -> Tuple[int, int]:
+        """(offset, nbytes) of everything one layer holds: K blob, V blob and sink section."""
+        start = self.k_offsets[layer]
+        return start, self.sink_offsets[layer] + self.sink_nbytes - start
 
     def header_mismatch(self, got: bytes) -> str | None:
         """None when ``got`` starts with this layout's header, else the first field that differs."""
