@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "patches"))
 TEXTS = ROOT / "benches" / "texts"
 CALIBRATION = ("kjv-genesis.txt", "kjv-exodus.txt", "kjv-proverbs.txt", "kjv-romans.txt")
-UNIFORM = ("k8v8", "k4v4", "k4v4:g=64", "k4v2", "k2v4", "k2v2")
+# Each with the pool's default sink token per page; ":s=0" without it, to show what it buys.
+UNIFORM = ("k8v8", "k4v4", "k4v4:s=0", "k4v4:g=64", "k4v2", "k4v2:s=0", "k2v4", "k2v2", "k2v2:s=0")
 
 
 def main() -> None:

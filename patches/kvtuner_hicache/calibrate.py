@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ALLOWED_BITS, KVTunerHiCacheConfig, check_uniform_config
+from .config import ALLOWED_BITS, KVTunerHiCacheConfig, check_page_config, check_uniform_config
 from .evaluate import (
     DEFAULT_CONFIG,
     KV_DTYPES,
@@ -96,11 +96,10 @@ class Calibrator:
         windows_per_text: int = 2,
         page_size: int = 64,
         kv_dtype: torch.dtype = torch.float16,
-        exact_prefix_tokens: int = 0,
         progress: bool = True,
     ):
-        """``exact_prefix_tokens``: the first tokens of every prefix kept unquantized, as
-        an exact attention-sink window would keep them (``docs/host-pool.md``, "Next")."""
+        """Reference KV and outputs of every window; ``base`` gives the scheme, including the
+        sink tokens every page keeps exact."""
         if not texts:
             raise ValueError("calibration needs at least one --text")
         if windows_per_text < 1:
@@ -110,12 +109,8 @@ class Calibrator:
                 f"the prefix ({prefix_tokens} tokens) must be whole pages of --page-size "
                 f"{page_size}: HiCache only backs up whole pages"
             )
-        if not 0 <= exact_prefix_tokens <= prefix_tokens:
-            raise ValueError(
-                f"exact prefix tokens {exact_prefix_tokens} must be within 0..{prefix_tokens}"
-            )
         check_uniform_config(base)
-        self.exact_prefix_tokens = exact_prefix_tokens
+        check_page_config(base, page_size)
         self.lm = lm
         self.base = base
         self.page_size = page_size
@@ -175,7 +170,6 @@ class Calibrator:
                     dtype=self.kv_dtype,
                     page_size=self.page_size,
                 )[0]
-        out[:, : self.exact_prefix_tokens] = x[:, : self.exact_prefix_tokens]
         return out
 
     def sensitivity(
@@ -363,15 +357,10 @@ def preset_yaml(result: CalibrationResult, calibrator: Calibrator, model: str) -
         + ("; no searched preset beat the uniform config" if result.source == "uniform" else ""),
         (
             f"# scheme: {'asym' if base.asym else 'sym'}, axis K {base.axis_key} / V "
-            f"{base.axis_value}, group {base.group_size}, page {calibrator.page_size}, KV "
-            f"{str(calibrator.kv_dtype).replace('torch.', '')}"
+            f"{base.axis_value}, group {base.group_size}, page {calibrator.page_size}, "
+            f"sink tokens {base.sink_tokens}, KV {str(calibrator.kv_dtype).replace('torch.', '')}"
         ),
     ]
-    if calibrator.exact_prefix_tokens:
-        lines.append(
-            f"# measured with the first {calibrator.exact_prefix_tokens} prefix token(s) "
-            "unquantized (an exact attention-sink window; the pool does not keep one yet)"
-        )
     for layer, (k, v) in enumerate(result.layer_bits):
         lines.append(f"{layer}: {{nbits_key: {k}, nbits_value: {v}}}")
     return "\n".join(lines) + "\n"

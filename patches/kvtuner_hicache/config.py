@@ -288,7 +288,7 @@ def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
     check_uniform_config(cfg)
     page_size = getattr(args, "page_size", None)
     if page_size:
-        _check_page_groups(cfg, int(page_size))
+        check_page_config(cfg, int(page_size))
     if cfg.layer_config:
         cfg = dataclasses.replace(
             cfg, layer_bits=tuple(sorted(load_layer_preset(cfg.layer_config).items()))
@@ -327,7 +327,7 @@ def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:
         )
 
 
-def _check_page_groups(cfg: KVTunerHiCacheConfig, page_size: int) -> None:
+def check_page_config(cfg: KVTunerHiCacheConfig, page_size: int) -> None:
     """Refuse per-channel groups longer than a page, and a page that would be all sink."""
     if cfg.sink_tokens >= page_size:
         raise ValueError(
@@ -406,7 +406,7 @@ def resolve_layer_plan(
     # model_layer_num: the model's layer count where this rank knows it (no pipeline
     # parallelism, or the last stage); with None only this stage's layers are checked.
     check_uniform_config(cfg)
-    _check_page_groups(cfg, page_size)
+    check_page_config(cfg, page_size)
     _check_kv_dtype(dtype_name)
     _check_head_dim_groups(cfg, head_dim)
     layers = range(start_layer, start_layer + target_layer_num)

@@ -11,13 +11,13 @@ device pool. The continuation is then scored on the reloaded KV and compared wit
 continuation scored on the unquantized KV (the prefix KV in the device pool's dtype):
 perplexity and its change, mean KL divergence of the next-token distributions, nominal
 average bits (K and V over all layers), effective bits per element (every stored byte of
-the prefix: page header, blob headers, codes, scales, mins, exactly stored tokens and, on
-the host route, the residual overlay) and tokens per GiB of host pool.
+the prefix: page header, blob headers, codes, scales, mins, each page's exact sink tokens and,
+on the host route, the residual overlay) and tokens per GiB of host pool.
 
 Configuration specs: ``none`` (unquantized), ``kXvY`` (uniform bits) or a KVTuner preset
 ``.yaml`` (layers it does not list use ``--bits``), each optionally followed by options
-``:g=GROUP``, ``:r=RESIDUAL``, ``:ak=AXIS``, ``:av=AXIS``, ``:sym`` / ``:asym`` overriding
-the command-line defaults.
+``:g=GROUP``, ``:r=RESIDUAL``, ``:s=SINK_TOKENS``, ``:ak=AXIS``, ``:av=AXIS``, ``:sym`` /
+``:asym`` overriding the command-line defaults.
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ class EvalConfig:
 _OPTIONS = {
     "g": "group_size",
     "r": "residual_length",
+    "s": "sink_tokens",
     "ak": "axis_key",
     "av": "axis_value",
 }
 
 
 def parse_config(spec: str, defaults: KVTunerHiCacheConfig = DEFAULT_CONFIG) -> EvalConfig:
-    """``none`` | ``kXvY`` | ``PRESET.yaml``, then ``:g=N``, ``:r=N``, ``:ak=A``, ``:av=A``,
-    ``:sym``, ``:asym`` (see module docstring)."""
+    """``none`` | ``kXvY`` | ``PRESET.yaml``, then ``:g=N``, ``:r=N``, ``:s=N``, ``:ak=A``,
+    ``:av=A``, ``:sym``, ``:asym`` (see module docstring)."""
     head, *options = spec.split(":")
     name = head.strip()
     if name.lower() in (UNQUANTIZED, "unquantized"):
@@ -98,7 +99,7 @@ def parse_config(spec: str, defaults: KVTunerHiCacheConfig = DEFAULT_CONFIG) -> 
     else:
         raise ValueError(
             f"configuration {spec!r}: expected {UNQUANTIZED!r}, kXvY (e.g. k4v2) or a "
-            "KVTuner preset .yaml file, optionally followed by :g=N :r=N :ak=0|1 :av=0|1 "
+            "KVTuner preset .yaml file, optionally followed by :g=N :r=N :s=N :ak=0|1 "
             ":sym|:asym"
         )
     for option in options:
@@ -110,7 +111,7 @@ def parse_config(spec: str, defaults: KVTunerHiCacheConfig = DEFAULT_CONFIG) -> 
         else:
             raise ValueError(
                 f"configuration {spec!r}: unknown option {option!r} (expected g=N, r=N, "
-                "ak=0|1, av=0|1, sym or asym)"
+                "s=N, ak=0|1, av=0|1, sym or asym)"
             )
     cfg = dataclasses.replace(defaults, enabled=True, **fields)
     try:
@@ -133,10 +134,12 @@ class RoundTrip:
     stored_nbytes: int  # bytes the prefix took in the tier it was loaded from
     tokens_per_gib: int
     # Pool: the page rows as an L3 backend stored them ([pages, row bytes]) and their
-    # layout; codec: blobs[layer][page] = (K blob, V blob).
+    # layout; codec: blobs[layer][page] = (K blob, V blob), sinks[layer][page] = (K, V
+    # sink tokens).
     pages: torch.Tensor | None = None
     layout: object = None
     blobs: list[list[tuple[bytes, bytes]]] | None = None
+    sinks: list[list[tuple[bytes, bytes]]] | None = None
 
     def nominal_bits(self) -> float:
         return sum(k + v for k, v in self.layer_bits) / (2 * len(self.layer_bits))
@@ -280,13 +283,15 @@ def quantize_roundtrip(
     page_size: int,
 ) -> tuple[torch.Tensor, list[bytes]]:
     """One layer's K or V ``[tokens, kv_heads, head_dim]`` through ``kvtuner_quant`` page by
-    page, as the pool packs it: (float32 values back, the blob of each page)."""
+    page, as the pool packs it: (float32 values back, the blob of each page, the exact sink
+    tokens of each page)."""
     kq = _import_quant()
     out = torch.empty(x.shape, dtype=torch.float32)
-    blobs = []
+    blobs, sinks = [], []
     for start in range(0, x.shape[0], page_size):
+        exact = x[start : start + page_size].to(dtype).contiguous()
         blob = kq.quantize(
-            x[start : start + page_size].to(dtype).contiguous(),
+            exact,
             bits=bits,
             asym=cfg.asym,
             axis=axis,
@@ -295,9 +300,12 @@ def quantize_roundtrip(
         )
         page = torch.empty(blob.shape, dtype=dtype)
         kq.dequantize(blob, out=page)
+        # The pool keeps the page's first sink tokens exact and loads them over the decoded ones.
+        page[: cfg.sink_tokens] = exact[: cfg.sink_tokens]
         out[start : start + page_size] = page.float()
         blobs.append(bytes(blob))
-    return out, blobs
+        sinks.append(exact[: cfg.sink_tokens].view(torch.uint8).numpy().tobytes())
+    return out, blobs, sinks
 
 
 def codec_roundtrip(
@@ -327,17 +335,20 @@ def codec_roundtrip(
     )
     out = [torch.empty_like(k), torch.empty_like(v)]
     blobs: list[list[tuple[bytes, bytes]]] = []
+    sinks: list[list[tuple[bytes, bytes]]] = []
     stored = 0
     for layer, bits in enumerate(plan.layer_bits):
-        pair = []
+        pair, sink_pair = [], []
         for is_value, x in ((0, k), (1, v)):
             axis = cfg.axis_value if is_value else cfg.axis_key
-            out[is_value][layer], layer_blobs = quantize_roundtrip(
+            out[is_value][layer], layer_blobs, layer_sinks = quantize_roundtrip(
                 x[layer], cfg, bits=bits[is_value], axis=axis, dtype=dtype, page_size=page_size
             )
             pair.append(layer_blobs)
-            stored += sum(len(b) for b in layer_blobs)
+            sink_pair.append(layer_sinks)
+            stored += sum(len(b) for b in layer_blobs) + sum(len(b) for b in layer_sinks)
         blobs.append(list(zip(*pair)))
+        sinks.append(list(zip(*sink_pair)))
     per_token = stored / tokens
     return RoundTrip(
         k=out[0],
@@ -346,6 +357,7 @@ def codec_roundtrip(
         stored_nbytes=stored,
         tokens_per_gib=int(GIB // per_token),
         blobs=blobs,
+        sinks=sinks,
     )
 
 
@@ -507,6 +519,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sym", action="store_true", help="symmetric groups (default: asymmetric, as KIVI)"
     )
+    parser.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=DEFAULT_CONFIG.sink_tokens,
+        help="first tokens of every page kept exact, as the pool's "
+        "--kvtuner-hicache-sink-tokens (default: %(default)s)",
+    )
 
 
 def defaults_from_args(args: argparse.Namespace, **extra) -> KVTunerHiCacheConfig:
@@ -516,6 +535,7 @@ def defaults_from_args(args: argparse.Namespace, **extra) -> KVTunerHiCacheConfi
         axis_key=args.axis_key,
         axis_value=args.axis_value,
         group_size=args.group_size,
+        sink_tokens=args.sink_tokens,
         **extra,
     )
     check_uniform_config(cfg)

@@ -593,8 +593,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         sink = self.kvtuner_layout.sink_tokens
         if sink:
             head = x.view(len(pages), self.page_size, -1)[:, :sink]
-            self._sink_columns(layer, is_value)[pages] = head.contiguous().view(torch.uint8).view(
-                len(pages), -1
+            self._sink_columns(layer, is_value)[pages] = (
+                head.contiguous().view(torch.uint8).view(len(pages), -1)
             )
 
     def _load_sink(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -200,19 +202,29 @@ def test_calibrated_preset_naming_a_layer_the_model_lacks_is_refused(
         )
 
 
-def test_exact_prefix_tokens_stay_exact_and_cost_less(kvtools, tiny):
-    """The sink what-if: the first prefix tokens come back unquantized, the others as
-    before (the tiny random model has no attention sink, so costs are not compared)."""
+def test_sink_tokens_of_every_page_stay_exact(kvtools, tiny):
+    """The first sink tokens of every page come back exact, as the pool loads them, the
+    others as without them (the tiny random model has no attention sink, so costs are not
+    compared)."""
     cal = kvtools.calibrate
     texts = [(name, text(name)) for name in TEXT_NAMES]
-    plain = cal.Calibrator(tiny, texts, progress=False, **OPTIONS)
-    sink = cal.Calibrator(tiny, texts, progress=False, exact_prefix_tokens=1, **OPTIONS)
+    base = kvtools.evaluate.DEFAULT_CONFIG
+    plain = cal.Calibrator(
+        tiny, texts, progress=False, base=replace(base, sink_tokens=0), **OPTIONS
+    )
+    sink = cal.Calibrator(tiny, texts, progress=False, base=replace(base, sink_tokens=2), **OPTIONS)
     x = sink.windows[0].k
     bits = [2] * LAYERS
     q_sink, q_plain = sink._quantize(x, bits, 1), plain._quantize(x, bits, 1)
-    assert torch.equal(q_sink[:, :1], x[:, :1]) and not torch.equal(q_plain[:, :1], x[:, :1])
-    assert torch.equal(q_sink[:, 1:], q_plain[:, 1:])
+    page = OPTIONS["page_size"]
+    head = torch.zeros(x.shape[1], dtype=torch.bool)
+    head[torch.arange(0, x.shape[1], page)] = True
+    head[torch.arange(1, x.shape[1], page)] = True
+    assert torch.equal(q_sink[:, head], x[:, head]) and not torch.equal(
+        q_plain[:, head], x[:, head]
+    )
+    assert torch.equal(q_sink[:, ~head], q_plain[:, ~head])
     result = cal.search(sink, sink.sensitivity(), 3.0, rounds=0)
-    assert "first 1 prefix token(s) unquantized" in cal.preset_yaml(result, sink, "tiny")
-    with pytest.raises(ValueError, match="exact prefix tokens 65 must be within 0..64"):
-        cal.Calibrator(tiny, texts, progress=False, exact_prefix_tokens=65, **OPTIONS)
+    assert "sink tokens 2," in cal.preset_yaml(result, sink, "tiny")
+    with pytest.raises(ValueError, match="--kvtuner-hicache-sink-tokens=32 keeps a whole page"):
+        cal.Calibrator(tiny, texts, progress=False, base=replace(base, sink_tokens=32), **OPTIONS)

@@ -40,6 +40,10 @@ def test_pool_equals_codec_same_bytes_same_scores(kvtools, tiny):
                 off, n = trip.layout.blob(layer, bool(is_value))
                 got = bytes(trip.pages[page, off : off + n].numpy())
                 assert got == codec.roundtrip.blobs[layer][page][is_value], (layer, page)
+                off, n = trip.layout.sink(layer, bool(is_value))
+                got = bytes(trip.pages[page, off : off + n].numpy())
+                assert got == codec.roundtrip.sinks[layer][page][is_value], (layer, page)
+                assert n == trip.layout.sink_token_nbytes  # one sink token by default
     assert torch.equal(trip.k, codec.roundtrip.k) and torch.equal(trip.v, codec.roundtrip.v)
     assert pool.perplexity == codec.perplexity and pool.kl == codec.kl
     assert pool.kl > 0 and pool.scored_tokens == CONTINUATION - 1

@@ -95,11 +95,19 @@ def test_flag_without_hierarchical_cache():
         ("kvtuner_hicache_q_group_size", 0, r"--kvtuner-hicache-q-group-size=0 must be > 0"),
         ("kvtuner_hicache_residual_length", -1, r"--kvtuner-hicache-residual-length=-1"),
         ("kvtuner_hicache_codec", "gpu", r"--kvtuner-hicache-codec='gpu' is not one of"),
+        ("kvtuner_hicache_sink_tokens", -1, r"--kvtuner-hicache-sink-tokens=-1 must be >= 0"),
     ],
 )
 def test_bad_values(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         C.check_server_args(args(**{field: value}))
+
+
+def test_sink_tokens_must_leave_a_page_quantized():
+    per_token = dict(kvtuner_hicache_axis_key=0, kvtuner_hicache_axis_value=0)
+    with pytest.raises(ValueError, match=r"sink-tokens=16 keeps a whole page \(--page-size 16\)"):
+        C.check_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=16, **per_token))
+    C.check_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=15, **per_token))
 
 
 def test_per_channel_group_longer_than_page():
