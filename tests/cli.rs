@@ -78,6 +78,7 @@ fn apply_verify_revert_is_byte_identical_and_apply_is_idempotent() {
         "kvtuner_hicache_axis_value",
         "kvtuner_hicache_q_group_size",
         "kvtuner_hicache_residual_length",
+        "kvtuner_hicache_sink_tokens",
         "kvtuner_hicache_layer_config",
     ] {
         assert!(text.contains(&format!("    {f}: A[")), "{f} missing");

@@ -88,6 +88,7 @@ fn full_cycle(
         "kvtuner_hicache_axis_value=1",
         "kvtuner_hicache_q_group_size=64",
         "kvtuner_hicache_residual_length=128",
+        "kvtuner_hicache_sink_tokens=1",
         "kvtuner_hicache_layer_config='preset.yaml'",
         "page_budget=16",
     ] {
@@ -151,7 +152,7 @@ fn namespaced_server_args_era_full_cycle() {
             let text = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
                 text.matches("kvtuner").count(),
-                10,
+                11,
                 "{text}{}",
                 String::from_utf8_lossy(&out.stderr)
             );

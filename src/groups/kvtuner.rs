@@ -1,6 +1,6 @@
 //! `kvtuner`: the server arguments (`--enable-kvtuner-hicache`, `--kvtuner-hicache-*`).
 //!
-//! One description of the ten flags, `patches/kvtuner/server_args_fields.py` (a real,
+//! One description of the eleven flags, `patches/kvtuner/server_args_fields.py` (a real,
 //! importable module: name, type, default, `choices` and help of each flag, declared the
 //! way SGLang 0.5.14+ declares arguments), written into each era's syntax (per era, where and
 //! what: `docs/compat.md`). In the annotated eras SGLang generates the CLI from the fields, so
@@ -141,7 +141,7 @@ mod tests {
         )
     }
 
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 11] = [
         "enable_kvtuner_hicache",
         "kvtuner_hicache_nbits_key",
         "kvtuner_hicache_nbits_value",
@@ -150,6 +150,7 @@ mod tests {
         "kvtuner_hicache_axis_value",
         "kvtuner_hicache_q_group_size",
         "kvtuner_hicache_residual_length",
+        "kvtuner_hicache_sink_tokens",
         "kvtuner_hicache_layer_config",
         "kvtuner_hicache_codec",
     ];
@@ -183,9 +184,10 @@ mod tests {
                 (NAMES[5], "int", "0", axis),
                 (NAMES[6], "int", "64", None),
                 (NAMES[7], "int", "128", None),
-                (NAMES[8], "Optional[str]", "None", None),
+                (NAMES[8], "int", "1", None),
+                (NAMES[9], "Optional[str]", "None", None),
                 (
-                    NAMES[9],
+                    NAMES[10],
                     "str",
                     "\"auto\"",
                     Some("[\"auto\", \"device\", \"host\"]")
@@ -214,10 +216,10 @@ mod tests {
         assert!(fails.is_empty(), "{fails:?}");
         // One marker per declaration, as the last element of its A[...].
         let ns = namespaced_fields_py();
-        assert_eq!(ns.matches("        NS(\"memory\"),\n    ] = ").count(), 10);
+        assert_eq!(ns.matches("        NS(\"memory\"),\n    ] = ").count(), NAMES.len());
         assert_eq!(
             ns.len(),
-            FIELDS_PY.len() + 10 * "        NS(\"memory\"),\n".len()
+            FIELDS_PY.len() + NAMES.len() * "        NS(\"memory\"),\n".len()
         );
     }
 
