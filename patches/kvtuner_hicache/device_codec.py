@@ -7,7 +7,8 @@ enqueued on the current stream:
 
 * backup: gather a layer's device rows by device index, quantize them exactly as
   ``quant/FORMAT.md`` says and write each page's blob (header, codes, scales, mins,
-  residual, zero padding) into that page's row of the pinned host buffer;
+  residual, zero padding) into that page's row of the pinned host buffer, and copy the
+  page's first sink tokens there exact (:func:`store_sink_tokens`);
 * load: read the blobs back, dequantize and scatter to the device rows (or copy the
   exact overlay copy of a page when the residual window still holds it).
 
@@ -573,25 +574,27 @@ if triton is not None:
     def _copy_tokens_kernel(
         src,  # device buffer, integer view
         src_row_stride,
-        rows,  # int64 [n * T]
-        dst,  # integer view [slots, 2, layers, T, C]
-        dst_slots,  # int64 [n]: overlay slot of each page
-        dst_base,
-        dst_slot_elems,
+        rows,  # int64 [n * T]: device row of each token, page by page
+        dst,  # integer view of the destination rows
+        dst_index,  # int64 [n]: destination row of each page
+        dst_base,  # element offset of the copy inside a destination row
+        dst_row_stride,
         T: tl.constexpr,
+        S: tl.constexpr,
         C: tl.constexpr,
         BLOCK_E: tl.constexpr,
     ):
-        """Exact copy of pages' device rows into overlay slots (residual window)."""
+        """Exact copy of the first S of each page's T device rows into one destination
+        row per page (overlay slots: S == T; host rows' sink sections: S sink tokens)."""
         page = tl.program_id(0)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        emask = e < T * C
+        emask = e < S * C
         t = e // C
         c = e % C
         row = tl.load(rows + page * T + t, mask=emask, other=0)
         val = tl.load(src + row * src_row_stride + c, mask=emask, other=0)
-        slot = tl.load(dst_slots + page)
-        tl.store(dst + slot * dst_slot_elems + dst_base + e, val, mask=emask)
+        dst_row = tl.load(dst_index + page)
+        tl.store(dst + dst_row * dst_row_stride + dst_base + e, val, mask=emask)
 
 
 # ---------------------------------------------------------------- wrappers ---
@@ -827,6 +830,38 @@ def write_page_headers(
         )
 
 
+def _copy_tokens(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    dst: torch.Tensor,
+    dst_index: torch.Tensor,
+    dst_base: int,
+    dst_row_stride: int,
+    tokens: int,
+    spec: BlobSpec,
+) -> None:
+    """The first ``tokens`` device rows of each page, bit for bit, into row
+    ``dst_index[i]`` of the integer view ``dst`` from element ``dst_base`` on."""
+    n = dst_index.shape[0]
+    if n == 0 or tokens == 0:
+        return
+    stride = _check_rows_buffer(src, spec, "copied device rows")
+    grid = (n, triton.cdiv(tokens * spec.row_elems, _BLOCK_ELEMS))
+    _copy_tokens_kernel[grid](
+        _int_view(src),
+        stride,
+        rows,
+        dst,
+        dst_index,
+        dst_base,
+        dst_row_stride,
+        T=spec.tokens,
+        S=tokens,
+        C=spec.row_elems,
+        BLOCK_E=_BLOCK_ELEMS,
+    )
+
+
 def copy_exact_pages(
     src: torch.Tensor,
     rows: torch.Tensor,
@@ -837,24 +872,27 @@ def copy_exact_pages(
     spec: BlobSpec,
 ) -> None:
     """The device rows of ``len(slots)`` pages, bit for bit, into overlay slots."""
-    n = slots.shape[0]
-    if n == 0:
-        return
-    stride = _check_rows_buffer(src, spec, "copy_exact_pages src")
     view, base, slot_elems = overlay.base(layer, is_value)
-    grid = (n, triton.cdiv(spec.tokens * spec.row_elems, _BLOCK_ELEMS))
-    _copy_tokens_kernel[grid](
-        _int_view(src),
-        stride,
-        rows,
-        view,
-        slots,
-        base,
-        slot_elems,
-        T=spec.tokens,
-        C=spec.row_elems,
-        BLOCK_E=_BLOCK_ELEMS,
-    )
+    _copy_tokens(src, rows, view, slots, base, slot_elems, spec.tokens, spec)
+
+
+def store_sink_tokens(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    dst: torch.Tensor,
+    pages: torch.Tensor,
+    sink_off: int,
+    sink_tokens: int,
+    spec: BlobSpec,
+) -> None:
+    """The first ``sink_tokens`` device rows of each page, bit for bit, into the sink
+    section at ``dst[pages[i], sink_off:]`` (uint8 host rows). Enqueue-only."""
+    es = src.element_size()
+    # The kernel moves whole elements: the host rows seen as the device buffer's integers.
+    if sink_off % es or dst.stride(0) % es:
+        raise ValueError(f"sink section at byte {sink_off} is not {es}-byte aligned")
+    view = dst.view(_INT_VIEW[src.dtype])
+    _copy_tokens(src, rows, view, pages, sink_off // es, view.stride(0), sink_tokens, spec)
 
 
 def spec_total_matches(spec: BlobSpec, packed_nbytes) -> bool:
@@ -885,5 +923,6 @@ __all__ = [
     "interpreted",
     "quantize_pages",
     "spec_total_matches",
+    "store_sink_tokens",
     "write_page_headers",
 ]

@@ -17,6 +17,7 @@ from .page_format import STAMP_OFFSET
 
 CODEC_CHOICES = ("auto", "device", "host")
 _STAMP_MASK = (1 << 63) - 1
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
 def choose_codec(requested: str, device: torch.device, host_rows_pinned: bool) -> Tuple[str, str]:
@@ -121,6 +122,7 @@ class DeviceTransfers:
         self.pool = pool
         self.device = torch.device(pool.device_k_buffers[0].device)
         self.page_size = plan.page_size
+        self.sink_tokens = pool.kvtuner_layout.sink_tokens
         self.specs: Dict[Tuple[int, bool], dc.BlobSpec] = {}
         self.templates: Dict[Tuple[int, bool], dc.BlobTemplate] = {}
         templates: Dict[dc.BlobSpec, dc.BlobTemplate] = {}
@@ -203,6 +205,16 @@ class DeviceTransfers:
                         self.templates[key],
                         scratch,
                     )
+                    sink_off, _ = pool.kvtuner_layout.sink(layer, is_value)
+                    dc.store_sink_tokens(
+                        buffers[layer],
+                        rows,
+                        pool.kv_buffer,
+                        pages,
+                        sink_off,
+                        self.sink_tokens,
+                        self.specs[key],
+                    )
                     if window is not None:
                         slots, first = window
                         dc.copy_exact_pages(
@@ -235,10 +247,10 @@ class DeviceTransfers:
         if n == 0:
             return
         rows = _on_device(device_indices, self.device)
-        # K and V of a layer are neighbours in the row: one span crosses the bus.
-        k_off, _ = pool.kvtuner_layout.blob(layer, False)
-        v_off, v_nbytes = pool.kvtuner_layout.blob(layer, True)
-        span = dc.gather_spans(pool.kv_buffer, pages, k_off, v_off + v_nbytes - k_off, self.device)
+        # K blob, V blob and sink section of a layer are neighbours in the row: one span
+        # crosses the bus.
+        span_off, span_nbytes = pool.kvtuner_layout.layer_span(layer)
+        span = dc.gather_spans(pool.kv_buffer, pages, span_off, span_nbytes, self.device)
         for is_value, buffers in ((False, pool.device_k_buffers), (True, pool.device_v_buffers)):
             off, _ = pool.kvtuner_layout.blob(layer, is_value)
             overlay = None if self.overlay is None else (self.overlay.view, layer, is_value)
@@ -250,5 +262,22 @@ class DeviceTransfers:
                 buffers[layer],
                 rows,
                 overlay,
-                staged=(span, off - k_off),
+                staged=(span, off - span_off),
             )
+        self._load_sink(span, span_off, rows.view(n, self.page_size), layer)
+
+    def _load_sink(self, span: torch.Tensor, span_off: int, rows: torch.Tensor, layer: int) -> None:
+        """Each page's exact sink tokens from the staged span over its decoded device rows."""
+        # Same stream as the dequantize kernels, so these writes land after theirs.
+        sink = self.sink_tokens
+        if not sink:
+            return
+        pool = self.pool
+        n = rows.shape[0]
+        dst_rows = rows[:, :sink].reshape(-1)
+        for is_value, buffers in ((False, pool.device_k_buffers), (True, pool.device_v_buffers)):
+            off, nbytes = pool.kvtuner_layout.sink(layer, is_value)
+            # Integer views: the tokens go back bit for bit, NaN payloads included.
+            ints = buffers[layer].view(_INT_OF_SIZE[buffers[layer].element_size()])
+            held = span[:, off - span_off : off - span_off + nbytes].view(ints.dtype)
+            ints[dst_rows] = held.reshape(n * sink, *ints.shape[1:])

@@ -199,6 +199,26 @@ def test_huge_bf16_groups_match(kq):
     assert torch.equal(out[:48].view(torch.int16), expect.view(torch.int16))
 
 
+@pytest.mark.parametrize("sink", [0, 1, 3])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_sink_tokens_land_in_their_section(dtype, sink):
+    """Each page's first sink tokens, bit for bit, at the sink offset of its host row;
+    every other byte keeps its junk."""
+    spec = blob_spec(SHAPES[0], dtype, 4, True, 1)
+    src = device_buffer(spec, 5)
+    rows = scattered_rows(spec, 5)
+    sink_off, row_nbytes = 192, 640
+    ours = host_rows(row_nbytes, 5)
+    expect = ours.clone()
+    head = src[rows].view(len(PAGES), spec.tokens, -1)[:, :sink]
+    nbytes = sink * spec.row_elems * spec.itemsize
+    expect[PAGES, sink_off : sink_off + nbytes] = (
+        head.contiguous().view(torch.uint8).view(len(PAGES), -1)
+    )
+    dc.store_sink_tokens(src, rows, ours, PAGES, sink_off, sink, spec)
+    assert torch.equal(ours, expect)
+
+
 def test_a_changed_byte_is_seen(kq):
     """The comparison above can fail: one flipped code bit changes the rows."""
     spec = blob_spec((16, 2, 16, 8), "float16", 4, False, 0)

@@ -93,13 +93,15 @@ def make_host_pool(kvh, dev, cfg):
 
 
 def stored_bytes(host, hidx) -> torch.Tensor:
-    """Every byte a backup defines: the page header without its stamp, and the blobs."""
+    """Every byte a backup defines: the page header without its stamp, the blobs and the
+    sink sections."""
     lay = host.kvtuner_layout
     pages = hidx[::POOL_PAGE] // POOL_PAGE
     rows = host.kv_buffer[pages]
     spans = [rows[:, :48], rows[:, 56:64]]
     for offs, sizes in ((lay.k_offsets, lay.k_nbytes), (lay.v_offsets, lay.v_nbytes)):
         spans += [rows[:, off : off + n] for off, n in zip(offs, sizes)]
+    spans += [rows[:, off : off + lay.sink_nbytes] for off in lay.sink_offsets]
     return torch.cat(spans, dim=1)
 
 
@@ -135,20 +137,44 @@ def host_indices(host):
     return (pages[:, None] * POOL_PAGE + torch.arange(POOL_PAGE)).reshape(-1)
 
 
+def assert_sink_exact(loads, dev, sink):
+    """The first sink tokens of every loaded page are the backed-up device rows, bit for bit."""
+    backed_up = BACKUP_ROWS.view(-1, POOL_PAGE)[:, :sink]
+    for loaded, buf in zip(loads, (*dev.k_buffer, *dev.v_buffer)):
+        want = buf[backed_up.reshape(-1)].view(torch.int16)
+        got = loaded.view(-1, POOL_PAGE, POOL_HEADS, POOL_HEAD_DIM)[:, :sink]
+        assert torch.equal(got.reshape(want.shape), want)
+
+
+def _case_id(case) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items() if k != "layer_bits")
+
+
+# The default sink (1 token) on the whole grid; none and several on two cases, overlay
+# off and on.
+SINK_CASES = [(case, None) for case in POOL_CASES] + [
+    (case, sink) for sink in (0, 3) for case in (POOL_CASES[0], POOL_CASES[1])
+]
+
+
 @pytest.mark.parametrize(
-    "case",
-    POOL_CASES,
-    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "layer_bits"),
+    "case,sink",
+    SINK_CASES,
+    ids=[f"{_case_id(c)},sink={'default' if s is None else s}" for c, s in SINK_CASES],
 )
-def test_pool_device_codec_equals_host_codec(kvh, kq, case):
-    """Same stored bytes, same loads (overlay included), and pages written by one
-    codec load through the other."""
+def test_pool_device_codec_equals_host_codec(kvh, kq, case, sink):
+    """Same stored bytes, same loads (overlay included), exact sink tokens, and pages
+    written by one codec load through the other."""
     dtype = case["dtype"]
     dev = make_device_pool(dtype)
+    if sink is not None:
+        case = dict(case, sink_tokens=sink)
     pools = {
         codec: make_host_pool(kvh, dev, pool_cfg(kvh, codec, **case))
         for codec in ("device", "host")
     }
+    sink = pools["device"].kvtuner_layout.sink_tokens
+    assert sink == case.get("sink_tokens", 1)  # the config default keeps one token
     assert pools["device"].kvtuner_codec == "device"
     assert pools["host"].kvtuner_codec == "host"
     hidx = {codec: host_indices(pool) for codec, pool in pools.items()}
@@ -162,6 +188,7 @@ def test_pool_device_codec_equals_host_codec(kvh, kq, case):
     loads = {codec: load_all(pool, dev, hidx[codec], LOAD_ROWS) for codec, pool in pools.items()}
     for a, b in zip(loads["device"], loads["host"]):
         assert torch.equal(a, b)
+    assert_sink_exact(loads["device"], dev, sink)
     if case["residual_length"]:  # the window pages came back exact
         window = -POOL_PAGE
         exact = dev.k_buffer[0][BACKUP_ROWS[window:]].view(torch.int16)
