@@ -602,7 +602,8 @@ if triton is not None:
 _NO_FUSION = dict(enable_fp_fusion=False)
 
 
-def _int_view(buf: torch.Tensor) -> torch.Tensor:
+def int_view(buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` as the integers of its element size, so copies keep every bit (NaN payloads)."""
     return buf.view(_INT_VIEW[buf.dtype])
 
 
@@ -684,7 +685,7 @@ def quantize_pages(
         mins = torch.empty_like(scale)
     else:
         scale, mins = scratch
-    view = _int_view(src)
+    view = int_view(src)
     group_span = triton.next_power_of_2(spec.group_size)
     block_groups = max(1, min(_BLOCK_GROUPS, _MAX_GROUP_TILE // group_span))
     group_blocks = triton.cdiv(spec.ngroups, block_groups)
@@ -734,7 +735,7 @@ class OverlayView:
 
     def base(self, layer: int, is_value: bool) -> Tuple[torch.Tensor, int, int]:
         """(integer view, element offset of (kind, layer) in a slot, slot elements)."""
-        view = _int_view(self.exact)
+        view = int_view(self.exact)
         slot_elems = view[0].numel()
         layers = view.shape[2]
         per = view[0, 0, 0].numel()
@@ -779,7 +780,7 @@ def dequantize_pages(
     else:
         blob_src, blob_start = staged
         blob_pages = torch.arange(n, dtype=torch.int64, device=blob_src.device)
-    view = _int_view(out)
+    view = int_view(out)
     if overlay is not None:
         ovl, layer, is_value = overlay
         ovl_view, ovl_base, ovl_slot = ovl.base(layer, is_value)
@@ -848,7 +849,7 @@ def _copy_tokens(
     stride = _check_rows_buffer(src, spec, "copied device rows")
     grid = (n, triton.cdiv(tokens * spec.row_elems, _BLOCK_ELEMS))
     _copy_tokens_kernel[grid](
-        _int_view(src),
+        int_view(src),
         stride,
         rows,
         dst,
@@ -920,6 +921,7 @@ __all__ = [
     "device_codec_unavailable",
     "dequantize_pages",
     "gather_spans",
+    "int_view",
     "interpreted",
     "quantize_pages",
     "spec_total_matches",

@@ -17,7 +17,6 @@ from .page_format import STAMP_OFFSET
 
 CODEC_CHOICES = ("auto", "device", "host")
 _STAMP_MASK = (1 << 63) - 1
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
 def choose_codec(requested: str, device: torch.device, host_rows_pinned: bool) -> Tuple[str, str]:
@@ -277,7 +276,6 @@ class DeviceTransfers:
         dst_rows = rows[:, :sink].reshape(-1)
         for is_value, buffers in ((False, pool.device_k_buffers), (True, pool.device_v_buffers)):
             off, nbytes = pool.kvtuner_layout.sink(layer, is_value)
-            # Integer views: the tokens go back bit for bit, NaN payloads included.
-            ints = buffers[layer].view(_INT_OF_SIZE[buffers[layer].element_size()])
+            ints = dc.int_view(buffers[layer])
             held = span[:, off - span_off : off - span_off + nbytes].view(ints.dtype)
             ints[dst_rows] = held.reshape(n * sink, *ints.shape[1:])
