@@ -386,6 +386,18 @@ def test_load_refuses_foreign_blob(sgl, kvh, kq):
         a.load_to_device_per_layer(dev, hidx, torch.arange(PAGE), 0, "kernel")
 
 
+def test_page_of_format_1_is_refused_by_name(sgl, kvh, kq):
+    """A page stored before sink sections existed (format 1) is refused, not misread."""
+    dev = device_pool(sgl)
+    a = host_pool(sgl, kvh, dev, make_cfg(kvh))
+    hidx = a.alloc(PAGE)
+    a.backup_from_device_all_layer(dev, hidx, torch.arange(PAGE), "kernel")
+    old = a.get_data_page(int(hidx[0])).clone()
+    old[8:10] = torch.tensor([1, 0], dtype=torch.uint8)  # format version u16 at byte 8
+    with pytest.raises(ValueError, match="version: expected 2, got 1"):
+        a.set_from_flat_data_page(int(hidx[0]), old)
+
+
 # -------------------------------------------------------------- storage L3 ---
 
 
