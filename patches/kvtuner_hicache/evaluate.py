@@ -31,7 +31,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import KVTunerHiCacheConfig, check_uniform_config, load_layer_preset
+from .config import (
+    KVTunerHiCacheConfig,
+    check_page_config,
+    check_uniform_config,
+    load_layer_preset,
+)
 from .kv_model import (
     SMOLLM2,
     CausalLM,
@@ -539,6 +544,7 @@ def defaults_from_args(args: argparse.Namespace, **extra) -> KVTunerHiCacheConfi
         **extra,
     )
     check_uniform_config(cfg)
+    check_page_config(cfg, args.page_size)
     return cfg
 
 

@@ -187,6 +187,14 @@ def test_cli_reports_bad_input_and_exits_2(kvtools, tiny_model_dir, tmp_path, ca
     with pytest.raises(SystemExit) as e:
         kvtools.evaluate.main(["--model", str(tmp_path / "nope")] + argv[2:])
     assert e.value.code == 2 and "no such file or directory" in capsys.readouterr().err
+    # calibrate refuses a sink as long as a page before it loads the model or writes anything
+    out = tmp_path / "p.yaml"
+    with pytest.raises(SystemExit) as e:
+        kvtools.calibrate.main(
+            ["--avg-bits", "3", "--out", str(out), "--sink-tokens", "64"] + argv[:4]
+        )
+    assert e.value.code == 2 and "sink-tokens=64 keeps a whole page" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_prints_the_table(kvtools, tiny_model_dir, capsys):
