@@ -40,6 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .page_format import KV_ITEMSIZE
+
 try:
     import triton
     import triton.language as tl
@@ -51,7 +53,6 @@ HEADER_NBYTES = 64
 FORMAT_VERSION = 1
 _MAGIC = b"KVQT"
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 # Integer views of the device buffers: the kernels move bit patterns, never bf16 values.
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -104,7 +105,7 @@ class BlobSpec:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype_name]
+        return KV_ITEMSIZE[self.dtype_name]
 
     @property
     def nq(self) -> int:

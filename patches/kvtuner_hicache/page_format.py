@@ -36,7 +36,8 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+# Bytes per element of each KV dtype the pool stores (sink sections, device-codec blobs).
+KV_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 class PageLayout:
@@ -55,7 +56,7 @@ class PageLayout:
         self.sink_offsets: List[int] = []
         # One layer's sink section: K of the page's first sink_tokens tokens, then V.
         self.sink_tokens = cfg.sink_tokens
-        self.sink_token_nbytes = plan.head_num * plan.head_dim * _ITEMSIZE[plan.dtype_name]
+        self.sink_token_nbytes = plan.head_num * plan.head_dim * KV_ITEMSIZE[plan.dtype_name]
         self.sink_nbytes = 2 * self.sink_tokens * self.sink_token_nbytes
         off = PAGE_HEADER_NBYTES
         for k_bits, v_bits in plan.layer_bits:
