@@ -36,6 +36,12 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+# The host layouts and I/O backends the quantizing pool serves (the others move fp16 spans
+# per layer or per head, which a quantized row does not have).
+SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
+SUPPORTED_IO_BACKENDS = ("kernel", "direct")
+
+
 def _flag(name: str) -> str:
     """The command-line spelling of a server-argument field."""
     return "--" + name.replace("_", "-")
@@ -275,6 +281,15 @@ def _layer_index(raw: Any, flag: str, source: str) -> int:
 
 
 def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
+    """The startup hook SGLang calls: a bad flag ends start-up with one line naming it."""
+    # SystemExit, not the ValueError: SGLang would print it as a traceback.
+    try:
+        return validate_server_args(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def validate_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
     """Startup checks that need only the arguments: the config when on, None when off."""
     # Raises ValueError naming the flag and the bad value.
     cfg = config_from_args(args, load_preset=False)
@@ -285,6 +300,7 @@ def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
             f"{_flag('enable_kvtuner_hicache')} quantizes the hierarchical cache's host "
             "pool and needs --enable-hierarchical-cache"
         )
+    check_host_transfer_args(args)
     check_uniform_config(cfg)
     page_size = getattr(args, "page_size", None)
     if page_size:
@@ -294,6 +310,29 @@ def check_server_args(args: Any) -> Optional[KVTunerHiCacheConfig]:
             cfg, layer_bits=tuple(sorted(load_layer_preset(cfg.layer_config).items()))
         )
     return cfg
+
+
+def check_host_transfer_args(args: Any) -> None:
+    """Refuse a host layout or I/O backend the quantizing pool cannot serve."""
+    for flag, value, supported, why in (
+        (
+            "--hicache-mem-layout",
+            getattr(args, "hicache_mem_layout", None),
+            SUPPORTED_LAYOUTS,
+            "the quantizing pool stores page-major quantized rows",
+        ),
+        (
+            "--hicache-io-backend",
+            getattr(args, "hicache_io_backend", None),
+            SUPPORTED_IO_BACKENDS,
+            "the other backends' copy kernels need fp16 host rows",
+        ),
+    ):
+        if value is not None and value not in supported:
+            raise ValueError(
+                f"{flag} {value!r} cannot be used with {_flag('enable_kvtuner_hicache')}: "
+                f"{why} (use one of {', '.join(supported)})"
+            )
 
 
 def check_uniform_config(cfg: KVTunerHiCacheConfig) -> None:

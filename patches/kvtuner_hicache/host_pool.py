@@ -21,15 +21,19 @@ from .compat import (
     is_buffer_info,
     visible_model_layer_num,
 )
-from .config import KVTunerHiCacheConfig, current_server_config, resolve_layer_plan
+from .config import (
+    SUPPORTED_IO_BACKENDS,
+    SUPPORTED_LAYOUTS,
+    KVTunerHiCacheConfig,
+    current_server_config,
+    resolve_layer_plan,
+)
 from .device_transfer import DeviceTransfers, choose_codec
 from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
-SUPPORTED_IO_BACKENDS = ("kernel", "direct")
 # Recycled scratch pages for the generic (non zero-copy) storage read path: at most
 # one storage batch (STORAGE_BATCH_SIZE pages) and at most this many bytes.
 _DUMMY_CACHE_MAX_PAGES = 128
@@ -61,6 +65,13 @@ def _gather_to_cpu(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
     """What the stock pool stores per token: K and V (same head_dim, checked), fp16/bf16/fp32."""
     return 2 * head_dim * head_num * layers * dtype.itemsize
+
+
+def _pin_for(device_kv, pin_memory: bool) -> bool:
+    """Whether to pin the host rows: only for device KV on an accelerator."""
+    # SGLang asks for pinned rows by default, but with the device KV on the CPU (its CPU
+    # engine) a copy gains nothing from them, and pinning needs a GPU driver that is not there.
+    return pin_memory and torch.device(device_kv).type != "cpu"
 
 
 class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
@@ -120,6 +131,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         """Build from an ``MHABufferInfo`` (0.5.23)."""
         _check_layout(layout)
         check_buffer_info(buffer_info)
+        pin_memory = _pin_for(buffer_info.buffers.k[0].device, pin_memory)
         self._kvt_prepare(
             kvtuner_config,
             head_num=buffer_info.head_num,
@@ -177,6 +189,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         drafts = tuple(mtp_draft_device_pools)
         for draft in drafts:
             check_device_pool(draft)
+        pin_memory = _pin_for(device_pool.device, pin_memory)
         first = device_pool.k_buffer[0]
         head_dim = int(device_pool.head_dim)
         # Heads as the buffers hold them (rows of head_num x head_dim elements).

@@ -12,9 +12,10 @@ import struct
 from typing import List, Tuple
 
 PAGE_MAGIC = b"KVTPAGE1"
-PAGE_FORMAT_VERSION = 2
+PAGE_FORMAT_VERSION = 3
 PAGE_HEADER_NBYTES = 64
 BLOB_ALIGN = 64
+DIRECT_IO_ALIGN = 4096
 # magic, version, header size, layers, page size, row bytes, config digest
 _HEADER_STRUCT = struct.Struct("<8sHHIIQ16s")
 _HEADER_FIELDS = (
@@ -83,7 +84,10 @@ class PageLayout:
             self.sink_offsets.append(off)
             off = _round_up(off + self.sink_nbytes, BLOB_ALIGN)
         self.payload_nbytes = off
-        self.row_nbytes = _round_up(off, math.lcm(BLOB_ALIGN, plan.page_size))
+        # Rows of whole tokens and of two 4 KiB-aligned halves: zero-copy backends move a row
+        # as two spans (the K and V slots of an MHA key), and O_DIRECT ones (NIXL's file
+        # plugins, by default) refuse a span whose address or length is not whole 4 KiB pages.
+        self.row_nbytes = _round_up(off, math.lcm(2 * DIRECT_IO_ALIGN, plan.page_size))
         self.tag = plan.tag()
         self.digest = hashlib.sha256(self.tag.encode()).digest()[:16]
         self.header = _HEADER_STRUCT.pack(

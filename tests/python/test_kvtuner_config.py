@@ -30,7 +30,7 @@ def test_defaults_when_args_group_absent():
     cfg = C.config_from_args(types.SimpleNamespace())
     assert cfg == C.KVTunerHiCacheConfig()
     assert not cfg.enabled
-    assert C.check_server_args(types.SimpleNamespace()) is None
+    assert C.validate_server_args(types.SimpleNamespace()) is None
 
 
 def declared_flags():
@@ -79,7 +79,7 @@ def test_readme_flag_table_is_the_declared_one():
 
 def test_flag_without_hierarchical_cache():
     with pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
-        C.check_server_args(args(enable_hierarchical_cache=False))
+        C.validate_server_args(args(enable_hierarchical_cache=False))
 
 
 @pytest.mark.parametrize(
@@ -100,21 +100,47 @@ def test_flag_without_hierarchical_cache():
 )
 def test_bad_values(field, value, msg):
     with pytest.raises(ValueError, match=msg):
-        C.check_server_args(args(**{field: value}))
+        C.validate_server_args(args(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("hicache_mem_layout", "layer_first", r"--hicache-mem-layout 'layer_first' cannot be"),
+        ("hicache_mem_layout", "page_head", r"use one of page_first, page_first_direct"),
+        ("hicache_io_backend", "kernel_ascend", r"--hicache-io-backend 'kernel_ascend' cannot"),
+    ],
+)
+def test_host_layout_and_io_backend_refused_at_startup(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        C.validate_server_args(args(**{field: value}))
+    C.validate_server_args(
+        args(hicache_mem_layout="page_first_direct", hicache_io_backend="direct")
+    )
+    # Without the flag SGLang decides alone.
+    assert C.validate_server_args(args(enable_kvtuner_hicache=False, **{field: value})) is None
+
+
+def test_startup_hook_ends_with_one_line():
+    # What SGLang calls at start-up: no traceback, one line naming the flag, non-zero exit.
+    with pytest.raises(SystemExit) as exit_info:
+        C.check_server_args(args(kvtuner_hicache_nbits_key=3))
+    assert exit_info.value.code == "error: --kvtuner-hicache-nbits-key=3 is not one of [2, 4, 8]"
+    assert C.check_server_args(args()).enabled
 
 
 def test_sink_tokens_must_leave_a_page_quantized():
     per_token = dict(kvtuner_hicache_axis_key=0, kvtuner_hicache_axis_value=0)
     with pytest.raises(ValueError, match=r"sink-tokens=16 keeps a whole page \(--page-size 16\)"):
-        C.check_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=16, **per_token))
-    C.check_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=15, **per_token))
+        C.validate_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=16, **per_token))
+    C.validate_server_args(args(page_size=16, kvtuner_hicache_sink_tokens=15, **per_token))
 
 
 def test_per_channel_group_longer_than_page():
     with pytest.raises(ValueError, match=r"longer than a page \(--page-size 32\)"):
-        C.check_server_args(args(page_size=32, kvtuner_hicache_q_group_size=64))
+        C.validate_server_args(args(page_size=32, kvtuner_hicache_q_group_size=64))
     # Per-token groups only need to divide head_dim, not fit a page.
-    C.check_server_args(
+    C.validate_server_args(
         args(
             page_size=32,
             kvtuner_hicache_q_group_size=64,
@@ -128,7 +154,7 @@ def test_preset_parsed(tmp_path):
     path = write(
         tmp_path, "0: {nbits_key: 8, nbits_value: 4}\n'1': {nbits_key: 4, nbits_value: 2}\n"
     )
-    cfg = C.check_server_args(args(kvtuner_hicache_layer_config=path))
+    cfg = C.validate_server_args(args(kvtuner_hicache_layer_config=path))
     assert cfg.layer_bits_map() == {0: (8, 4), 1: (4, 2)}
 
 
@@ -152,7 +178,7 @@ def test_bad_presets(tmp_path, text, msg):
 
 def test_missing_preset_file():
     with pytest.raises(ValueError, match="--kvtuner-hicache-layer-config: no such file"):
-        C.check_server_args(args(kvtuner_hicache_layer_config="/nonexistent/p.yaml"))
+        C.validate_server_args(args(kvtuner_hicache_layer_config="/nonexistent/p.yaml"))
 
 
 def plan(cfg, **kw):
