@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: build and install the kvtuner-patch CLI and the kvtuner_quant
-# module, then patch and verify a fresh copy of the newest supported SGLang release.
+# module, patch and verify a fresh copy of the newest supported SGLang release, then serve it
+# for real: a live demo on SGLang's CPU engine (scripts/live_demo.py) in which a prompt comes
+# back from the quantized host pool.
 #
+#   --skip-demo             stop after "patched and verified" (no SGLang install, no server)
 #   PYTHON=/path/to/python  install kvtuner_quant (and kvtuner_hicache) into this interpreter's
-#                           environment instead of the tool's own venv (e.g. your SGLang venv)
+#                           environment instead of the tool's own venv (e.g. your SGLang venv);
+#                           the demo then serves from it too (it needs a full SGLang install)
 #   SGLANG_VERSION=V        patch release V instead of the newest supported one
 set -euo pipefail
 cd "$(dirname "$0")/.."
+demo=1
+case "${1:-}" in
+    --skip-demo) demo=0 ;;
+    "") ;;
+    *) echo "usage: $0 [--skip-demo]" >&2; exit 2 ;;
+esac
 cache=${KVTUNER_CACHE:-$HOME/.cache/kvtuner-patch}
 version=${SGLANG_VERSION:-$(grep -v '^#' scripts/releases.txt | tail -n 1)}
 
@@ -38,3 +48,13 @@ echo "==== kvtuner-patch verify"
 "$cli" verify --sglang-root "$work" --python "$py"
 echo
 echo "Patched tree: $work   (CLI: $cli; undo with: $cli revert --sglang-root $work)"
+[ "$demo" = 1 ] || exit 0
+
+echo
+echo "==== live demo: the patched SGLang $version serving on its CPU engine"
+if [ -z "${PYTHON:-}" ]; then
+    # The demo needs SGLang itself: the cached full install (~10 min, ~11 GB the first time).
+    py="$(scripts/sglang-venv.sh "$version")/bin/python"
+    "$py" -m pip install --quiet ./quant ./patches
+fi
+"$py" scripts/live_demo.py "$work"

@@ -194,7 +194,9 @@ def test_residual_window_serves_exact_tokens(serve, stock):
     # whole prefix, the host hit is served from the exact copy: the stock pool's tokens.
     window = ("--kvtuner-hicache-residual-length", "1536")
     k2v2 = ("--kvtuner-hicache-nbits-key", "2", "--kvtuner-hicache-nbits-value", "2")
-    srv = serve("k2v2-window", *quantized(*k2v2, *window), "--hicache-size", "1")
+    # 2 GB: an overlay ring (1/8 of the budget) that still holds this prompt's window after
+    # the push-out prompts' own windows.
+    srv = serve("k2v2-window", *quantized(*k2v2, *window), "--hicache-size", "2")
     assert "residual overlay 0 pages" not in pool_startup_line(srv.log())
     assert host_hit(srv, stock["prompt"], stock["others"]).text == stock["hit"].text
 

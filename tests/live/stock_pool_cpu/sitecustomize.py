@@ -8,7 +8,7 @@ Two gaps stop the stock pool there (the quantizing pool needs neither of these):
   and XPU, and are native ``sgl_kernel`` ops this machine does not have.
 
 Put this folder on ``PYTHONPATH`` of the server: Python imports ``sitecustomize`` in every
-process it starts, and the hook below edits ``pool_host/mha.py`` right after it is imported:
+process it starts, and the hook below edits the module defining ``MHATokenToKVPoolHost`` right after it is imported:
 the pool is built unpinned, and the two page_first_direct transfers get plain torch copies.
 """
 
@@ -17,7 +17,8 @@ import importlib.machinery
 import inspect
 import sys
 
-_TARGET = "sglang.srt.mem_cache.pool_host.mha"
+# Where MHATokenToKVPoolHost lives: pool_host/mha.py from 0.5.16, memory_pool_host.py before.
+_TARGETS = ("sglang.srt.mem_cache.pool_host.mha", "sglang.srt.mem_cache.memory_pool_host")
 
 
 def transfer_kv_per_layer_direct_pf_lf(
@@ -50,15 +51,17 @@ def _unpinned(init):
 
 
 def _patch(module) -> None:
+    stock = vars(module).get("MHATokenToKVPoolHost")
+    if stock is None or stock.__module__ != module.__name__:
+        return  # a module that only re-exports the class (memory_pool_host.py from 0.5.16)
     module.transfer_kv_per_layer_direct_pf_lf = transfer_kv_per_layer_direct_pf_lf
     module.transfer_kv_all_layer_direct_lf_pf = transfer_kv_all_layer_direct_lf_pf
-    stock = module.MHATokenToKVPoolHost
     stock.__init__ = _unpinned(stock.__init__)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        if name not in _TARGETS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None:
