@@ -49,6 +49,13 @@ def main(tree: str, extra: list) -> int:
             f"host pool, {again.device} from the device pool, {again.storage} from storage, "
             f"{again.seconds:.2f} s -> {again.text!r}"
         )
+        if again.text == cold.text:
+            print("greedy continuation: the cold run's")
+        else:
+            print(
+                "greedy continuation: not the cold run's (4-bit pages change some next tokens "
+                "of this 135M model; see the README's accuracy table, or try K8V8)"
+            )
         sizes = re.search(r"(\d+) B/token \(stock (\d+) B/token\)", line)
         if sizes:
             ours, stock = int(sizes.group(1)), int(sizes.group(2))

@@ -27,6 +27,9 @@ cli="$cache/cli/bin/kvtuner-patch"
 echo "==== building and installing kvtuner_quant and kvtuner_hicache (pip)"
 if [ -n "${PYTHON:-}" ]; then
     py=$PYTHON
+elif [ "$demo" = 1 ]; then
+    # The demo serves from a full SGLang install: the cached venv (~10 min, ~11 GB the first time).
+    py="$(scripts/sglang-venv.sh "$version")/bin/python"
 else
     venv="$cache/venvs/kvtuner-tool"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -52,9 +55,4 @@ echo "Patched tree: $work   (CLI: $cli; undo with: $cli revert --sglang-root $wo
 
 echo
 echo "==== live demo: the patched SGLang $version serving on its CPU engine"
-if [ -z "${PYTHON:-}" ]; then
-    # The demo needs SGLang itself: the cached full install (~10 min, ~11 GB the first time).
-    py="$(scripts/sglang-venv.sh "$version")/bin/python"
-    "$py" -m pip install --quiet ./quant ./patches
-fi
 "$py" scripts/live_demo.py "$work"
