@@ -511,7 +511,8 @@ fn juicefs_alone_needs_hostpool() {
 /// The patched fixture, run: the host pool chooser falls through to the stock class without
 /// the flag, the factory knows `juicefs` and builds it like the other third-party stores,
 /// the cache controller gives `juicefs` the zero-copy page path (and still not `file`),
-/// and the startup hook rejects the flag without `--enable-hierarchical-cache`.
+/// and the startup hook ends start-up (one `SystemExit` line) on the flag without
+/// `--enable-hierarchical-cache`.
 #[test]
 fn patched_fixture_runs() {
     let t = copy_tree(&fixture("sglang-0.5.23"), "");
@@ -539,7 +540,7 @@ hook(args)
 print(args.hicache_ratio)
 try:
     hook(NS(hicache_ratio=None, enable_kvtuner_hicache=True))
-except ValueError as e:
+except SystemExit as e:
     print("refused:", e)
 "#,
     )
@@ -555,7 +556,7 @@ except ValueError as e:
     assert_eq!(lines[4], "file generic generic");
     assert_eq!(lines[5], "2.0");
     assert!(
-        lines[6].starts_with("refused: --enable-kvtuner-hicache")
+        lines[6].starts_with("refused: error: --enable-kvtuner-hicache")
             && lines[6].contains("--enable-hierarchical-cache"),
         "{out}"
     );
