@@ -11,14 +11,19 @@ usage: python scripts/live_demo.py PATCHED_TREE [extra launch_server flags...]
 
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "live"))
 
-from server import LiveServer, kjv_documents, model_dir, pool_startup_line  # noqa: E402
+from server import (  # noqa: E402
+    LiveServer,
+    kjv_documents,
+    model_dir,
+    pool_bytes_per_token,
+    pool_startup_line,
+)
 
 # A device pool smaller than the prompt plus the prompts sent after it.
 DEMO_ARGS = ("--max-total-tokens", "3072", "--hicache-ratio", "2", "--enable-kvtuner-hicache")
@@ -56,9 +61,9 @@ def main(tree: str, extra: list) -> int:
                 "greedy continuation: not the cold run's (4-bit pages change some next tokens "
                 "of this 135M model; see the README's accuracy table, or try K8V8)"
             )
-        sizes = re.search(r"(\d+) B/token \(stock (\d+) B/token\)", line)
+        sizes = pool_bytes_per_token(srv.log())
         if sizes:
-            ours, stock = int(sizes.group(1)), int(sizes.group(2))
+            ours, stock = sizes
             print(
                 f"host pool: {ours} B/token against the stock pool's {stock} B/token: "
                 f"{stock / ours:.2f}x the tokens in the same --hicache-size"

@@ -8,7 +8,11 @@ What the CPU engine needs (SGLang 0.5.23, facts found by running it):
   ``--hicache-mem-layout page_first_direct`` (the GPU defaults ``kernel`` + ``page_first``
   cannot work on CPU);
 - the venv's ``bin/`` on ``PATH`` (HiCache's key hash is a C++ extension built with ninja and
-  g++ on first use) and a writable ``TORCH_EXTENSIONS_DIR``, cached with the other caches;
+  g++ on first use) and a writable ``TORCH_EXTENSIONS_DIR``, cached with the other caches, one
+  per tree: the build names its sources by absolute path, so two trees sharing one directory
+  rebuild it in turn. ``LiveServer.start`` builds it before the server starts: built on a
+  request instead (~20 s on 2 cores), it outlasts the storage prefetch's timeout and that
+  request's storage hit is lost;
 - ``sgl_kernel``: the stand-in in ``tests/live/sgl_kernel_standin`` (see its docstring);
 - the stock host pool also needs ``tests/live/stock_pool_cpu`` (``stock_pool=True``); the
   quantizing pool runs without it.
@@ -17,6 +21,8 @@ What the CPU engine needs (SGLang 0.5.23, facts found by running it):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import re
@@ -28,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 LIVE = Path(__file__).resolve().parent
 ROOT = LIVE.parents[1]
@@ -111,6 +117,7 @@ class LiveServer:
         port: Optional[int] = None,
     ):
         self.python = python
+        self.sglang_tree = sglang_tree
         self.port = port or free_port()
         self.log_path = Path(log_path)
         self.command = [
@@ -128,6 +135,7 @@ class LiveServer:
         ]
         self.env = server_env(python, sglang_tree, stock_pool=stock_pool, extra=env)
         self.proc: Optional[subprocess.Popen] = None
+        self.prompt_tokens_sent = 0  # every answered request's prompt tokens
 
     def __enter__(self) -> "LiveServer":
         self.start()
@@ -138,6 +146,7 @@ class LiveServer:
 
     def start(self, timeout: float = 600.0) -> None:
         """Start the server and wait until ``/health`` answers, or raise ``ServerFailed``."""
+        build_native_hash(self.python, self.sglang_tree)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -183,7 +192,9 @@ class LiveServer:
         start = time.monotonic()
         with urllib.request.urlopen(request, timeout=timeout) as r:
             reply = json.load(r)
-        return Served.from_reply(reply, time.monotonic() - start)
+        served = Served.from_reply(reply, time.monotonic() - start)
+        self.prompt_tokens_sent += served.prompt_tokens
+        return served
 
     def flush_cache(self) -> None:
         """Drop the device and host caches (``/flush_cache``); storage keeps its pages."""
@@ -193,19 +204,8 @@ class LiveServer:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-        if self.proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _reap_group(self.proc.pid)
+        if self.proc is not None:
+            stop_group(self.proc, grace)
         self.proc = None
 
     def log(self) -> str:
@@ -220,12 +220,52 @@ class LiveServer:
         return ["\n".join(lines[i : i + 30]) for i, line in enumerate(lines) if "Traceback" in line]
 
 
-def _reap_group(pgid: int) -> None:
-    """SIGKILL whatever of the group outlived its leader (detached scheduler children)."""
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace`` seconds, then
+    SIGKILL whatever of the group outlived its leader (detached children)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def torch_extensions_dir(sglang_tree: Optional[str]) -> Path:
+    """Where a tree's JIT extensions are built (module docstring: one per tree)."""
+    tree = str(Path(sglang_tree).resolve()) if sglang_tree else "installed"
+    key = hashlib.sha256(tree.encode()).hexdigest()[:12]
+    return cache_dir() / "torch-extensions" / key
+
+
+# Loads (building on first use) HiCache's key hash extension, where the release has one.
+BUILD_NATIVE_HASH = """
+try:
+    from sglang.srt.mem_cache.cpp_utils.native_hash import _load_native_hash_module
+except ImportError:
+    raise SystemExit(0)
+_load_native_hash_module()
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def build_native_hash(python: str, sglang_tree: Optional[str]) -> None:
+    """Build the tree's key hash extension now, once per process (module docstring)."""
+    subprocess.run(
+        [python, "-c", BUILD_NATIVE_HASH],
+        env=server_env(python, sglang_tree),
+        check=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
 
 
 def server_env(
@@ -240,7 +280,7 @@ def server_env(
     venv_bin = str(Path(python).parent)
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     env["SGLANG_USE_CPU_ENGINE"] = "1"
-    env["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch-extensions")
+    env["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir(sglang_tree))
     paths = [str(SGL_KERNEL_STANDIN)]
     if stock_pool:
         paths.append(str(STOCK_POOL_CPU))
@@ -276,7 +316,7 @@ def launch_refused(
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        _reap_group(proc.pid)
+        stop_group(proc, grace=0.0)  # leftover children of a refused launch
     return subprocess.CompletedProcess(command, proc.returncode, out, None)
 
 
@@ -306,3 +346,9 @@ def pool_startup_line(log: str) -> Optional[str]:
     """The quantizing pool's start-up line, if the log has one."""
     m = re.search(r"KVTuner HiCache host pool: .*", log)
     return m.group(0) if m else None
+
+
+def pool_bytes_per_token(log: str) -> Optional[Tuple[int, int]]:
+    """(quantized, stock) host bytes per token from the pool's start-up line, if logged."""
+    m = re.search(r"(\d+) B/token \(stock (\d+) B/token\)", pool_startup_line(log) or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None

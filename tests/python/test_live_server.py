@@ -1,26 +1,31 @@
 """A real ``python -m sglang.launch_server`` (SGLang's CPU engine, SmolLM2-135M) with the
 patched tree: prefixes come back from the quantizing host pool and, after a restart, from L3
-(``file``, JuiceFS on a real mount, NIXL's POSIX plugin), with the cold run's greedy tokens;
+(``file``, JuiceFS on a real mount, NIXL's POSIX plugin, a Mooncake store over TCP), with the cold run's greedy tokens;
 the same host budget serves a multiple of the stock pool's hits; bad flags end start-up with
 one line. Each server is stopped by the test, also on failure (``tests/live/server.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
+from pathlib import Path
+from typing import Callable, Dict, Tuple
 
 import pytest
 
 from conftest import PATCHED, ROOT, requires_patched
 
 sys.path.insert(0, str(ROOT / "tests" / "live"))
+from mooncake import MooncakeStore  # noqa: E402
 from server import (  # noqa: E402
     LiveServer,
     ServerFailed,
     kjv_documents,
     launch_refused,
     model_dir,
+    pool_bytes_per_token,
     pool_startup_line,
 )
 
@@ -128,26 +133,77 @@ def stock(model, tmp_path_factory):
 # -------------------------------------------------------------- L2 and L3 ---
 
 
-def l3_flags(backend, tmp_path, make_volume):
-    """(server flags, environment) storing L3 pages in a fresh directory or JuiceFS volume."""
-    if backend == "juicefs":
-        volume = make_volume("kvlive")
-        config = {"mount_point": volume.mnt, "require_juicefs": True}
-        flags = ("--hicache-storage-backend-extra-config", json.dumps(config))
-        return ("--hicache-storage-backend", "juicefs", *flags), {}
-    store = tmp_path / f"l3-{backend}"
-    store.mkdir()
-    if backend == "file":
-        return ("--hicache-storage-backend", "file"), {
-            "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": str(store)
-        }
-    assert backend == "nixl"
-    if importlib.util.find_spec("nixl") is None:
-        pytest.fail("nixl is not installed (scripts/test-requirements.txt installs it)")
-    # NIXL's POSIX plugin, with its default O_DIRECT I/O.
-    plugin = json.dumps({"plugin": {"posix": {"active": True}}})
-    flags = ("--hicache-storage-backend", "nixl", "--hicache-storage-backend-extra-config", plugin)
-    return flags, {"SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR": str(store)}
+@dataclasses.dataclass
+class L3:
+    """Server flags and environment for one storage backend, and how to count what it holds."""
+
+    flags: Tuple[str, ...]
+    env: Dict[str, str]
+    stored_bytes: Callable[[], int]
+
+
+def bytes_under(path):
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def l3(tmp_path, make_volume):
+    """``l3(backend)``: an ``L3`` storing pages in a fresh directory, JuiceFS volume or
+    Mooncake store; a store started here outlives the test's servers when the test names this
+    fixture before ``serve`` (fixtures are torn down in reverse)."""
+    stores = []
+
+    def start(backend):
+        if backend == "juicefs":
+            volume = make_volume("kvlive")
+            config = {"mount_point": volume.mnt, "require_juicefs": True}
+            flags = ("--hicache-storage-backend-extra-config", json.dumps(config))
+            return L3(
+                ("--hicache-storage-backend", "juicefs", *flags),
+                {},
+                lambda: bytes_under(volume.mnt),
+            )
+        if backend == "mooncake":
+            store = MooncakeStore(Path(sys.executable).parent, tmp_path / "mooncake")
+            stores.append(store)
+            store.start()
+            return L3(
+                ("--hicache-storage-backend", "mooncake"), store.server_env(), store.allocated_bytes
+            )
+        directory = tmp_path / f"l3-{backend}"
+        directory.mkdir()
+        if backend == "file":
+            env = {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": str(directory)}
+            return L3(("--hicache-storage-backend", "file"), env, lambda: bytes_under(directory))
+        assert backend == "nixl"
+        if importlib.util.find_spec("nixl") is None:
+            pytest.fail("nixl is not installed (scripts/test-requirements.txt installs it)")
+        # NIXL's POSIX plugin, with its default O_DIRECT I/O.
+        plugin = json.dumps({"plugin": {"posix": {"active": True}}})
+        flags = ("--hicache-storage-backend", "nixl")
+        flags += ("--hicache-storage-backend-extra-config", plugin)
+        env = {"SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR": str(directory)}
+        return L3(flags, env, lambda: bytes_under(directory))
+
+    yield start
+    for store in stores:
+        store.stop()
+
+
+def assert_quantized_pages_stored(l3, srv, hit_tokens):
+    """The store holds at least the hit's pages and no more than every prompt token the
+    server saw at the pool's quantized bytes per token (stock pages would be 2-6x over)."""
+    ours, stock = pool_bytes_per_token(srv.log())
+    stored = l3.stored_bytes()
+    # 10%: page headers and whatever index files a backend keeps beside the pages.
+    most = srv.prompt_tokens_sent * ours * 1.1
+    assert hit_tokens * ours <= stored <= most, (
+        stored,
+        hit_tokens,
+        srv.prompt_tokens_sent,
+        ours,
+        stock,
+    )
 
 
 # Residual window 0 in these: an L3 page is the quantized row alone, so a storage hit must
@@ -156,12 +212,14 @@ L3_CASES = {
     "file": ("--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "8"),
     "juicefs": ("--kvtuner-hicache-layer-config", str(PRESET), "--kvtuner-hicache-asym"),
     "nixl": ("--kvtuner-hicache-nbits-value", "2", "--kvtuner-hicache-asym"),
+    "mooncake": (),  # the defaults: K4V4 symmetric
 }
 
 
 @pytest.mark.parametrize("backend", list(L3_CASES))
-def test_host_hit_then_storage_hit_after_restart(serve, stock, tmp_path, make_volume, backend):
-    flags, env = l3_flags(backend, tmp_path, make_volume)
+def test_host_hit_then_storage_hit_after_restart(l3, serve, stock, backend):
+    store = l3(backend)
+    flags, env = store.flags, store.env
     args = (
         *quantized(*L3_CASES[backend], "--kvtuner-hicache-residual-length", "0"),
         "--hicache-ratio",
@@ -175,6 +233,7 @@ def test_host_hit_then_storage_hit_after_restart(serve, stock, tmp_path, make_vo
     if backend == "file":  # 8 bits: the stock pool's own greedy tokens
         assert from_host.text == stock["hit"].text
     first.stop()
+    assert_quantized_pages_stored(store, first, MIN_HIT_TOKENS)
 
     second = serve(f"{backend}-2", *args, env=env)
     from_storage = second.generate(stock["prompt"])
