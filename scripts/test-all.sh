@@ -8,7 +8,8 @@
 #      fresh copy of the release is patched by the CLI, then pytest drives the quantizing host pool,
 #      the patched argument parser and backend factory, and the JuiceFS backend on a real FUSE mount,
 #      and starts real `sglang.launch_server` processes of the patched tree on SGLang's CPU engine
-#      (tests/python/test_live_server.py: host and storage hits over HTTP, file, JuiceFS, NIXL and Mooncake L3; ~12 min).
+#      (tests/python/test_live_server.py: host and storage hits over HTTP; L3 through file,
+#      JuiceFS, NIXL and Mooncake; ~12 min).
 #      With KVTUNER_FULL_MATRIX=1 also on one release of each older era (0.5.22: device-pool
 #      constructor with the keyword-only base; 0.5.19; 0.5.16; 0.5.15: chooser in
 #      memory_pool_host.py; 0.5.13.post1).

@@ -62,14 +62,6 @@ def _link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def with_library_path(env: Dict[str, str], directory: Optional[Path]) -> Dict[str, str]:
-    if directory is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(directory), env.get("LD_LIBRARY_PATH", "")) if p
-        )
-    return env
-
-
 class MooncakeStore:
     """A master and one store client on loopback ports, logging into ``log_dir``."""
 
@@ -81,14 +73,11 @@ class MooncakeStore:
         self.metadata_port = free_port()
         self.metrics_port = free_port()
         self.procs: list[subprocess.Popen] = []
-        self.libs = ibverbs_dir()
-
-    def __enter__(self) -> "MooncakeStore":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        libs = ibverbs_dir()
+        # The library path Mooncake's binaries and SGLang's mooncake module both need.
+        self.library_path = os.pathsep.join(
+            p for p in (str(libs or ""), os.environ.get("LD_LIBRARY_PATH", "")) if p
+        )
 
     @property
     def master(self) -> str:
@@ -107,10 +96,8 @@ class MooncakeStore:
             "MOONCAKE_LOCAL_HOSTNAME": "127.0.0.1",
             "MOONCAKE_GLOBAL_SEGMENT_SIZE": "0",
         }
-        if self.libs is not None:
-            env["LD_LIBRARY_PATH"] = with_library_path(dict(os.environ), self.libs)[
-                "LD_LIBRARY_PATH"
-            ]
+        if self.library_path:
+            env["LD_LIBRARY_PATH"] = self.library_path
         return env
 
     def start(self, timeout: float = 60.0) -> None:
@@ -143,12 +130,12 @@ class MooncakeStore:
             raise
 
     def _spawn(self, program: str, *args: str) -> None:
-        log = open(self.log_dir / f"{program}.log", "ab")
-        with log:
+        env = {**os.environ, "LD_LIBRARY_PATH": self.library_path}
+        with open(self.log_dir / f"{program}.log", "ab") as log:
             self.procs.append(
                 subprocess.Popen(
                     [str(self.venv_bin / program), *args],
-                    env=with_library_path(dict(os.environ), self.libs),
+                    env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ What the CPU engine needs (SGLang 0.5.23, facts found by running it):
   g++ on first use) and a writable ``TORCH_EXTENSIONS_DIR``, cached with the other caches, one
   per tree: the build names its sources by absolute path, so two trees sharing one directory
   rebuild it in turn. ``LiveServer.start`` builds it before the server starts: built on a
-  request instead (~20 s on 2 cores), it outlasts the storage prefetch's timeout and that
+  request instead (15-20 s on 2 cores), it outlasts the storage prefetch's timeout and that
   request's storage hit is lost;
 - ``sgl_kernel``: the stand-in in ``tests/live/sgl_kernel_standin`` (see its docstring);
 - the stock host pool also needs ``tests/live/stock_pool_cpu`` (``stock_pool=True``); the

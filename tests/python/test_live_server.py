@@ -1,7 +1,7 @@
 """A real ``python -m sglang.launch_server`` (SGLang's CPU engine, SmolLM2-135M) with the
 patched tree: prefixes come back from the quantizing host pool and, after a restart, from L3
-(``file``, JuiceFS on a real mount, NIXL's POSIX plugin, a Mooncake store over TCP), with the cold run's greedy tokens;
-the same host budget serves a multiple of the stock pool's hits; bad flags end start-up with
+(``file``, JuiceFS on a real mount, NIXL's POSIX plugin, a Mooncake store over TCP), with the
+cold run's greedy tokens; the same host budget serves a multiple of the stock pool's hits; bad flags end start-up with
 one line. Each server is stopped by the test, also on failure (``tests/live/server.py``)."""
 
 from __future__ import annotations
@@ -190,11 +190,11 @@ def l3(tmp_path, make_volume):
         store.stop()
 
 
-def assert_quantized_pages_stored(l3, srv, hit_tokens):
+def assert_quantized_pages_stored(store, srv, hit_tokens):
     """The store holds at least the hit's pages and no more than every prompt token the
     server saw at the pool's quantized bytes per token (stock pages would be 2-6x over)."""
     ours, stock = pool_bytes_per_token(srv.log())
-    stored = l3.stored_bytes()
+    stored = store.stored_bytes()
     # 10%: page headers and whatever index files a backend keeps beside the pages.
     most = srv.prompt_tokens_sent * ours * 1.1
     assert hit_tokens * ours <= stored <= most, (
