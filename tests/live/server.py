@@ -6,7 +6,9 @@ What the CPU engine needs (SGLang 0.5.23, facts found by running it):
 - ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's ``is_cpu()`` reads only this), ``--device cpu``,
   ``--attention-backend torch_native``; HiCache with ``--hicache-io-backend direct`` and
   ``--hicache-mem-layout page_first_direct`` (the GPU defaults ``kernel`` + ``page_first``
-  cannot work on CPU);
+  cannot work on CPU); pages of more than one token only from 0.5.22: older releases' paged
+  allocator has only Triton kernels (``alloc_extend_kernel``), which the CPU engine cannot
+  launch ("0 active drivers"), so they serve with ``--page-size 1``;
 - the venv's ``bin/`` on ``PATH`` (HiCache's key hash is a C++ extension built with ninja and
   g++ on first use) and a writable ``TORCH_EXTENSIONS_DIR``, cached with the other caches, one
   per tree: the build names its sources by absolute path, so two trees sharing one directory
@@ -25,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -53,9 +56,9 @@ CPU_ENGINE_ARGS = (
     "direct",
     "--hicache-mem-layout",
     "page_first_direct",
-    "--page-size",
-    "64",
 )
+# HiCache's page: whole pages move between the pools and make up an L3 object.
+PAGE_SIZE = 64
 
 
 def cache_dir() -> Path:
@@ -64,10 +67,18 @@ def cache_dir() -> Path:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on right now, below 50000: SGLang derives more ports
+    from it (up to 0.5.13 start-up fails when port + 10000, its gRPC port, passes 65535), and
+    the kernel's ephemeral range starts above 32768."""
+    for _ in range(200):
+        port = random.randrange(20000, 50000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port between 20000 and 50000")
 
 
 class ServerFailed(RuntimeError):
@@ -115,6 +126,7 @@ class LiveServer:
         stock_pool: bool = False,
         env: Optional[Dict[str, str]] = None,
         port: Optional[int] = None,
+        page_size: int = PAGE_SIZE,
     ):
         self.python = python
         self.sglang_tree = sglang_tree
@@ -131,6 +143,8 @@ class LiveServer:
             "--port",
             str(self.port),
             *CPU_ENGINE_ARGS,
+            "--page-size",
+            str(page_size),
             *args,
         ]
         self.env = server_env(python, sglang_tree, stock_pool=stock_pool, extra=env)
@@ -303,7 +317,7 @@ def launch_refused(
     """Run a launch that must end at start-up; returns its exit status and output."""
     command = [python, "-m", "sglang.launch_server", "--model-path", model]
     command += ["--host", "127.0.0.1", "--port", str(free_port())]
-    command += [*CPU_ENGINE_ARGS, *args]
+    command += [*CPU_ENGINE_ARGS, "--page-size", str(PAGE_SIZE), *args]
     proc = subprocess.Popen(
         command,
         env=server_env(python, sglang_tree),

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import pytest
+from packaging.version import Version
 
 from conftest import PATCHED, ROOT, requires_patched
 
 sys.path.insert(0, str(ROOT / "tests" / "live"))
 from mooncake import MooncakeStore  # noqa: E402
 from server import (  # noqa: E402
+    PAGE_SIZE,
     LiveServer,
     ServerFailed,
     kjv_documents,
@@ -30,6 +32,18 @@ from server import (  # noqa: E402
 )
 
 pytestmark = requires_patched
+
+# Pages of 64 tokens on the CPU engine from 0.5.22 (tests/live/server.py); older releases serve
+# only with one token per page, which test_page_size_one_host_hit covers.
+if PATCHED:
+    from sglang.version import __version__ as RELEASE
+else:
+    RELEASE = "0"
+needs_paged_cpu_engine = pytest.mark.skipif(
+    Version(RELEASE) < Version("0.5.22"),
+    reason=f"SGLang {RELEASE}'s paged allocator has only Triton kernels, which its CPU engine "
+    "cannot run: pages of 64 tokens do not serve there (page size 1 does)",
+)
 
 PRESET = ROOT / "benches" / "presets" / "smollm2-3bits.yaml"
 # A device pool smaller than the prompt plus the documents sent after it, so those push it out.
@@ -43,7 +57,7 @@ def model():
     return model_dir()
 
 
-def new_server(model, log_path, *args, stock_pool=False, env=None):
+def new_server(model, log_path, *args, stock_pool=False, env=None, page_size=PAGE_SIZE):
     return LiveServer(
         sys.executable,
         PATCHED,
@@ -52,6 +66,7 @@ def new_server(model, log_path, *args, stock_pool=False, env=None):
         log_path,
         stock_pool=stock_pool,
         env=env,
+        page_size=page_size,
     )
 
 
@@ -65,8 +80,8 @@ def serve(model, tmp_path):
     have logged a traceback."""
     started = []
 
-    def start(name, *args, env=None):
-        srv = new_server(model, tmp_path / f"{name}.log", *args, env=env)
+    def start(name, *args, env=None, page_size=PAGE_SIZE):
+        srv = new_server(model, tmp_path / f"{name}.log", *args, env=env, page_size=page_size)
         started.append(srv)
         srv.start()
         return srv
@@ -178,10 +193,12 @@ def l3(tmp_path, make_volume):
         assert backend == "nixl"
         if importlib.util.find_spec("nixl") is None:
             pytest.fail("nixl is not installed (scripts/test-requirements.txt installs it)")
-        # NIXL's POSIX plugin, with its default O_DIRECT I/O.
-        plugin = json.dumps({"plugin": {"posix": {"active": True}}})
+        # NIXL's POSIX plugin, with its default O_DIRECT I/O. Its L3 cleaner deletes pages
+        # while the file system holding them is over 80% used, whoever filled it (a full
+        # disk here made the restart's storage hit vanish): off, so the test sees its pages.
+        config = {"plugin": {"posix": {"active": True}}, "l3_cleaner_enabled": False}
         flags = ("--hicache-storage-backend", "nixl")
-        flags += ("--hicache-storage-backend-extra-config", plugin)
+        flags += ("--hicache-storage-backend-extra-config", json.dumps(config))
         env = {"SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR": str(directory)}
         return L3(flags, env, lambda: bytes_under(directory))
 
@@ -216,6 +233,7 @@ L3_CASES = {
 }
 
 
+@needs_paged_cpu_engine
 @pytest.mark.parametrize("backend", list(L3_CASES))
 def test_host_hit_then_storage_hit_after_restart(l3, serve, stock, backend):
     store = l3(backend)
@@ -248,6 +266,7 @@ def test_host_hit_then_storage_hit_after_restart(l3, serve, stock, backend):
     assert served.storage == 0 and served.cached_tokens == 0, served
 
 
+@needs_paged_cpu_engine
 def test_residual_window_serves_exact_tokens(serve, stock):
     # K2V2 alone changes this prompt's greedy tokens; with a residual window covering the
     # whole prefix, the host hit is served from the exact copy: the stock pool's tokens.
@@ -260,9 +279,27 @@ def test_residual_window_serves_exact_tokens(serve, stock):
     assert host_hit(srv, stock["prompt"], stock["others"]).text == stock["hit"].text
 
 
+def test_page_size_one_host_hit(serve):
+    # The geometry every release's CPU engine serves. A key group and the sink never cross a
+    # page, so one-token pages take per-token keys and no sink; 8 bits keep the greedy tokens.
+    # Each page carries its own scales and header, so one-token K8V8 pages are larger than
+    # stock ones: ratio 4 holds the prompt and the three pushing it out.
+    flags = ("--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-sink-tokens", "0")
+    k8v8 = ("--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "8")
+    srv = serve("page-1", *quantized(*flags, *k8v8), "--hicache-ratio", "4", page_size=1)
+    assert "kvt-" in pool_startup_line(srv.log()), srv.log_tail()
+    prompt, *others = kjv_documents()[:4]
+    cold = srv.generate(prompt)
+    push_out(srv, others)
+    again = srv.generate(prompt)
+    assert again.host >= MIN_HIT_TOKENS and again.device < MIN_HIT_TOKENS, again
+    assert again.text == cold.text
+
+
 # --------------------------------------------------------------- capacity ---
 
 
+@needs_paged_cpu_engine
 def test_same_host_budget_serves_a_multiple_of_the_stock_hits(serve, stock):
     ours = serve("k4v4", *quantized(), "--hicache-ratio", "2")
     our_hits = round_robin_host_hits(ours, capacity_documents())
