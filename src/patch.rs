@@ -2,7 +2,7 @@
 //!
 //! A [`Group`] is a named, independently applicable set of [`Patch`]es (`kvtuner`,
 //! `hostpool`, `juicefs`). Each patch says *where* (an anchor found by structure, see
-//! `engine/anchor.rs`) and *what* (a [`Snippet`], usually the body of a class in a real `.py`
+//! `engine/resolve.rs`) and *what* (a [`Snippet`], usually the body of a class in a real `.py`
 //! file under `patches/`, embedded with `include_str!`). Lookup, detection, planning,
 //! rendering and drift reporting are generic over [`PatchKind`] (in `engine/`), so adding a
 //! group means writing data (see `groups/mod.rs`).

@@ -1,4 +1,5 @@
-//! Byte-range edits and the one place where they are applied to a source text.
+//! Byte-range edits, the one place where they are applied to a source text, and what one patch
+//! changes ([`PatchEdit`]).
 //!
 //! Every change the engine makes to an existing file is an [`Edit`]: a byte range of the
 //! original text and its replacement (an empty range is an insertion). Planning code only
@@ -13,6 +14,13 @@ use std::ops::Range;
 pub struct Edit {
     pub range: Range<usize>,
     pub text: String,
+}
+
+/// What one patch changes on the tree as it is now.
+#[derive(Debug, Clone)]
+pub enum PatchEdit {
+    Edits { rel: String, edits: Vec<Edit> },
+    Create { rel: String, text: String },
 }
 
 impl Edit {

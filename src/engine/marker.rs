@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Markers are the *second* signal that a patch is applied (the first is the injected code
-//! itself, see `engine/anchor.rs`). Their job is to make a hand-edited block visible: `verify` and
+//! itself, see `engine/plan/`). Their job is to make a hand-edited block visible: `verify` and
 //! `status` recompute the hash of the lines between the markers and call a mismatch drift.
 //! Injected whole files carry a one-line header of the same shape instead (see [`file_header`]).
 

@@ -3,7 +3,7 @@
 //! Anchors are found by walking the concrete syntax tree, never by regex on text, so a
 //! formatter moving whitespace or a comment mentioning a name cannot fool them. Each query
 //! returns *all* matches; deciding that exactly one is required (and reporting drift
-//! otherwise) is the caller's job (see `anchor.rs`).
+//! otherwise) is the caller's job (see `resolve.rs`).
 
 use anyhow::{anyhow, Result};
 use tree_sitter::{Node, Parser, Tree};
@@ -422,6 +422,72 @@ pub fn module_binds(file: &PyFile, name: &str) -> bool {
         }
     }
     false
+}
+
+/// The statements at the top level of the file, comments included, in order.
+pub fn module_statements<'t>(file: &'t PyFile) -> Vec<Node<'t>> {
+    let root = file.root();
+    let mut cursor = root.walk();
+    let statements = root.named_children(&mut cursor).collect();
+    statements
+}
+
+/// The statement (child of a module or block) that contains `node`.
+pub fn enclosing_statement(node: Node) -> Node {
+    let mut n = node;
+    while let Some(p) = n.parent() {
+        if matches!(p.kind(), "module" | "block") {
+            return n;
+        }
+        n = p;
+    }
+    n
+}
+
+/// The innermost node of one of `kinds` holding byte `start`: a node found before, found again
+/// (nodes cannot outlive the borrow of the file they came from).
+pub fn node_at<'t>(file: &'t PyFile, start: usize, kinds: &[&str]) -> Node<'t> {
+    let mut n = file
+        .root()
+        .descendant_for_byte_range(start, start)
+        .expect("in range");
+    while !kinds.contains(&n.kind()) {
+        n = n.parent().expect("found by this kind before");
+    }
+    n
+}
+
+/// The plain or decorated definition holding byte `start`, as a `function_definition`.
+pub fn function_at(file: &PyFile, start: usize) -> Node<'_> {
+    function_def(node_at(
+        file,
+        start,
+        &["function_definition", "decorated_definition"],
+    ))
+}
+
+/// The items of a list literal, comments excluded, in order.
+pub fn list_items(list: Node) -> Vec<Node> {
+    let mut cursor = list.walk();
+    list.named_children(&mut cursor)
+        .filter(|n| n.kind() != "comment")
+        .collect()
+}
+
+/// The `else:` clause of an if/elif chain, if it has one.
+pub fn else_clause(if_stmt: Node) -> Option<Node> {
+    let mut cursor = if_stmt.walk();
+    let clause = if_stmt
+        .children_by_field_name("alternative", &mut cursor)
+        .find(|c| c.kind() == "else_clause");
+    clause
+}
+
+/// The first statement of the `if` branch of an if/elif chain.
+pub fn first_branch_statement(if_stmt: Node) -> Option<Node> {
+    if_stmt
+        .child_by_field_name("consequence")
+        .and_then(|b| b.named_child(0))
 }
 
 /// Byte offset of the start of the line holding `byte`.
