@@ -1,11 +1,11 @@
-//! Command-line front door: parse arguments, call `commands`, print text or JSON, exit with the
-//! documented code.
+//! Command-line front door: parse arguments, call `commands`, print the report each command
+//! renders (text or JSON), exit with the documented code (`refusal::Failure` for errors).
 
 use clap::{Args, Parser, Subcommand};
-use kvtuner_patch::commands::{self, GroupState, GroupStatus};
+use kvtuner_patch::commands::{self, Report, Text};
 use kvtuner_patch::engine::python::Python;
 use kvtuner_patch::groups;
-use kvtuner_patch::refusal::{exit_code, Refusal, EXIT_DRIFT, EXIT_OK};
+use kvtuner_patch::refusal::{Failure, EXIT_OK};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -152,26 +152,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
-    let code = match run(cli) {
+    let code = match run(cli.command, json) {
         Ok(code) => code,
         Err(err) => {
-            let code = exit_code(&err);
+            let failure = Failure::of(&err);
             if json {
-                let problems = err
-                    .downcast_ref::<Refusal>()
-                    .map(|r| r.problems.clone())
-                    .unwrap_or_default();
-                let message = match err.downcast_ref::<Refusal>() {
-                    Some(r) => r.message.clone(),
-                    None => format!("{err:#}"),
-                };
-                print_json(
-                    &serde_json::json!({"ok": false, "exit_code": code, "error": message, "problems": problems}),
-                );
+                print_json(&serde_json::json!({
+                    "ok": false,
+                    "exit_code": failure.exit_code,
+                    "error": failure.message,
+                    "problems": failure.problems,
+                }));
             } else {
-                eprintln!("error: {err:#}");
+                eprintln!("error: {}", failure.text);
             }
-            code
+            failure.exit_code
         }
     };
     let code = match (STDOUT_ERROR.get(), std::io::stdout().flush()) {
@@ -195,186 +190,60 @@ fn print_json<T: Serialize>(v: &T) {
     );
 }
 
-/// An interrupted operation rolled back first: said on stderr, stdout stays the report.
-fn note_recovered(recovered: Option<&str>) {
-    if let Some(r) = recovered {
-        eprintln!("note: {r}; rolled back first");
-    }
-}
-
-fn print_groups(groups: &[GroupStatus]) {
-    for g in groups {
-        let state = match g.state {
-            GroupState::Applied => "applied",
-            GroupState::NotApplied => "not applied",
-            GroupState::Drifted => "DRIFTED",
-        };
-        say!("  {:<10} {:<12} {}", g.id, state, g.summary);
-        for p in g.problems() {
-            say!("      - {p}");
-        }
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<i32> {
-    let json = cli.json;
-    match cli.command {
+/// Run the command and print its report; its exit code.
+fn run(command: Command, json: bool) -> anyhow::Result<i32> {
+    let code = match command {
         Command::Status { root, only } => {
-            let (r, code) = commands::status(&root.sglang_root, &only.only)?;
-            if json {
-                print_json(
-                    &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
-                );
-            } else {
-                say!("SGLang tree: {}", r.tree.parent.display());
-                say!(
-                    "release:     {}{}",
-                    r.tree.version.as_deref().unwrap_or("unknown"),
-                    r.tree
-                        .version_source
-                        .as_deref()
-                        .map(|s| format!(" (from {s})"))
-                        .unwrap_or_default()
-                );
-                say!(
-                    "era:         {}",
-                    r.tree
-                        .era
-                        .map(|e| e.describe())
-                        .unwrap_or_else(|| "not recognised".into())
-                );
-                say!(
-                    "supported:   {} - {}",
-                    if r.support.supported { "yes" } else { "NO" },
-                    r.support.reason
-                );
-                if let Some(i) = &r.interrupted {
-                    say!("interrupted: {i}");
-                }
-                say!("groups:");
-                print_groups(&r.groups);
-                say!("anchors (looked up, nothing changed):");
-                for a in &r.anchors {
-                    let label = if a.found { "found    " } else { "NOT FOUND" };
-                    let what = a.detail.as_deref().or(a.file.as_deref()).unwrap_or("");
-                    say!("  {label} {:<32} {what}", a.patch);
-                }
-            }
-            Ok(code)
+            print(commands::status(&root.sglang_root, &only.only)?, json)
         }
         Command::Apply {
             root,
             only,
             dry_run,
             python,
-        } => {
-            let r = commands::apply(
+        } => print(
+            commands::apply(
                 &root.sglang_root,
                 &only.only,
                 &Python::pick(python.python),
                 !dry_run,
-            )?;
-            note_recovered(r.recovered.as_deref());
-            if json {
-                print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
-            } else if dry_run && r.applied.is_empty() {
-                eprintln!(
-                    "dry run: nothing to do, already applied [{}]",
-                    r.already_applied.join(", ")
-                );
-            } else if dry_run {
-                say_raw!("{}", r.diff);
-                eprintln!(
-                    "dry run: would apply [{}] to {} file(s); nothing written",
-                    r.applied.join(", "),
-                    r.files.len()
-                );
-            } else if r.applied.is_empty() {
-                say!(
-                    "nothing to do: already applied [{}]",
-                    r.already_applied.join(", ")
-                );
-            } else {
-                say!("applied [{}]: {}", r.applied.join(", "), r.files.join(", "));
-                if !r.already_applied.is_empty() {
-                    say!("already applied: [{}]", r.already_applied.join(", "));
-                }
-            }
-            Ok(EXIT_OK)
-        }
-        Command::Diff { root, only, python } => {
-            let r = commands::apply(
-                &root.sglang_root,
-                &only.only,
-                &Python::pick(python.python),
-                false,
-            )?;
-            let code = if r.diff.is_empty() {
-                EXIT_OK
-            } else {
-                EXIT_DRIFT
-            };
-            if json {
-                print_json(
-                    &serde_json::json!({"ok": code == EXIT_OK, "exit_code": code, "report": r}),
-                );
-            } else {
-                say_raw!("{}", r.diff);
-            }
-            Ok(code)
-        }
+            )?,
+            json,
+        ),
+        Command::Diff { root, only, python } => print(
+            commands::diff(&root.sglang_root, &only.only, &Python::pick(python.python))?,
+            json,
+        ),
         Command::Verify { root, only, python } => {
             let check_import = python.is_some();
-            let (r, code) = commands::verify(
-                &root.sglang_root,
-                &only.only,
-                &Python::pick(python),
-                check_import,
-            )?;
-            if json {
-                print_json(&serde_json::json!({"ok": r.ok, "exit_code": code, "report": r}));
-            } else {
-                print_groups(&r.groups);
-                for f in &r.files {
-                    let ok = f.parses && f.compiles;
-                    say!("  {} {}", if ok { "ok " } else { "BAD" }, f.file);
-                }
-                if let Some(k) = &r.kvtuner_quant {
-                    say!(
-                        "  {} import kvtuner_quant with {}",
-                        if k.ok { "ok " } else { "BAD" },
-                        k.python
-                    );
-                }
-                for p in &r.problems {
-                    say!("problem: {p}");
-                }
-                for n in &r.notes {
-                    say!("note: {n}");
-                }
-                say!("{}", if r.ok { "verified" } else { "verify FAILED" });
-            }
-            Ok(code)
+            print(
+                commands::verify(
+                    &root.sglang_root,
+                    &only.only,
+                    &Python::pick(python),
+                    check_import,
+                )?,
+                json,
+            )
         }
-        Command::Revert { root, force } => {
-            let r = commands::revert(&root.sglang_root, force)?;
-            note_recovered(r.recovered.as_deref());
-            if json {
-                print_json(&serde_json::json!({"ok": true, "exit_code": 0, "report": r}));
-            } else if r.nothing_to_do {
-                say!("nothing to revert");
-            } else {
-                for f in &r.restored {
-                    say!("restored {f}");
-                }
-                for f in &r.removed {
-                    say!("removed  {f}");
-                }
-                for f in &r.forced {
-                    say!("forced   {f} (had been edited since apply)");
-                }
-            }
-            Ok(EXIT_OK)
-        }
+        Command::Revert { root, force } => print(commands::revert(&root.sglang_root, force)?, json),
+    };
+    Ok(code)
+}
+
+/// Print a command's report, as JSON or as text; its exit code. An interrupted operation
+/// rolled back first is said on stderr: stdout stays the report.
+fn print(report: impl Report, json: bool) -> i32 {
+    if let Some(r) = report.recovered() {
+        eprintln!("note: {r}; rolled back first");
     }
+    if json {
+        print_json(&report.envelope());
+    } else {
+        let mut text = Text::default();
+        report.render(&mut text);
+        say_raw!("{}", text.stdout);
+        eprint!("{}", text.stderr);
+    }
+    report.exit_code()
 }

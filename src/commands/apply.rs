@@ -3,7 +3,7 @@
 
 use super::{
     era_of, group_status, known_files, lock_and_recover, require_settled, require_supported,
-    selection, GroupState,
+    selection, GroupState, Report, Text,
 };
 use crate::engine::anchor::PatchEdit;
 use crate::engine::changeset::ChangeSet;
@@ -11,7 +11,7 @@ use crate::engine::manifest::Manifest;
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;
 use crate::groups;
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, EXIT_DRIFT, EXIT_OK};
 use crate::sglang_tree::SglangTree;
 use anyhow::Result;
 use serde::Serialize;
@@ -30,6 +30,74 @@ pub struct ApplyReport {
     pub diff: String,
     /// An interrupted operation this run rolled back before its own work.
     pub recovered: Option<String>,
+}
+
+impl Report for ApplyReport {
+    fn exit_code(&self) -> i32 {
+        EXIT_OK
+    }
+
+    fn render(&self, text: &mut Text) {
+        if self.dry_run && self.applied.is_empty() {
+            text.remark(format!(
+                "dry run: nothing to do, already applied [{}]",
+                self.already_applied.join(", ")
+            ));
+        } else if self.dry_run {
+            text.raw(&self.diff);
+            text.remark(format!(
+                "dry run: would apply [{}] to {} file(s); nothing written",
+                self.applied.join(", "),
+                self.files.len()
+            ));
+        } else if self.applied.is_empty() {
+            text.line(format!(
+                "nothing to do: already applied [{}]",
+                self.already_applied.join(", ")
+            ));
+        } else {
+            text.line(format!(
+                "applied [{}]: {}",
+                self.applied.join(", "),
+                self.files.join(", ")
+            ));
+            if !self.already_applied.is_empty() {
+                text.line(format!(
+                    "already applied: [{}]",
+                    self.already_applied.join(", ")
+                ));
+            }
+        }
+    }
+
+    fn recovered(&self) -> Option<&str> {
+        self.recovered.as_deref()
+    }
+}
+
+/// `diff`: the report of an `apply` that writes nothing, whose exit code says whether there
+/// is a difference (1) or none (0).
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct DiffReport(pub ApplyReport);
+
+/// The unified diff `apply` would make on the selected groups.
+pub fn diff(root: &Path, only: &[String], python: &Python) -> Result<DiffReport> {
+    apply(root, only, python, false).map(DiffReport)
+}
+
+impl Report for DiffReport {
+    fn exit_code(&self) -> i32 {
+        if self.0.diff.is_empty() {
+            EXIT_OK
+        } else {
+            EXIT_DRIFT
+        }
+    }
+
+    fn render(&self, text: &mut Text) {
+        text.raw(&self.0.diff);
+    }
 }
 
 /// Build the change set of the selected groups; with `write`, commit it (`diff` and `--dry-run`

@@ -1,14 +1,16 @@
-//! The commands, one module each: each returns a serialisable report and an exit code, or an
-//! error (whose exit code `refusal::exit_code` gives). `main.rs` only parses arguments and
-//! prints. What they share: the selected groups in their form for the tree's era, and each
+//! The commands, one module each: each returns a [`Report`] (its exit code, its text and JSON
+//! rendering), or an error (whose exit code and message `refusal::Failure` gives). `main.rs`
+//! only parses arguments and prints. What they share: the selected groups in their form for the tree's era, and each
 //! group's state from one lookup of every patch.
 
 pub mod apply;
+pub mod report;
 pub mod revert;
 pub mod status;
 pub mod verify;
 
-pub use apply::{apply, ApplyReport};
+pub use apply::{apply, diff, ApplyReport, DiffReport};
+pub use report::{Report, Text};
 pub use revert::{revert, RevertReport};
 pub use status::{status, StatusReport};
 pub use verify::{verify, VerifyReport};

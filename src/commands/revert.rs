@@ -2,14 +2,14 @@
 //! where a patched file was edited since apply, unless `--force`), through the same commit
 //! step as `apply`. Without a manifest, `--force` strips the marked blocks instead.
 
-use super::{group_status, lock_and_recover, selection, GroupState};
+use super::{group_status, lock_and_recover, selection, GroupState, Report, Text};
 use crate::engine::changeset::{self, FileWrite, Record};
 use crate::engine::manifest::Manifest;
 use crate::engine::marker;
 use crate::engine::sources::Sources;
 use crate::fsio;
 use crate::patch::PatchKind;
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, EXIT_OK};
 use crate::sglang_tree::SglangTree;
 use anyhow::Result;
 use serde::Serialize;
@@ -29,6 +29,32 @@ pub struct RevertReport {
     pub from_markers: bool,
     /// An interrupted operation this run rolled back before its own work.
     pub recovered: Option<String>,
+}
+
+impl Report for RevertReport {
+    fn exit_code(&self) -> i32 {
+        EXIT_OK
+    }
+
+    fn render(&self, text: &mut Text) {
+        if self.nothing_to_do {
+            text.line("nothing to revert");
+            return;
+        }
+        for f in &self.restored {
+            text.line(format!("restored {f}"));
+        }
+        for f in &self.removed {
+            text.line(format!("removed  {f}"));
+        }
+        for f in &self.forced {
+            text.line(format!("forced   {f} (had been edited since apply)"));
+        }
+    }
+
+    fn recovered(&self) -> Option<&str> {
+        self.recovered.as_deref()
+    }
 }
 
 pub fn revert(root: &Path, force: bool) -> Result<RevertReport> {

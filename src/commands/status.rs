@@ -1,7 +1,7 @@
 //! `status`: per group applied / not applied / drifted, the release, its era and whether it
 //! is supported, and every anchor looked up (report only; nothing is changed).
 
-use super::{group_status, selection, support_of, GroupState, GroupStatus};
+use super::{group_status, selection, support_of, GroupState, GroupStatus, Report, Text};
 use crate::engine::anchor::PatchState;
 use crate::engine::manifest::Manifest;
 use crate::engine::sources::Sources;
@@ -29,6 +29,51 @@ pub struct StatusReport {
     /// Every anchor of every group form for the tree's era, looked up report-only: for a
     /// release newer than the list this says at once what still matches and what moved.
     pub anchors: Vec<AnchorCheck>,
+    /// 0 when every group is applied, 1 when not (or an operation was interrupted), 2 when
+    /// the tree is not supported.
+    #[serde(skip)]
+    pub exit_code: i32,
+}
+
+impl Report for StatusReport {
+    fn exit_code(&self) -> i32 {
+        self.exit_code
+    }
+
+    fn render(&self, text: &mut Text) {
+        let tree = &self.tree;
+        text.line(format!("SGLang tree: {}", tree.parent.display()));
+        text.line(format!(
+            "release:     {}{}",
+            tree.version.as_deref().unwrap_or("unknown"),
+            tree.version_source
+                .as_deref()
+                .map(|s| format!(" (from {s})"))
+                .unwrap_or_default()
+        ));
+        text.line(format!(
+            "era:         {}",
+            tree.era
+                .map(|e| e.describe())
+                .unwrap_or_else(|| "not recognised".into())
+        ));
+        text.line(format!(
+            "supported:   {} - {}",
+            if self.support.supported { "yes" } else { "NO" },
+            self.support.reason
+        ));
+        if let Some(i) = &self.interrupted {
+            text.line(format!("interrupted: {i}"));
+        }
+        text.line("groups:");
+        text.groups(&self.groups);
+        text.line("anchors (looked up, nothing changed):");
+        for a in &self.anchors {
+            let label = if a.found { "found    " } else { "NOT FOUND" };
+            let what = a.detail.as_deref().or(a.file.as_deref()).unwrap_or("");
+            text.line(format!("  {label} {:<32} {what}", a.patch));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,7 +94,7 @@ pub struct AnchorCheck {
     pub detail: Option<String>,
 }
 
-pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
+pub fn status(root: &Path, only: &[String]) -> Result<StatusReport> {
     let tree = SglangTree::resolve(root)?;
     let sel = selection(&tree, only)?;
     let support = support_of(&tree, &sel);
@@ -86,29 +131,27 @@ pub fn status(root: &Path, only: &[String]) -> Result<(StatusReport, i32)> {
     };
     let manifest = Manifest::path(&tree).exists();
     let interrupted = journal::interrupted(&tree.parent).map(|i| i.describe());
-    let code = if interrupted.is_some() && code == EXIT_OK {
+    let exit_code = if interrupted.is_some() && code == EXIT_OK {
         EXIT_DRIFT
     } else {
         code
     };
-    Ok((
-        StatusReport {
-            tree: tree.clone(),
-            support,
-            release_support: tree.support(),
-            unsupported_groups: sel
-                .unsupported
-                .iter()
-                .map(|(id, reason)| UnsupportedGroup {
-                    id: id.clone(),
-                    reason: reason.clone(),
-                })
-                .collect(),
-            manifest,
-            interrupted,
-            groups: statuses,
-            anchors,
-        },
-        code,
-    ))
+    Ok(StatusReport {
+        tree: tree.clone(),
+        support,
+        release_support: tree.support(),
+        unsupported_groups: sel
+            .unsupported
+            .iter()
+            .map(|(id, reason)| UnsupportedGroup {
+                id: id.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        manifest,
+        interrupted,
+        groups: statuses,
+        anchors,
+        exit_code,
+    })
 }

@@ -1,7 +1,7 @@
 //! `verify`: every selected group applied and intact, every touched file parses
 //! (tree-sitter) and compiles (CPython), and optionally `import kvtuner_quant` works.
 
-use super::{group_status, require_supported, selection, GroupState, GroupStatus};
+use super::{group_status, require_supported, selection, GroupState, GroupStatus, Report, Text};
 use crate::engine::manifest::Manifest;
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;
@@ -41,12 +41,44 @@ pub struct VerifyReport {
     pub notes: Vec<String>,
 }
 
+impl Report for VerifyReport {
+    fn exit_code(&self) -> i32 {
+        if self.ok {
+            EXIT_OK
+        } else {
+            EXIT_DRIFT
+        }
+    }
+
+    fn render(&self, text: &mut Text) {
+        text.groups(&self.groups);
+        for f in &self.files {
+            let ok = f.parses && f.compiles;
+            text.line(format!("  {} {}", if ok { "ok " } else { "BAD" }, f.file));
+        }
+        if let Some(k) = &self.kvtuner_quant {
+            text.line(format!(
+                "  {} import kvtuner_quant with {}",
+                if k.ok { "ok " } else { "BAD" },
+                k.python
+            ));
+        }
+        for p in &self.problems {
+            text.line(format!("problem: {p}"));
+        }
+        for n in &self.notes {
+            text.line(format!("note: {n}"));
+        }
+        text.line(if self.ok { "verified" } else { "verify FAILED" });
+    }
+}
+
 pub fn verify(
     root: &Path,
     only: &[String],
     python: &Python,
     check_import: bool,
-) -> Result<(VerifyReport, i32)> {
+) -> Result<VerifyReport> {
     let tree = SglangTree::resolve(root)?;
     let sel = selection(&tree, only)?;
     require_supported(&tree, &sel)?;
@@ -135,17 +167,12 @@ pub fn verify(
             }
         }
     }
-    let ok = problems.is_empty();
-    let code = if ok { EXIT_OK } else { EXIT_DRIFT };
-    Ok((
-        VerifyReport {
-            ok,
-            groups: statuses,
-            files,
-            kvtuner_quant,
-            problems,
-            notes,
-        },
-        code,
-    ))
+    Ok(VerifyReport {
+        ok: problems.is_empty(),
+        groups: statuses,
+        files,
+        kvtuner_quant,
+        problems,
+        notes,
+    })
 }
