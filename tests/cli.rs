@@ -69,18 +69,10 @@ fn apply_verify_revert_is_byte_identical_and_apply_is_idempotent() {
         "{out}"
     );
     let text = fs::read_to_string(t.path().join(MEMORY)).unwrap();
-    for f in [
-        "enable_kvtuner_hicache",
-        "kvtuner_hicache_nbits_key",
-        "kvtuner_hicache_nbits_value",
-        "kvtuner_hicache_asym",
-        "kvtuner_hicache_axis_key",
-        "kvtuner_hicache_axis_value",
-        "kvtuner_hicache_q_group_size",
-        "kvtuner_hicache_residual_length",
-        "kvtuner_hicache_sink_tokens",
-        "kvtuner_hicache_layer_config",
-    ] {
+    for f in kvtuner_patch::groups::kvtuner::flags()
+        .iter()
+        .map(|f| &f.name)
+    {
         assert!(text.contains(&format!("    {f}: A[")), "{f} missing");
     }
     let applied = snapshot(t.path());

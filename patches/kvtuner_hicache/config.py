@@ -17,25 +17,6 @@ ALLOWED_BITS = (2, 4, 8)
 ALLOWED_AXES = (0, 1)
 ALLOWED_CODECS = ("auto", "device", "host")
 
-# The `kvtuner` group's server arguments and their defaults, as declared for SGLang in
-# patches/kvtuner/server_args_fields.py (tests/python/test_kvtuner_config.py keeps the two, and
-# the README's flag table, in step). A field a tree lacks (the group not patched in) reads as
-# its default, so the feature is simply off there.
-DEFAULTS: Dict[str, Any] = {
-    "enable_kvtuner_hicache": False,
-    "kvtuner_hicache_nbits_key": 4,
-    "kvtuner_hicache_nbits_value": 4,
-    "kvtuner_hicache_asym": False,
-    "kvtuner_hicache_axis_key": 1,
-    "kvtuner_hicache_axis_value": 0,
-    "kvtuner_hicache_q_group_size": 64,
-    "kvtuner_hicache_residual_length": 128,
-    "kvtuner_hicache_sink_tokens": 1,
-    "kvtuner_hicache_layer_config": None,
-    "kvtuner_hicache_codec": "auto",
-}
-
-
 # The host layouts and I/O backends the quantizing pool serves (the others move fp16 spans
 # per layer or per head, which a quantized row does not have).
 SUPPORTED_LAYOUTS = ("page_first", "page_first_direct")
@@ -47,31 +28,49 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _from_flag(name: str, default: Any) -> Any:
+    """A config field holding the server argument ``name``, whose declared default it keeps."""
+    return dataclasses.field(default=default, metadata={"flag": name})
+
+
 @dataclasses.dataclass(frozen=True)
 class KVTunerHiCacheConfig:
     """The flags as given (not yet bound to a model)."""
 
-    enabled: bool = DEFAULTS["enable_kvtuner_hicache"]
-    nbits_key: int = DEFAULTS["kvtuner_hicache_nbits_key"]
-    nbits_value: int = DEFAULTS["kvtuner_hicache_nbits_value"]
-    asym: bool = DEFAULTS["kvtuner_hicache_asym"]
-    axis_key: int = DEFAULTS["kvtuner_hicache_axis_key"]
-    axis_value: int = DEFAULTS["kvtuner_hicache_axis_value"]
-    group_size: int = DEFAULTS["kvtuner_hicache_q_group_size"]
-    residual_length: int = DEFAULTS["kvtuner_hicache_residual_length"]
+    # Each field names its server argument and default once, as declared for SGLang in
+    # patches/kvtuner/server_args_fields.py (tests/python/test_kvtuner_config.py keeps the two,
+    # and the README's flag table, in step).
+    enabled: bool = _from_flag("enable_kvtuner_hicache", False)
+    nbits_key: int = _from_flag("kvtuner_hicache_nbits_key", 4)
+    nbits_value: int = _from_flag("kvtuner_hicache_nbits_value", 4)
+    asym: bool = _from_flag("kvtuner_hicache_asym", False)
+    axis_key: int = _from_flag("kvtuner_hicache_axis_key", 1)
+    axis_value: int = _from_flag("kvtuner_hicache_axis_value", 0)
+    group_size: int = _from_flag("kvtuner_hicache_q_group_size", 64)
+    residual_length: int = _from_flag("kvtuner_hicache_residual_length", 128)
     # The first tokens of every page, also stored exact: every sequence starts a page, so
     # its attention sink (position 0) is among them.
-    sink_tokens: int = DEFAULTS["kvtuner_hicache_sink_tokens"]
-    layer_config: Optional[str] = DEFAULTS["kvtuner_hicache_layer_config"]
+    sink_tokens: int = _from_flag("kvtuner_hicache_sink_tokens", 1)
+    layer_config: Optional[str] = _from_flag("kvtuner_hicache_layer_config", None)
     # Who packs the pages: Triton kernels on the device, kvtuner_quant on the host, or
     # "auto" (the device when the KV cache is on a CUDA/ROCm device and Triton imports).
-    codec: str = DEFAULTS["kvtuner_hicache_codec"]
+    codec: str = _from_flag("kvtuner_hicache_codec", "auto")
     # Parsed preset: global layer id -> (K bits, V bits); None without a preset.
     layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
 
     def layer_bits_map(self) -> Optional[Dict[int, Tuple[int, int]]]:
         """The preset as ``{layer: (K bits, V bits)}``, or None without one."""
         return None if self.layer_bits is None else dict(self.layer_bits)
+
+
+# The config fields that hold a server argument, by the argument's name.
+_FIELD_OF_FLAG: Dict[str, dataclasses.Field] = {
+    f.metadata["flag"]: f for f in dataclasses.fields(KVTunerHiCacheConfig) if f.metadata
+}
+
+# The `kvtuner` group's server arguments and their defaults. A field a tree lacks (the group
+# not patched in) reads as its default, so the feature is simply off there.
+DEFAULTS: Dict[str, Any] = {name: f.default for name, f in _FIELD_OF_FLAG.items()}
 
 
 def _arg(args: Any, name: str) -> Any:
@@ -83,24 +82,23 @@ def _arg(args: Any, name: str) -> Any:
 def config_from_args(args: Any, *, load_preset: bool = True) -> KVTunerHiCacheConfig:
     """The config from anything carrying the server-argument names as attributes."""
     # ServerArgs, the resolved `memory` bag, an argparse namespace.
-    path = _arg(args, "kvtuner_hicache_layer_config")
-    layer_bits = None
+    values = {f.name: _typed_arg(args, name, f.type) for name, f in _FIELD_OF_FLAG.items()}
+    path = values["layer_config"]
     if path and load_preset:
-        layer_bits = tuple(sorted(load_layer_preset(path).items()))
-    return KVTunerHiCacheConfig(
-        enabled=bool(_arg(args, "enable_kvtuner_hicache")),
-        nbits_key=_int_arg(args, "kvtuner_hicache_nbits_key"),
-        nbits_value=_int_arg(args, "kvtuner_hicache_nbits_value"),
-        asym=bool(_arg(args, "kvtuner_hicache_asym")),
-        axis_key=_int_arg(args, "kvtuner_hicache_axis_key"),
-        axis_value=_int_arg(args, "kvtuner_hicache_axis_value"),
-        group_size=_int_arg(args, "kvtuner_hicache_q_group_size"),
-        residual_length=_int_arg(args, "kvtuner_hicache_residual_length"),
-        sink_tokens=_int_arg(args, "kvtuner_hicache_sink_tokens"),
-        layer_config=str(path) if path else None,
-        codec=str(_arg(args, "kvtuner_hicache_codec")),
-        layer_bits=layer_bits,
-    )
+        values["layer_bits"] = tuple(sorted(load_layer_preset(path).items()))
+    return KVTunerHiCacheConfig(**values)
+
+
+def _typed_arg(args: Any, name: str, type_name: str) -> Any:
+    """The server argument ``name`` as the config field's type (``type_name``) wants it."""
+    if type_name == "int":
+        return _int_arg(args, name)
+    value = _arg(args, name)
+    if type_name == "bool":
+        return bool(value)
+    if type_name == "str":
+        return str(value)
+    return str(value) if value else None  # Optional[str]: a path, or none
 
 
 def _int_arg(args: Any, name: str) -> int:

@@ -1,6 +1,6 @@
 //! `kvtuner`: the server arguments (`--enable-kvtuner-hicache`, `--kvtuner-hicache-*`).
 //!
-//! One description of the eleven flags, `patches/kvtuner/server_args_fields.py` (a real,
+//! One description of the flags, `patches/kvtuner/server_args_fields.py` (a real,
 //! importable module: name, type, default, `choices` and help of each flag, declared the
 //! way SGLang 0.5.14+ declares arguments), written into each era's syntax (per era, where and
 //! what: `docs/compat.md`). In the annotated eras SGLang generates the CLI from the fields, so
@@ -10,6 +10,7 @@
 //! hand-written, so the engine renders dataclass fields and `add_argument` calls from the
 //! same description (`engine/declarations.rs`).
 
+use crate::engine::declarations;
 use crate::era::Era;
 use crate::patch::{BodyAt, ClassRef, DeclarationForm, FileRef, Group, Patch, PatchKind, Snippet};
 
@@ -50,6 +51,11 @@ const ANNOTATED: Snippet = Snippet::ClassBodyOf {
     source_path: FIELDS_PATH,
     class: FIELDS_CLASS,
 };
+
+/// The flags as declared in [`FIELDS_PY`], in order: what tests count and name flags from.
+pub fn flags() -> Vec<declarations::Flag> {
+    declarations::read(FIELDS_PY, FIELDS_PATH, FIELDS_CLASS).expect("the embedded file parses")
+}
 
 /// The group's form for `era` (every supported era has one).
 pub fn group(era: Era) -> Option<Group> {
@@ -120,13 +126,8 @@ pub fn group(era: Era) -> Option<Group> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::declarations;
     use crate::engine::python::Python;
     use crate::engine::syntax::{self, PyFile};
-
-    fn flags() -> Vec<declarations::Flag> {
-        declarations::read(FIELDS_PY, FIELDS_PATH, FIELDS_CLASS).unwrap()
-    }
 
     fn namespaced_fields_py() -> String {
         declarations::with_namespace(FIELDS_PY, FIELDS_PATH, FIELDS_CLASS, NAMESPACE).unwrap()
@@ -141,19 +142,10 @@ mod tests {
         )
     }
 
-    const NAMES: [&str; 11] = [
-        "enable_kvtuner_hicache",
-        "kvtuner_hicache_nbits_key",
-        "kvtuner_hicache_nbits_value",
-        "kvtuner_hicache_asym",
-        "kvtuner_hicache_axis_key",
-        "kvtuner_hicache_axis_value",
-        "kvtuner_hicache_q_group_size",
-        "kvtuner_hicache_residual_length",
-        "kvtuner_hicache_sink_tokens",
-        "kvtuner_hicache_layer_config",
-        "kvtuner_hicache_codec",
-    ];
+    /// The declared flag names, in order.
+    fn names() -> Vec<String> {
+        flags().into_iter().map(|f| f.name).collect()
+    }
 
     /// The CLI contract: exactly these flags, in this order, with these types, defaults and
     /// choices, read from the embedded patch file (what every era's rendering starts from).
@@ -176,18 +168,23 @@ mod tests {
         assert_eq!(
             got,
             [
-                (NAMES[0], "bool", "False", None),
-                (NAMES[1], "int", "4", nbits),
-                (NAMES[2], "int", "4", nbits),
-                (NAMES[3], "bool", "False", None),
-                (NAMES[4], "int", "1", axis),
-                (NAMES[5], "int", "0", axis),
-                (NAMES[6], "int", "64", None),
-                (NAMES[7], "int", "128", None),
-                (NAMES[8], "int", "1", None),
-                (NAMES[9], "Optional[str]", "None", None),
+                ("enable_kvtuner_hicache", "bool", "False", None),
+                ("kvtuner_hicache_nbits_key", "int", "4", nbits),
+                ("kvtuner_hicache_nbits_value", "int", "4", nbits),
+                ("kvtuner_hicache_asym", "bool", "False", None),
+                ("kvtuner_hicache_axis_key", "int", "1", axis),
+                ("kvtuner_hicache_axis_value", "int", "0", axis),
+                ("kvtuner_hicache_q_group_size", "int", "64", None),
+                ("kvtuner_hicache_residual_length", "int", "128", None),
+                ("kvtuner_hicache_sink_tokens", "int", "1", None),
                 (
-                    NAMES[10],
+                    "kvtuner_hicache_layer_config",
+                    "Optional[str]",
+                    "None",
+                    None
+                ),
+                (
+                    "kvtuner_hicache_codec",
                     "str",
                     "\"auto\"",
                     Some("[\"auto\", \"device\", \"host\"]")
@@ -216,10 +213,13 @@ mod tests {
         assert!(fails.is_empty(), "{fails:?}");
         // One marker per declaration, as the last element of its A[...].
         let ns = namespaced_fields_py();
-        assert_eq!(ns.matches("        NS(\"memory\"),\n    ] = ").count(), NAMES.len());
+        assert_eq!(
+            ns.matches("        NS(\"memory\"),\n    ] = ").count(),
+            names().len()
+        );
         assert_eq!(
             ns.len(),
-            FIELDS_PY.len() + NAMES.len() * "        NS(\"memory\"),\n".len()
+            FIELDS_PY.len() + names().len() * "        NS(\"memory\"),\n".len()
         );
     }
 
@@ -258,7 +258,7 @@ mod tests {
             "{}\n{module}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for n in NAMES {
+        for n in names() {
             assert!(fields.contains(&format!("\n{n}: ")), "{n}");
             let flag = format!("\"--{}\",", n.replace('_', "-"));
             assert!(arguments.contains(&flag), "{flag}");
