@@ -47,9 +47,9 @@ from .evaluate import (
     _progress,
     add_model_arguments,
     defaults_from_args,
-    quantize_roundtrip,
 )
 from .kv_model import CausalLM, load_model, read_text, scored_nll_and_kl, token_windows
+from .roundtrip import quantize_roundtrip
 
 MIN_BITS = min(ALLOWED_BITS)
 MAX_BITS = max(ALLOWED_BITS)

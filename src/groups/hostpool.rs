@@ -171,6 +171,7 @@ pub fn group(era: Era) -> Option<Group> {
         package_module!("package-selection", "selection.py"),
         package_module!("package-kv-model", "kv_model.py"),
         package_module!("package-evaluate", "evaluate.py"),
+        package_module!("package-roundtrip", "roundtrip.py"),
         package_module!("package-calibrate", "calibrate.py"),
         select,
         check,

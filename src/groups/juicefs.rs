@@ -137,6 +137,9 @@ pub fn group(era: Era) -> Option<Group> {
             package_module!("backend-page-file", "juicefs/page_file.py"),
             package_module!("backend-volume", "juicefs/volume.py"),
             package_module!("backend-eviction", "juicefs/eviction.py"),
+            package_module!("backend-page-io", "juicefs/page_io.py"),
+            package_module!("backend-capacity", "juicefs/capacity.py"),
+            package_module!("backend-presence", "juicefs/presence.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",

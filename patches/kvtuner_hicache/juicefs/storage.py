@@ -1,16 +1,16 @@
 """``JuiceFSStorage``: SGLang's ``HiCacheStorage`` interface over write-once page files on a
-JuiceFS (FUSE) mount. Design and options: ``docs/juicefs-backend.md``."""
+JuiceFS (FUSE) mount; page I/O, capacity and presence live beside it. Design and options:
+``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -21,26 +21,24 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 from sglang.srt.observability.metrics_collector import StorageMetrics
 
-from .eviction import NamespaceEvictor, PassResult
+from .capacity import CapacityMixin
+from .eviction import NamespaceEvictor
 from .options import JuiceFSOptions
 from .page_file import (
     FORMAT_VERSION,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     ORDER_FLAT,
     ORDER_META,
     PAGE_SUFFIX,
     Publisher,
-    algo_available,
     default_algo,
-    digest,
     merge_runs,
-    preadv_all,
     raw_view,
     tensor_bytes,
     tensor_runs,
 )
+from .page_io import PageIOMixin
+from .presence import PresenceMixin
 from .volume import (
     NAMESPACE_MARKER,
     MountWatch,
@@ -53,12 +51,9 @@ from .volume import (
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "juicefs"
-# How long a key whose file a read found gone is reported absent whatever a stat says: longer
-# than the entry and attribute caches of a mount (JuiceFS's default is 1 s; docs/juicefs-fleet.md).
-GONE_TTL = 5.0
 
 
-class JuiceFSStorage(HiCacheStorage):
+class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
     """Write-once page files on a JuiceFS (FUSE) mount, batch I/O on a thread pool."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, mem_pool_host: Any = None, **_: Any):
@@ -279,315 +274,6 @@ class JuiceFSStorage(HiCacheStorage):
                 logger.warning("juicefs backend: used before register_mem_pool_host; missing")
             return False
         return self._volume_ok()
-
-    def _known_present(self, key: str) -> bool:
-        """Whether ``key`` was confirmed present within ``exists_cache_ttl``."""
-        seen = self._known.get(key)
-        return seen is not None and time.monotonic() - seen <= self.options.exists_cache_ttl
-
-    def _forget_all(self) -> None:
-        """Drop what this server believes about which pages exist (a remount, a namespace)."""
-        self._known.clear()
-        self._gone.clear()
-
-    def _recently_gone(self, key: str) -> bool:
-        """Whether a read found ``key``'s file gone within the mount's cache window."""
-        seen = self._gone.get(key)
-        if seen is None:
-            return False
-        if time.monotonic() - seen <= GONE_TTL:
-            return True
-        self._gone.pop(key, None)
-        return False
-
-    def _forget(self, key: str) -> None:
-        """Note ``key`` as gone now (a read found no file)."""
-        self._known.pop(key, None)
-        if len(self._gone) > 1_000_000:  # bound memory, as for _known
-            self._gone.clear()
-        self._gone[key] = time.monotonic()
-
-    def _remember(self, key: str) -> None:
-        """Note ``key`` as present now."""
-        self._gone.pop(key, None)
-        if self.options.exists_cache_ttl > 0:
-            if len(self._known) > 1_000_000:  # bound memory; the file system stays the truth
-                self._known.clear()
-            self._known[key] = time.monotonic()
-
-    # ---------------------------------------------------------------- page I/O
-
-    def _read_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
-        """Read one page into ``views`` and verify it; False (a miss) on any problem."""
-        expected = sum(v.nbytes for v in views)
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._forget(key)
-            self.counters["get_misses"] += 1
-            return False
-        except OSError as e:
-            self._io_failed(e)
-            return self._read_failed(key, f"open: {e}")
-        try:
-            header, tail = bytearray(HEADER_SIZE), bytearray(1)
-            # The extra byte detects files longer than a page.
-            got = preadv_all(fd, [memoryview(header), *views, memoryview(tail)], 0)
-        except OSError as e:
-            self._io_failed(e)
-            return self._read_failed(key, f"read: {e}")
-        finally:
-            os.close(fd)
-        # "corrupt" = the file contradicts itself (dropped, see _read_failed); a well-formed
-        # page this reader cannot use (other byte order, length or key) is only a miss.
-        if got < HEADER_SIZE:
-            return self._read_failed(key, f"{got} bytes, shorter than a header", corrupt=True)
-        magic, version, algo, length, checksum, tag = HEADER.unpack(header)
-        if magic != MAGIC or version != FORMAT_VERSION:
-            return self._read_failed(key, "bad header", corrupt=True)
-        if length != expected:
-            return self._read_failed(key, f"page of {length} bytes, expected {expected}")
-        if got != HEADER_SIZE + expected:
-            return self._read_failed(
-                key,
-                f"file of {got}{'+' if got > HEADER_SIZE + expected else ''}"
-                f" bytes, header says {HEADER_SIZE + expected}",
-                corrupt=True,
-            )
-        if tag != self._key_tag(key, order):
-            return self._read_failed(key, "key tag mismatch (other namespace, key or byte order)")
-        if not algo_available(algo):
-            return self._read_failed(key, f"checksum algorithm {algo} unavailable")
-        if digest(algo, views) != checksum:
-            return self._read_failed(key, "checksum mismatch", corrupt=True)
-        self._remember(key)
-        self._used(key)
-        self.counters["get_hits"] += 1
-        return True
-
-    def _read_failed(self, key: str, why: str, corrupt: bool = False) -> bool:
-        """Count and log a read that is a miss; drop a file that contradicts its header."""
-        self._known.pop(key, None)
-        self.counters["corrupt" if corrupt else "io_errors"] += 1
-        self.counters["get_misses"] += 1
-        logger.warning("juicefs backend: page %s is a miss: %s", key, why)
-        if corrupt and self.is_writer:
-            # Pages are write-once, so a damaged file stays damaged: drop it so a later backup
-            # can publish the key again (at worst this drops a good page a racing writer just
-            # published, which is a miss, never bad data).
-            try:
-                os.unlink(self._path(key))
-            except OSError:
-                pass
-        return False
-
-    def _present(self, key: str) -> bool:
-        """Write-once: a key whose file exists is not written again."""
-        if self._known_present(key):
-            return True
-        try:
-            if os.path.exists(self._path(key)):
-                self._remember(key)
-                return True
-        except OSError:
-            pass
-        return False
-
-    def _write_batch(
-        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
-    ) -> List[bool]:
-        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
-        # Capacity is granted in key order and stops at the first page that does not fit: SGLang
-        # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
-        # space.
-        present = list(self._executor.map(self._present, keys))
-        results = list(present)
-        admitted, full = [], False
-        for i, (ok, views) in enumerate(zip(present, pages)):
-            if ok:
-                self.counters["set_existing"] += 1
-                self._used(keys[i])  # backed up again: the prefix is in use
-            elif views is not None and not full:
-                if self._reserve(HEADER_SIZE + sum(v.nbytes for v in views)):
-                    admitted.append(i)
-                else:
-                    full = True
-            elif full:
-                self.counters["set_refused"] += 1
-        done = self._executor.map(lambda i: self._publish_page(keys[i], pages[i], order), admitted)
-        for i, ok in zip(admitted, done):
-            results[i] = ok
-        return results
-
-    def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
-        """Write one page whose capacity is already reserved (released unless it is new)."""
-        size = sum(v.nbytes for v in views)
-        header = HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            self.algo,
-            size,
-            digest(self.algo, views),
-            self._key_tag(key, order),
-        )
-        try:
-            if self.mount.unanswering:  # found out during this batch: skip another long wait
-                raise OSError(errno.EIO, "volume not answering")
-            outcome = self._publisher.publish(self._path(key), [memoryview(header), *views])
-        except OSError as e:
-            outcome = None
-            self._io_failed(e)
-            logger.warning("juicefs backend: writing page %s failed: %s", key, e)
-        if outcome != "new":
-            self._release(HEADER_SIZE + size)
-        if outcome is None:
-            self.counters["set_errors"] += 1
-            return False
-        self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
-        self._remember(key)
-        self._used(key)
-        return True
-
-    def _publish_bytes(self, path: str, data: bytes) -> None:
-        """Write a small file once (the namespace marker); failures only warn."""
-        try:
-            if not os.path.exists(path):
-                self._publisher.publish(path, [memoryview(data)])
-        except OSError as e:
-            logger.warning("juicefs backend: could not write %s: %s", path, e)
-
-    # ---------------------------------------------------------------- capacity
-
-    def _reserve(self, nbytes: int) -> bool:
-        """Take ``nbytes`` of the capacity; False (logged once) when it does not fit."""
-        cap = self.options.capacity_bytes
-        with self._lock:
-            if cap is not None and self.used_bytes + nbytes > cap:
-                self.counters["set_refused"] += 1  # the first refused page of a batch
-                if not self._capacity_logged:
-                    self._capacity_logged = True
-                    logger.warning(
-                        "juicefs backend: namespace %s is full (capacity %d bytes); "
-                        "refusing new pages",
-                        self.namespace,
-                        cap,
-                    )
-                return False
-            self.used_bytes += nbytes
-            self._reserved += nbytes
-            return True
-
-    def _release(self, nbytes: int) -> None:
-        """Give back capacity a write did not use."""
-        with self._lock:
-            self.used_bytes -= nbytes
-            self._reserved -= nbytes
-
-    def _set_usage(self, nbytes: int, mark: int) -> None:
-        """Adopt a namespace-wide count taken after ``mark`` (a ``_reserved`` reading): this
-        server's reservations since then may be missing from it, so they are added."""
-        with self._lock:
-            self.used_bytes = nbytes + self._reserved - mark
-            self.counters["usage_bytes"] = nbytes
-            cap = self.options.capacity_bytes
-            if self._capacity_logged and cap is not None and nbytes < cap:
-                self._capacity_logged = False
-
-    # ---------------------------------------------------------------- eviction
-
-    def _used(self, key: str) -> None:
-        """Note a page use for the fleet-wide LRU (memory only; flushed in batches)."""
-        if self.evictor is not None:
-            self.evictor.note(page_relpath(key, PAGE_SUFFIX))
-
-    def _start_maintenance(self) -> None:
-        """With a capacity, writer ranks keep the namespace under it (see eviction.py)."""
-        cap = self.options.capacity_bytes
-        if not self.is_writer or cap is None:
-            self._first_round.set()
-            return
-        o = self.options
-        # A new pool may mean a new namespace: the running thread picks up the new evictor.
-        self.evictor = NamespaceEvictor(
-            self.ns_dir,
-            HEADER_SIZE + self.page_bytes,
-            cap,
-            o.high_watermark,
-            o.low_watermark,
-            self._executor,
-            resolution=o.recency_resolution,
-            lease_seconds=max(30.0, 3 * o.evict_interval),
-            stale_tmp_age=o.stale_tmp_age,
-        )
-        if self._maintenance is None:
-            self._maintenance = threading.Thread(
-                target=self._maintenance_loop, name="juicefs-hicache-evict", daemon=True
-            )
-            self._maintenance.start()
-
-    def _maintenance_loop(self) -> None:
-        o = self.options
-        next_flush = next_round = time.monotonic()  # first round at once: learn the usage
-        while not self._stop.is_set():
-            now = time.monotonic()
-            try:
-                if now >= next_round:
-                    next_round = now + o.evict_interval
-                    self.maintain()
-                    self._first_round.set()
-                elif now >= next_flush and self._volume_ok():
-                    self._flush_access_log()
-            except Exception as e:  # never let the thread die: the next round retries
-                logger.error("juicefs backend: maintenance round failed: %s", e)
-            if now >= next_flush:
-                next_flush = now + o.access_flush_interval
-            self._stop.wait(max(0.0, min(next_flush, next_round) - time.monotonic()))
-
-    def maintain(self) -> Optional[PassResult]:
-        """One maintenance round: flush the access log, then as the lease holder run an
-        eviction pass, else adopt the usage the holder published. None when not the holder."""
-        evictor = self.evictor
-        if evictor is None or not self._volume_ok():
-            return None
-        with self._maintenance_lock:
-            try:
-                self._flush_access_log()
-                if not evictor.hold_lease():
-                    published = evictor.read_usage()
-                    if published and isinstance(published.get("bytes"), int):
-                        # Counted at some point since the last round: add what we wrote since.
-                        self._set_usage(published["bytes"], self._round_mark)
-                    self._round_mark = self._reserved
-                    return None
-                mark = self._reserved
-                result = evictor.run_pass()
-                self._round_mark = self._reserved
-            except OSError as e:
-                self._io_failed(e)
-                logger.warning("juicefs backend: eviction pass failed: %s", e)
-                return None
-        self._set_usage(result.usage_after, mark)
-        if result.evicted_pages:
-            self._known.clear()  # never answer "present" from memory for an evicted page
-        with self._lock:
-            self.counters["eviction_passes"] += 1
-            self.counters["evicted_pages"] += result.evicted_pages
-            self.counters["evicted_bytes"] += result.evicted_bytes
-        return result
-
-    def flush_access_log(self) -> bool:
-        """Append this server's pending page uses to its access log now."""
-        return self.evictor is None or self._flush_access_log()
-
-    def _flush_access_log(self) -> bool:
-        if self.evictor.flush():
-            return True
-        self._io_failed(self.evictor.last_error)
-        return False
-
-    def wait_for_maintenance(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the first maintenance round (it learns the namespace's usage)."""
-        return self._first_round.wait(timeout)
 
     # ---------------------------------------------------------------- v1 (zero-copy)
 
