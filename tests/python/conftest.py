@@ -30,8 +30,6 @@ PATCHED = os.environ.get("KVTUNER_PATCHED_SGLANG")
 
 if PATCHED:
     sys.path.insert(0, PATCHED)
-# The package as installed standalone: patches/kvtuner_hicache.
-sys.path.insert(0, str(ROOT / "patches"))
 
 warnings.filterwarnings("ignore", message="Only CUDA.*")
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -163,40 +164,47 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@pytest.fixture(scope="session")
-def juicefs_volume():
-    """One mounted volume for the session; unmounted and removed afterwards, pass or fail.
-    SIGTERM (e.g. from `timeout`) is turned into KeyboardInterrupt meanwhile, so pytest still
-    runs this teardown instead of leaving a FUSE mount behind."""
-    import signal
-
+def destroyed_after(create: Callable[[], Any]) -> Iterator[Any]:
+    """Fixture body: what ``create()`` makes, destroyed afterwards, pass or fail. SIGTERM (e.g.
+    from `timeout`) is turned into KeyboardInterrupt meanwhile, so pytest still runs this
+    teardown instead of leaving a FUSE mount behind."""
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    vol = create_volume("kvtest")
+    made = create()
     try:
-        yield vol
+        yield made
     finally:
-        vol.destroy()
+        made.destroy()
         if previous == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def each_destroyed_after(create: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Fixture body: a factory calling ``create``; everything it made is destroyed afterwards."""
+    made: List[Any] = []
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    try:
+        yield factory
+    finally:
+        for thing in made:
+            thing.destroy()
+
+
+@pytest.fixture(scope="session")
+def juicefs_volume():
+    """One mounted volume for the session; unmounted and removed afterwards, pass or fail."""
+    yield from destroyed_after(lambda: create_volume("kvtest"))
 
 
 @pytest.fixture
 def make_volume():
     """Factory for private volumes (tests that unmount); each is destroyed after the test."""
-    made: List[Volume] = []
-
-    def factory(name: str = "kvprivate") -> Volume:
-        vol = create_volume(name)
-        made.append(vol)
-        return vol
-
-    try:
-        yield factory
-    finally:
-        for vol in made:
-            vol.destroy()
+    yield from each_destroyed_after(lambda name="kvprivate": create_volume(name))
 
 
 # --------------------------------------------------------------------------- SGLang objects

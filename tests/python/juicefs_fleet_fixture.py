@@ -28,7 +28,8 @@ import pytest
 from juicefs_fixture import (
     MOUNT_OPTIONS,
     _fuse_unavailable,
-    _sigterm_as_interrupt,
+    destroyed_after,
+    each_destroyed_after,
     is_juicefs_mount,
     juicefs_binary,
     mount_juicefs,
@@ -256,36 +257,16 @@ def create_fleet(
 @pytest.fixture(scope="session")
 def fleet():
     """Two servers' mounts of one Redis-backed volume for the session; tests use their own
-    root_dir. SIGTERM becomes KeyboardInterrupt meanwhile so the teardown still runs."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    f = create_fleet("kvfleet", 2)
-    try:
-        yield f
-    finally:
-        f.destroy()
-        if previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    root_dir. Destroyed afterwards, pass, fail or SIGTERM."""
+    yield from destroyed_after(lambda: create_fleet("kvfleet", 2))
 
 
 @pytest.fixture
 def make_fleet():
     """Factory for private fleets (tests that stop Redis or unmount); destroyed after the test."""
-    made: List[Fleet] = []
-
-    def factory(
-        name: str = "kvprivfleet", servers: int = 2, options: Optional[List[str]] = None
-    ) -> Fleet:
-        f = create_fleet(name, servers, options)
-        made.append(f)
-        return f
-
-    try:
-        yield factory
-    finally:
-        for f in made:
-            f.destroy()
+    yield from each_destroyed_after(
+        lambda name="kvprivfleet", servers=2, options=None: create_fleet(name, servers, options)
+    )
 
 
 # --------------------------------------------------------------------------- pages
@@ -294,7 +275,7 @@ def make_fleet():
 def fleet_server(mount, pool, root_dir: str, **options):
     """One server's ``JuiceFSStorage`` on its own mount, registered with its host pool (the
     ``dynamic`` construction form)."""
-    from kvtuner_hicache.juicefs import JuiceFSStorage  # the tests put patches/ on sys.path
+    from kvtuner_hicache.juicefs import JuiceFSStorage  # patches/ is on sys.path (pytest.ini)
 
     backend = JuiceFSStorage(storage_config(mount, root_dir=root_dir, **options), {})
     backend.register_mem_pool_host(pool)

@@ -22,14 +22,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
 # juicefs_volume / make_volume come from conftest.py (juicefs_fixture.py).
-from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-
-# The package is importable standalone; without PYTHONPATH=patches use the checkout's copy.
-if str(REPO / "patches") not in sys.path:
-    sys.path.insert(0, str(REPO / "patches"))
-
-from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
-from sglang.srt.observability.metrics_collector import StorageMetrics  # noqa: E402
+from juicefs_fixture import REPO, make_mha_host_pool, storage_config
+from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage
+from sglang.srt.observability.metrics_collector import StorageMetrics
 
 LAYOUTS = ["page_first", "layer_first", "page_first_direct", "page_head"]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 
@@ -16,19 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-from juicefs_fleet_fixture import (  # noqa: E402
-    fill_random,
-    fleet_server,
-    indices,
-    keys_for,
-    page_bytes,
-)
-
-if str(REPO / "patches") not in sys.path:
-    sys.path.insert(0, str(REPO / "patches"))
-
-from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
+from juicefs_fixture import make_mha_host_pool, storage_config
+from juicefs_fleet_fixture import fill_random, fleet_server, indices, keys_for, page_bytes
+from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage
 
 # Small pages (32 KiB) keep the test fast; the capacity is counted in pages.
 CAPACITY_PAGES = 40  # high watermark 0.95: 38 pages; low 0.85: 34 pages

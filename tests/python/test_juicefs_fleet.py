@@ -8,24 +8,14 @@ Run: PYTHONPATH=patches $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -r
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from juicefs_fixture import REPO, make_mha_host_pool  # noqa: E402
-from juicefs_fleet_fixture import (  # noqa: E402
-    fill_random,
-    fleet_server,
-    indices,
-    keys_for,
-    page_bytes,
-)
-
-if str(REPO / "patches") not in sys.path:
-    sys.path.insert(0, str(REPO / "patches"))
+from juicefs_fixture import make_mha_host_pool
+from juicefs_fleet_fixture import fill_random, fleet_server, indices, keys_for, page_bytes
 
 
 @pytest.fixture

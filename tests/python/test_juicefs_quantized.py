@@ -8,20 +8,15 @@ Device side: SGLang's own MHATokenToKVPool built with device="cpu".
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 
-from conftest import cpu_device_pool, host_pool_args, quantizing_config  # noqa: E402
-from juicefs_fixture import REPO, make_mha_host_pool, storage_config  # noqa: E402
-
-if str(REPO / "patches") not in sys.path:
-    sys.path.insert(0, str(REPO / "patches"))
-
-from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage  # noqa: E402
+from conftest import cpu_device_pool, host_pool_args, quantizing_config
+from juicefs_fixture import make_mha_host_pool, storage_config
+from kvtuner_hicache.juicefs import HEADER_SIZE, JuiceFSStorage
 
 try:
     import kvtuner_quant  # noqa: F401  (the compiled quantizer the pool needs)
