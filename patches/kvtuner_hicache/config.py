@@ -5,10 +5,12 @@ preset policy and checks: ``docs/host-pool.md``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
@@ -28,33 +30,48 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _from_flag(name: str, default: Any) -> Any:
-    """A config field holding the server argument ``name``, whose declared default it keeps."""
-    return dataclasses.field(default=default, metadata={"flag": name})
+def _declared_defaults() -> Dict[str, Any]:
+    """The server arguments declared in ``server_args_fields.py`` and their defaults, in order."""
+    # Read, not imported: importing the declarations needs SGLang >= 0.5.20, and a tree the
+    # `kvtuner` group did not patch still needs the defaults (the feature reads as off there).
+    source = Path(__file__).with_name("server_args_fields.py").read_text(encoding="utf-8")
+    [fields] = [node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)]
+    return {
+        stmt.target.id: ast.literal_eval(stmt.value)
+        for stmt in fields.body
+        if isinstance(stmt, ast.AnnAssign)
+    }
+
+
+# The `kvtuner` group's server arguments and their defaults, declared once for SGLang in
+# server_args_fields.py. A field a tree lacks (the group not patched in) reads as its default.
+DEFAULTS: Dict[str, Any] = _declared_defaults()
+
+
+def _from_flag(name: str) -> Any:
+    """A config field holding the server argument ``name``, with its declared default."""
+    return dataclasses.field(default=DEFAULTS[name], metadata={"flag": name})
 
 
 @dataclasses.dataclass(frozen=True)
 class KVTunerHiCacheConfig:
     """The flags as given (not yet bound to a model)."""
 
-    # Each field names its server argument and default once, as declared for SGLang in
-    # patches/kvtuner/server_args_fields.py (tests/python/test_kvtuner_config.py keeps the two,
-    # and the README's flag table, in step).
-    enabled: bool = _from_flag("enable_kvtuner_hicache", False)
-    nbits_key: int = _from_flag("kvtuner_hicache_nbits_key", 4)
-    nbits_value: int = _from_flag("kvtuner_hicache_nbits_value", 4)
-    asym: bool = _from_flag("kvtuner_hicache_asym", False)
-    axis_key: int = _from_flag("kvtuner_hicache_axis_key", 1)
-    axis_value: int = _from_flag("kvtuner_hicache_axis_value", 0)
-    group_size: int = _from_flag("kvtuner_hicache_q_group_size", 64)
-    residual_length: int = _from_flag("kvtuner_hicache_residual_length", 128)
+    enabled: bool = _from_flag("enable_kvtuner_hicache")
+    nbits_key: int = _from_flag("kvtuner_hicache_nbits_key")
+    nbits_value: int = _from_flag("kvtuner_hicache_nbits_value")
+    asym: bool = _from_flag("kvtuner_hicache_asym")
+    axis_key: int = _from_flag("kvtuner_hicache_axis_key")
+    axis_value: int = _from_flag("kvtuner_hicache_axis_value")
+    group_size: int = _from_flag("kvtuner_hicache_q_group_size")
+    residual_length: int = _from_flag("kvtuner_hicache_residual_length")
     # The first tokens of every page, also stored exact: every sequence starts a page, so
     # its attention sink (position 0) is among them.
-    sink_tokens: int = _from_flag("kvtuner_hicache_sink_tokens", 1)
-    layer_config: Optional[str] = _from_flag("kvtuner_hicache_layer_config", None)
+    sink_tokens: int = _from_flag("kvtuner_hicache_sink_tokens")
+    layer_config: Optional[str] = _from_flag("kvtuner_hicache_layer_config")
     # Who packs the pages: Triton kernels on the device, kvtuner_quant on the host, or
     # "auto" (the device when the KV cache is on a CUDA/ROCm device and Triton imports).
-    codec: str = _from_flag("kvtuner_hicache_codec", "auto")
+    codec: str = _from_flag("kvtuner_hicache_codec")
     # Parsed preset: global layer id -> (K bits, V bits); None without a preset.
     layer_bits: Optional[Tuple[Tuple[int, Tuple[int, int]], ...]] = None
 
@@ -67,10 +84,6 @@ class KVTunerHiCacheConfig:
 _FIELD_OF_FLAG: Dict[str, dataclasses.Field] = {
     f.metadata["flag"]: f for f in dataclasses.fields(KVTunerHiCacheConfig) if f.metadata
 }
-
-# The `kvtuner` group's server arguments and their defaults. A field a tree lacks (the group
-# not patched in) reads as its default, so the feature is simply off there.
-DEFAULTS: Dict[str, Any] = {name: f.default for name, f in _FIELD_OF_FLAG.items()}
 
 
 def _arg(args: Any, name: str) -> Any:

@@ -194,7 +194,9 @@ mod tests {
             dest,
             format!("{}/juicefs/storage.py", crate::groups::PACKAGE_DIR)
         );
-        assert!(source.contains("\nclass JuiceFSStorage(HiCacheStorage):"));
+        assert!(source.contains(
+            "\nclass JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):"
+        ));
         assert!(REGISTER.contains("\"JuiceFSStorage\""));
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("patches/kvtuner_hicache/juicefs");

@@ -1,6 +1,6 @@
 //! `kvtuner`: the server arguments (`--enable-kvtuner-hicache`, `--kvtuner-hicache-*`).
 //!
-//! One description of the flags, `patches/kvtuner/server_args_fields.py` (a real,
+//! One description of the flags, `patches/kvtuner_hicache/server_args_fields.py` (a real,
 //! importable module: name, type, default, `choices` and help of each flag, declared the
 //! way SGLang 0.5.14+ declares arguments), written into each era's syntax (per era, where and
 //! what: `docs/compat.md`). In the annotated eras SGLang generates the CLI from the fields, so
@@ -17,8 +17,8 @@ use crate::patch::{BodyAt, ClassRef, DeclarationForm, FileRef, Group, Patch, Pat
 pub const ID: &str = "kvtuner";
 
 /// The one description of the flags (see the module docs).
-pub const FIELDS_PY: &str = include_str!("../../patches/kvtuner/server_args_fields.py");
-const FIELDS_PATH: &str = "patches/kvtuner/server_args_fields.py";
+pub const FIELDS_PY: &str = include_str!("../../patches/kvtuner_hicache/server_args_fields.py");
+const FIELDS_PATH: &str = "patches/kvtuner_hicache/server_args_fields.py";
 const FIELDS_CLASS: &str = "KvtunerHicacheFields";
 
 /// Before 0.5.20 the hicache arguments are declared in `ServerArgs`; ours go right after the

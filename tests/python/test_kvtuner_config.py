@@ -36,7 +36,7 @@ def test_defaults_when_args_group_absent():
 def declared_flags():
     """{field: (default, choices)} of the server-argument declarations the CLI injects,
     read with ``ast`` (the module itself needs SGLang >= 0.5.20 to import)."""
-    source = (ROOT / "patches/kvtuner/server_args_fields.py").read_text()
+    source = (ROOT / "patches/kvtuner_hicache/server_args_fields.py").read_text()
     [cls] = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
     flags = {}
     for stmt in cls.body:

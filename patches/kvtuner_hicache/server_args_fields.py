@@ -6,9 +6,9 @@ release's own argument declarations, or renders it as dataclass fields and
 here: types ``bool`` (default ``False``), ``int``, ``float``, ``str`` and ``Optional`` of those,
 ``Arg(help=<string literals>, choices=[...])``, a literal default. Where each era gets the
 fields: ``src/groups/kvtuner.rs`` and ``docs/compat.md``. The body may only use names the target
-module imports (``A``, ``Arg``, ``Optional``). Importing this file needs SGLang >= 0.5.20;
-``kvtuner_hicache/config.py`` holds the same defaults for code that runs without these fields
-(``tests/python/test_kvtuner_config.py`` keeps them in step).
+module imports (``A``, ``Arg``, ``Optional``). Importing this file needs SGLang >= 0.5.20, so
+``config.py`` reads the names and defaults from its text; the ``hostpool`` group injects it
+with the package for that.
 """
 
 from __future__ import annotations
