@@ -10,7 +10,7 @@
 //! - [`fsio`]: content hashes; [`journal`]: the crash-safe commit (undo journal, recovery);
 //!   [`tree_lock`]: one writer at a time; [`safe_path`]: paths that stay in the tree;
 //!   [`source_file`]: bounded reads of regular files, BOM and CRLF kept.
-//! - [`refusal`]: the error that owns its exit code.
+//! - [`refusal`]: the errors the CLI tells apart, and the one place errors become exit codes.
 
 pub mod commands;
 pub mod engine;

@@ -5,8 +5,8 @@ use super::{
     era_of, group_status, known_files, lock_and_recover, require_settled, require_supported,
     selection, GroupState, Report, Text,
 };
-use crate::engine::anchor::PatchEdit;
 use crate::engine::changeset::ChangeSet;
+use crate::engine::edit::PatchEdit;
 use crate::engine::manifest::Manifest;
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;

@@ -8,9 +8,8 @@
 //!    share: a list of [`FileWrite`]s and what happens to the manifest ([`Record`]), made one
 //!    [`journal::Transaction`] (all or nothing, also across a crash).
 
-use crate::engine::anchor::PatchEdit;
 use crate::engine::diff;
-use crate::engine::edit::{apply_edits, Edit};
+use crate::engine::edit::{apply_edits, Edit, PatchEdit};
 use crate::engine::manifest::{FileRecord, Manifest};
 use crate::engine::python::Python;
 use crate::engine::sources::Sources;
