@@ -11,7 +11,7 @@ import os
 import struct
 import uuid
 import zlib
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -211,6 +211,37 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+def meta_views(pool, host_indices: torch.Tensor, n: int, page_bytes: int) -> List[List[memoryview]]:
+    """Writable byte views of each of ``n`` pages' ``get_page_buffer_meta`` regions."""
+    ptrs, sizes = pool.get_page_buffer_meta(host_indices)
+    per = len(ptrs) // n if n else 0
+    if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
+        raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
+    views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
+    pages = [views[i * per : (i + 1) * per] for i in range(n)]
+    if any(sum(v.nbytes for v in page) != page_bytes for page in pages):
+        raise ValueError("page regions do not add up to the registered page size")
+    return pages
+
+
+def flat_views(key: str, value: Any, flat_bytes: Optional[int]) -> Optional[List[memoryview]]:
+    """Bytes of a flat page tensor (None, logged, when it is not one page)."""
+    try:
+        data = value.detach().reshape(-1).contiguous().cpu()
+    except Exception as e:
+        logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
+        return None
+    if data.numel() * data.element_size() != flat_bytes:
+        logger.error(
+            "juicefs backend: page %s has %d bytes, expected %s",
+            key,
+            data.numel() * data.element_size(),
+            flat_bytes,
+        )
+        return None
+    return [tensor_bytes(data)]  # the view keeps `data` alive
+
+
 def merge_runs(runs: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """Adjacent (address, size) runs merged."""
     merged: List[List[int]] = []
@@ -240,3 +271,67 @@ def tensor_runs(t: torch.Tensor, limit: int = 1 << 16) -> Optional[List[Tuple[in
         for idx in itertools.product(*(range(s) for s in shape[:d]))
     ]
     return merge_runs(runs)
+
+
+class PageShape(NamedTuple):
+    """A host pool's page as bytes: its sizes, the regions v1 reads into, payload byte orders."""
+
+    page_size: int  # tokens
+    page_bytes: int  # payload of a page file
+    flat_bytes: Optional[int]  # get_data_page(flat=True); None: the pool has no flat pages
+    meta_regions: Optional[int]  # regions per page when get_page_buffer_meta works
+    flat_template: Optional[Tuple[torch.dtype, int]]  # dtype and numel of a flat page
+    v1_order: str
+    flat_order: str
+
+
+def page_shape(pool) -> PageShape:
+    """Page bytes and payload byte orders, from the pool's meta regions and flat pages."""
+    page_size = int(pool.page_size)
+    meta_regions = flat_template = flat_bytes = page_bytes = None
+    try:
+        template = pool.get_dummy_flat_data_page()
+        flat_template = (template.dtype, template.numel())
+        flat_bytes = template.numel() * template.element_size()
+    except Exception:  # pools without a flat page form only support v1
+        pass
+    try:
+        ptrs, sizes = pool.get_page_buffer_meta(torch.arange(page_size, dtype=torch.int64))
+        if ptrs and len(ptrs) == len(sizes):
+            meta_regions = len(ptrs)
+            page_bytes = int(sum(sizes))
+    except Exception as e:  # e.g. pools that only expose flat pages
+        logger.info(
+            "juicefs backend: %s has no usable get_page_buffer_meta (%s); "
+            "v1 I/O goes through flat pages",
+            type(pool).__name__,
+            e,
+        )
+    if page_bytes is None and flat_bytes is None:
+        raise ValueError(
+            f"juicefs backend: host pool {type(pool).__name__} exposes neither "
+            "get_page_buffer_meta nor flat data pages"
+        )
+    flat_order = ORDER_FLAT
+    if meta_regions and flat_bytes == page_bytes and _flat_matches_meta(pool, page_size):
+        flat_order = ORDER_META
+    return PageShape(
+        page_size,
+        page_bytes if page_bytes is not None else flat_bytes,
+        flat_bytes,
+        meta_regions,
+        flat_template,
+        ORDER_META if meta_regions else ORDER_FLAT,
+        flat_order,
+    )
+
+
+def _flat_matches_meta(pool, page_size: int) -> bool:
+    """True when get_data_page(flat=True) yields the meta regions' bytes in the same order."""
+    try:
+        view = pool.get_data_page(0, flat=False)
+        ptrs, sizes = pool.get_page_buffer_meta(torch.arange(page_size, dtype=torch.int64))
+        runs = tensor_runs(view)
+        return runs is not None and runs == merge_runs(list(zip(ptrs, sizes)))
+    except Exception:
+        return False

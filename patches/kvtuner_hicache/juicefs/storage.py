@@ -25,17 +25,14 @@ from .capacity import CapacityMixin
 from .eviction import NamespaceEvictor
 from .options import JuiceFSOptions
 from .page_file import (
-    FORMAT_VERSION,
     HEADER_SIZE,
-    ORDER_FLAT,
-    ORDER_META,
     PAGE_SUFFIX,
     Publisher,
     default_algo,
-    merge_runs,
-    raw_view,
+    flat_views,
+    meta_views,
+    page_shape,
     tensor_bytes,
-    tensor_runs,
 )
 from .page_io import PageIOMixin
 from .presence import PresenceMixin
@@ -44,8 +41,10 @@ from .volume import (
     MountWatch,
     key_tag,
     mount_fstype,
+    namespace_fields,
     namespace_name,
     page_relpath,
+    wipe_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,43 +146,17 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
 
     def _learn_page_shape(self, pool) -> None:
         """Page bytes and payload byte orders, from the pool's meta regions and flat pages."""
-        self.page_size = int(pool.page_size)
-        self._meta_regions = None  # regions per page when get_page_buffer_meta works
-        self._flat_template = None
-        try:
-            template = pool.get_dummy_flat_data_page()
-            self._flat_template = (template.dtype, template.numel())
-            flat_bytes = template.numel() * template.element_size()
-        except Exception:  # pools without a flat page form only support v1
-            flat_bytes = None
-        page_bytes = None
-        try:
-            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
-            if ptrs and len(ptrs) == len(sizes):
-                self._meta_regions = len(ptrs)
-                page_bytes = int(sum(sizes))
-        except Exception as e:  # e.g. pools that only expose flat pages
-            logger.info(
-                "juicefs backend: %s has no usable get_page_buffer_meta (%s); "
-                "v1 I/O goes through flat pages",
-                type(pool).__name__,
-                e,
-            )
-        if page_bytes is None and flat_bytes is None:
-            raise ValueError(
-                f"juicefs backend: host pool {type(pool).__name__} exposes neither "
-                "get_page_buffer_meta nor flat data pages"
-            )
-        self.page_bytes = page_bytes if page_bytes is not None else flat_bytes
-        self.flat_bytes = flat_bytes
-        self.v1_order = ORDER_META if self._meta_regions else ORDER_FLAT
-        self.flat_order = ORDER_FLAT
-        if self._meta_regions and flat_bytes == page_bytes and self._flat_matches_meta(pool):
-            self.flat_order = ORDER_META
+        shape = page_shape(pool)
+        self.page_size, self.page_bytes = shape.page_size, shape.page_bytes
+        self.flat_bytes, self._flat_template = shape.flat_bytes, shape.flat_template
+        self._meta_regions = shape.meta_regions
+        self.v1_order, self.flat_order = shape.v1_order, shape.flat_order
 
     def _open_namespace(self, pool) -> None:
         """Create this pool's namespace directory and marker; start the capacity maintenance."""
-        fields = self._namespace_fields(pool)
+        fields = namespace_fields(
+            self.storage_config, pool, self.is_mla, self.page_size, self.page_bytes
+        )
         self.namespace_fields = fields
         self.namespace = namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
@@ -208,41 +181,6 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
             "juicefs backend stores KV pages only; hybrid pools (v2 interface, "
             f"pool {host_pool_name!r}) are not supported"
         )
-
-    def _flat_matches_meta(self, pool) -> bool:
-        """True when get_data_page(flat=True) yields the meta regions' bytes in the same order."""
-        try:
-            view = pool.get_data_page(0, flat=False)
-            ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size, dtype=torch.int64))
-            runs = tensor_runs(view)
-            return runs is not None and runs == merge_runs(list(zip(ptrs, sizes)))
-        except Exception:
-            return False
-
-    def _namespace_fields(self, pool) -> dict:
-        """What the namespace must tell apart, spelled out (written to ``namespace.json``)."""
-        cfg = self.storage_config
-        tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
-        kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
-        fields = {
-            "format": FORMAT_VERSION,
-            "model": cfg.model_name or "",
-            # MLA KV is replicated over TP ranks: one copy serves all of them.
-            "tp": None if self.is_mla else [cfg.tp_rank, cfg.tp_size],
-            "pp": [cfg.pp_rank, cfg.pp_size],
-            "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
-            "dp": getattr(cfg, "dp_rank", 0),
-            "dcp": [
-                getattr(cfg, "dcp_rank", 0),
-                getattr(cfg, "dcp_size", 1),
-                getattr(cfg, "logical_page_size", None),
-            ],
-            "page_size": self.page_size,
-            "layout": str(pool.layout),
-            "kv_format": kv_format,
-            "page_bytes": self.page_bytes,
-        }
-        return fields
 
     # ---------------------------------------------------------------- paths and health
 
@@ -277,18 +215,6 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
 
     # ---------------------------------------------------------------- v1 (zero-copy)
 
-    def _page_views(self, host_indices: torch.Tensor, n: int) -> List[List[memoryview]]:
-        """Writable byte views of each page's ``get_page_buffer_meta`` regions."""
-        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
-        per = len(ptrs) // n if n else 0
-        if per == 0 or per * n != len(ptrs) or len(sizes) != len(ptrs):
-            raise ValueError(f"{len(ptrs)} buffer regions for {n} pages")
-        views = [raw_view(p, s) for p, s in zip(ptrs, sizes)]
-        pages = [views[i * per : (i + 1) * per] for i in range(n)]
-        if any(sum(v.nbytes for v in page) != self.page_bytes for page in pages):
-            raise ValueError("page regions do not add up to the registered page size")
-        return pages
-
     def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
         """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
         if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
@@ -315,7 +241,9 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         start = time.perf_counter()
         try:
             if self._meta_regions:
-                pages = self._page_views(host_indices.cpu(), len(keys))
+                pages = meta_views(
+                    self.mem_pool_host, host_indices.cpu(), len(keys), self.page_bytes
+                )
                 results = list(
                     self._executor.map(
                         lambda kv: self._read_page(kv[0], kv[1], self.v1_order), zip(keys, pages)
@@ -355,14 +283,17 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         start = time.perf_counter()
         try:
             if self._meta_regions:
-                pages = self._page_views(host_indices.cpu(), len(keys))
+                pages = meta_views(
+                    self.mem_pool_host, host_indices.cpu(), len(keys), self.page_bytes
+                )
             else:
                 pages = [
-                    self._flat_views(
+                    flat_views(
                         k,
                         self.mem_pool_host.get_data_page(
                             int(host_indices[i * self.page_size]), flat=True
                         ),
+                        self.flat_bytes,
                     )
                     for i, k in enumerate(keys)
                 ]
@@ -383,23 +314,6 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         return True
 
     # ---------------------------------------------------------------- legacy interface
-
-    def _flat_views(self, key: str, value: Any) -> Optional[List[memoryview]]:
-        """Bytes of a flat page tensor (None, logged, when it is not one page)."""
-        try:
-            data = value.detach().reshape(-1).contiguous().cpu()
-        except Exception as e:
-            logger.error("juicefs backend: cannot take bytes of page %s: %s", key, e)
-            return None
-        if data.numel() * data.element_size() != self.flat_bytes:
-            logger.error(
-                "juicefs backend: page %s has %d bytes, expected %s",
-                key,
-                data.numel() * data.element_size(),
-                self.flat_bytes,
-            )
-            return None
-        return [tensor_bytes(data)]  # the view keeps `data` alive
 
     def get(
         self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
@@ -455,7 +369,8 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
             return True
         if value is None or not self._ready() or self.flat_bytes is None:
             return False
-        return self._write_batch([key], [self._flat_views(key, value)], self.flat_order)[0]
+        page = flat_views(key, value, self.flat_bytes)
+        return self._write_batch([key], [page], self.flat_order)[0]
 
     def batch_set(
         self,
@@ -475,7 +390,7 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         if self.flat_bytes is None:
             return False
         start = time.perf_counter()
-        pages = [self._flat_views(k, v) for k, v in zip(keys, values)]
+        pages = [flat_views(k, v, self.flat_bytes) for k, v in zip(keys, values)]
         results = self._write_batch(keys, pages, self.flat_order)
         self._record("backup", sum(results), start)
         return all(results)
@@ -522,30 +437,12 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         """Delete every page (and temporary) of this backend's namespace; other namespaces stay."""
         if self.ns_dir is None or not self._volume_ok():
             return False
-        ok = True
         try:
             shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir) if len(s) == 2]
         except OSError as e:
             logger.error("juicefs backend: clear failed: %s", e)
             return False
-
-        def wipe(directory: str) -> bool:
-            """Delete every file in ``directory``; False if one could not be deleted."""
-            good = True
-            try:
-                names = os.listdir(directory)
-            except OSError:
-                return False
-            for name in names:
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    good = False
-            return good
-
-        ok = all(self._executor.map(wipe, shards))
+        ok = all(self._executor.map(wipe_shard, shards))
         with self._lock:
             self.used_bytes = 0
             self._capacity_logged = False

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
+from .page_file import FORMAT_VERSION
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE_MARKER = "namespace.json"
@@ -72,6 +74,30 @@ def _part(text: str, limit: int) -> str:
     return safe
 
 
+def namespace_fields(cfg, pool, is_mla: bool, page_size: int, page_bytes: int) -> dict:
+    """What the namespace must tell apart, spelled out (written to ``namespace.json``)."""
+    tag_fn = getattr(pool, "kvtuner_namespace_tag", None)
+    kv_format = str(tag_fn()) if callable(tag_fn) else str(pool.dtype).replace("torch.", "")
+    return {
+        "format": FORMAT_VERSION,
+        "model": cfg.model_name or "",
+        # MLA KV is replicated over TP ranks: one copy serves all of them.
+        "tp": None if is_mla else [cfg.tp_rank, cfg.tp_size],
+        "pp": [cfg.pp_rank, cfg.pp_size],
+        "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
+        "dp": getattr(cfg, "dp_rank", 0),
+        "dcp": [
+            getattr(cfg, "dcp_rank", 0),
+            getattr(cfg, "dcp_size", 1),
+            getattr(cfg, "logical_page_size", None),
+        ],
+        "page_size": page_size,
+        "layout": str(pool.layout),
+        "kv_format": kv_format,
+        "page_bytes": page_bytes,
+    }
+
+
 def namespace_name(f: dict) -> str:
     """Directory name spelling the namespace fields, ending in a hash of all of them."""
     ranks = "mla" if f["tp"] is None else f"tp{f['tp'][0]}of{f['tp'][1]}"
@@ -94,6 +120,23 @@ def page_relpath(key: str, suffix: str) -> str:
     """``<shard>/<file>`` of a key inside its namespace: 256 shards by the key's hash."""
     name = key if _SAFE_KEY.match(key) else "h-" + blake(key, 20).hex()
     return os.path.join("%02x" % blake(key, 1)[0], name + suffix)
+
+
+def wipe_shard(directory: str) -> bool:
+    """Delete every file in a shard ``directory``; False if one could not be deleted."""
+    good = True
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            good = False
+    return good
 
 
 def key_tag(namespace: str, order: str, key: str) -> int:
