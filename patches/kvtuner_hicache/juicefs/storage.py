@@ -1,16 +1,17 @@
 """``JuiceFSStorage``: SGLang's ``HiCacheStorage`` interface over write-once page files on a
-JuiceFS (FUSE) mount; page I/O, capacity and presence live beside it. Design and options:
-``docs/juicefs-backend.md``."""
+JuiceFS (FUSE) mount, built from the helpers beside it (page I/O, capacity, presence). Design
+and options: ``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -21,8 +22,8 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 from sglang.srt.observability.metrics_collector import StorageMetrics
 
-from .capacity import CapacityMixin
-from .eviction import NamespaceEvictor
+from .capacity import Capacity, Maintenance
+from .eviction import NamespaceEvictor, PassResult
 from .options import JuiceFSOptions
 from .page_file import (
     HEADER_SIZE,
@@ -34,8 +35,8 @@ from .page_file import (
     page_shape,
     tensor_bytes,
 )
-from .page_io import PageIOMixin
-from .presence import PresenceMixin
+from .page_io import publish_once, publish_page, read_page
+from .presence import PresenceCache
 from .volume import (
     NAMESPACE_MARKER,
     MountWatch,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "juicefs"
 
 
-class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
+class JuiceFSStorage(HiCacheStorage):
     """Write-once page files on a JuiceFS (FUSE) mount, batch I/O on a thread pool."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, mem_pool_host: Any = None, **_: Any):
@@ -90,18 +91,12 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         self._executor = ThreadPoolExecutor(
             max_workers=self.options.threads, thread_name_prefix="juicefs-hicache"
         )
-        self._lock = threading.Lock()
-        self._known: Dict[str, float] = {}  # key -> monotonic time it was last confirmed present
-        # key -> monotonic time a read found its file gone: another server's mount deleted it,
-        # and this mount's kernel may still return its cached entry and attributes to a stat.
-        self._gone: Dict[str, float] = {}
+        self._lock = threading.Lock()  # the counters a round adds to, and the metrics
+        self.presence = PresenceCache(self.options.exists_cache_ttl)
         self._publisher = Publisher(fsync=self.options.fsync)
-        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self._forget_all)
+        self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self.presence.reset)
         self._unregistered_logged = False
         self._closed = False
-        self.used_bytes = 0
-        self._reserved = 0  # bytes this server ever reserved (and kept): marks for _set_usage
-        self._capacity_logged = False
         self.counters = {
             k: 0
             for k in (
@@ -120,13 +115,11 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
                 "usage_bytes",
             )
         }
-        # Capacity: the fleet-wide LRU (eviction.py), run by a maintenance thread.
-        self.evictor: Optional[NamespaceEvictor] = None
-        self._maintenance: Optional[threading.Thread] = None
-        self._maintenance_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._first_round = threading.Event()
-        self._round_mark = 0  # _reserved at the end of the last maintenance round
+        self.capacity = Capacity(self.options.capacity_bytes)
+        # Capacity fleet-wide: the LRU (eviction.py), run by a maintenance thread.
+        self.maintenance = Maintenance(
+            self.options, self.capacity, self._volume_ok, self._io_failed
+        )
         self._metrics = StorageMetrics()
         self.mem_pool_host = None
         self.namespace: Optional[str] = None
@@ -161,9 +154,9 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
         self.namespace = namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
         os.makedirs(self.ns_dir, exist_ok=True)
-        self._forget_all()
+        self.presence.reset()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
-        self._publish_bytes(os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
+        publish_once(self._publisher, os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
         logger.info(
             "juicefs backend: namespace %s (page %d bytes, v1 order %s, writer=%s)",
             self.ns_dir,
@@ -171,7 +164,11 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
             self.v1_order,
             self.is_writer,
         )
-        self._start_maintenance()
+        if self.is_writer and self.capacity.limit is not None:
+            page_file_bytes = HEADER_SIZE + self.page_bytes
+            self.maintenance.start(self.ns_dir, page_file_bytes, self._executor, self.maintain)
+        else:
+            self.maintenance.skip()
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
         """Accept the KV pool again; refuse the other pools of hybrid models."""
@@ -212,6 +209,102 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
                 logger.warning("juicefs backend: used before register_mem_pool_host; missing")
             return False
         return self._volume_ok()
+
+    # ---------------------------------------------------------------- page files
+
+    def _read_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Read one page into ``views`` and verify it; False (a miss) on any problem."""
+        read = read_page(self._path(key), views, self._key_tag(key, order))
+        if read.missing:
+            self.presence.forget(key)
+            self.counters["get_misses"] += 1
+            return False
+        if read.error is not None:
+            self._io_failed(read.error)
+        if read.why is not None:
+            return self._read_failed(key, read.why, read.corrupt)
+        self.presence.remember(key)
+        self.maintenance.note(key)
+        self.counters["get_hits"] += 1
+        return True
+
+    def _read_failed(self, key: str, why: str, corrupt: bool) -> bool:
+        """Count and log a read that is a miss; drop a file that contradicts its header."""
+        self.presence.doubt(key)
+        self.counters["corrupt" if corrupt else "io_errors"] += 1
+        self.counters["get_misses"] += 1
+        logger.warning("juicefs backend: page %s is a miss: %s", key, why)
+        if corrupt and self.is_writer:
+            # Pages are write-once, so a damaged file stays damaged: drop it so a later backup
+            # can publish the key again (at worst this drops a good page a racing writer just
+            # published, which is a miss, never bad data).
+            try:
+                os.unlink(self._path(key))
+            except OSError:
+                pass
+        return False
+
+    def _present(self, key: str) -> bool:
+        """Write-once: a key whose file exists is not written again."""
+        if self.presence.present(key):
+            return True
+        try:
+            if os.path.exists(self._path(key)):
+                self.presence.remember(key)
+                return True
+        except OSError:
+            pass
+        return False
+
+    def _write_batch(
+        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
+    ) -> List[bool]:
+        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
+        # Capacity is granted in key order and stops at the first page that does not fit: SGLang
+        # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
+        # space.
+        present = list(self._executor.map(self._present, keys))
+        results = list(present)
+        admitted, full = [], False
+        for i, (ok, views) in enumerate(zip(present, pages)):
+            if ok:
+                self.counters["set_existing"] += 1
+                self.maintenance.note(keys[i])  # backed up again: the prefix is in use
+            elif views is not None and not full:
+                need = HEADER_SIZE + sum(v.nbytes for v in views)
+                if self.capacity.reserve(need, self.namespace):
+                    admitted.append(i)
+                else:
+                    self.counters["set_refused"] += 1  # the first refused page of a batch
+                    full = True
+            elif full:
+                self.counters["set_refused"] += 1
+        done = self._executor.map(lambda i: self._publish_page(keys[i], pages[i], order), admitted)
+        for i, ok in zip(admitted, done):
+            results[i] = ok
+        return results
+
+    def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+        """Write one page whose capacity is already reserved (released unless it is new)."""
+        size = sum(v.nbytes for v in views)
+        try:
+            if self.mount.unanswering:  # found out during this batch: skip another long wait
+                raise OSError(errno.EIO, "volume not answering")
+            tag = self._key_tag(key, order)
+            outcome = publish_page(self._publisher, self._path(key), views, self.algo, tag)
+        except OSError as e:
+            outcome = None
+            self._io_failed(e)
+            logger.warning("juicefs backend: writing page %s failed: %s", key, e)
+        if outcome != "new":
+            self.capacity.release(HEADER_SIZE + size)
+        if outcome is None:
+            self.counters["set_errors"] += 1
+            return False
+        self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
+        self.presence.remember(key)
+        self.maintenance.note(key)
+        return True
 
     # ---------------------------------------------------------------- v1 (zero-copy)
 
@@ -399,20 +492,20 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
 
     def _exists_one(self, key: str) -> bool:
         """Whether the page file of ``key`` exists with a size that can verify."""
-        if self._recently_gone(key):
+        if self.presence.gone(key):
             return False
-        if self._known_present(key):
+        if self.presence.present(key):
             return True
         try:
             st = os.stat(self._path(key))
         except OSError as e:
             self._io_failed(e)
-            self._known.pop(key, None)
+            self.presence.doubt(key)
             return False
         # A file of the wrong size can never verify: report it absent right away.
         if st.st_size not in (HEADER_SIZE + self.page_bytes, HEADER_SIZE + (self.flat_bytes or 0)):
             return False
-        self._remember(key)
+        self.presence.remember(key)
         return True
 
     def exists(self, key: str) -> bool:
@@ -443,12 +536,38 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
             logger.error("juicefs backend: clear failed: %s", e)
             return False
         ok = all(self._executor.map(wipe_shard, shards))
-        with self._lock:
-            self.used_bytes = 0
-            self._capacity_logged = False
-        self._known.clear()
+        self.capacity.reset()
+        self.presence.doubt_all()
         logger.info("juicefs backend: cleared namespace %s", self.ns_dir)
         return ok
+
+    @property
+    def evictor(self) -> Optional[NamespaceEvictor]:
+        """The namespace's evictor (None on a reader rank or without a capacity)."""
+        return self.maintenance.evictor
+
+    def maintain(self) -> Optional[PassResult]:
+        """One maintenance round: flush the access log, then as the lease holder run an
+        eviction pass, else adopt the usage the holder published. None when not the holder."""
+        result = self.maintenance.run_round()
+        self.counters["usage_bytes"] = self.capacity.counted_bytes
+        if result is None:
+            return None
+        if result.evicted_pages:
+            self.presence.doubt_all()  # never answer "present" from memory for an evicted page
+        with self._lock:
+            self.counters["eviction_passes"] += 1
+            self.counters["evicted_pages"] += result.evicted_pages
+            self.counters["evicted_bytes"] += result.evicted_bytes
+        return result
+
+    def flush_access_log(self) -> bool:
+        """Append this server's pending page uses to its access log now."""
+        return self.maintenance.flush()
+
+    def wait_for_maintenance(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the first maintenance round (it learns the namespace's usage)."""
+        return self.maintenance.wait(timeout)
 
     def _record(self, kind: str, n: int, start: float) -> None:
         """Add a batch to SGLang's storage metrics (when it collects them)."""
@@ -469,12 +588,7 @@ class JuiceFSStorage(PresenceMixin, PageIOMixin, CapacityMixin, HiCacheStorage):
     def close(self) -> None:
         if self._closed:
             return
-        self._stop.set()
-        if self._maintenance is not None:
-            self._maintenance.join(timeout=60)
-            if self._volume_ok():
-                self._flush_access_log()  # this life's page uses count after a restart
-                self.evictor.release_lease()  # another server takes over without waiting
+        self.maintenance.stop()
         self.mount.stop()
         self._closed = True
         self._executor.shutdown(wait=True)
