@@ -140,6 +140,7 @@ pub fn group(era: Era) -> Option<Group> {
             package_module!("backend-page-io", "juicefs/page_io.py"),
             package_module!("backend-capacity", "juicefs/capacity.py"),
             package_module!("backend-presence", "juicefs/presence.py"),
+            package_module!("backend-pools", "juicefs/pools.py"),
             Patch {
                 id: "choice",
                 what: "\"juicefs\" among the --hicache-storage-backend choices",

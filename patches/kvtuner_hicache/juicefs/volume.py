@@ -116,6 +116,58 @@ def namespace_name(f: dict) -> str:
     return "__".join(parts)
 
 
+# What tells two host pools of one name apart, where the pool has it (spelled out in the pool's
+# namespace.json and hashed into its name): a pool of another shape or dtype never reads them.
+POOL_GEOMETRY = (
+    "dtype",
+    "layout",
+    "page_size",
+    "size_per_token",
+    "layer_num",
+    "head_num",
+    "head_dim",
+    "v_head_dim",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "index_head_dim",
+    "num_mamba_layers",
+    "temporal_dtype",
+    "conv_dtype",
+    "temporal_state_shape",
+    "conv_state_shapes",
+)
+
+
+def pool_namespace_fields(cfg, kv_namespace: str, name: str, pool, shape, sharded: bool) -> dict:
+    """What a non-KV pool's namespace must tell apart (written to its ``namespace.json``)."""
+    geometry = {a: str(getattr(pool, a)) for a in POOL_GEOMETRY if hasattr(pool, a)}
+    return {
+        "format": FORMAT_VERSION,
+        # Its state is only ever restored together with this KV namespace's pages.
+        "kv_namespace": kv_namespace,
+        "pool": name,
+        "class": type(pool).__name__,
+        "tp": [cfg.tp_rank, cfg.tp_size] if sharded else None,
+        "page_bytes": shape.page_bytes,
+        "flat_bytes": shape.flat_bytes,
+        "regions": shape.meta_regions,
+        "geometry": geometry,
+    }
+
+
+def pool_namespace_name(f: dict) -> str:
+    """Directory name (inside the KV namespace) spelling a pool's namespace fields, ending in a
+    hash of all of them."""
+    ranks = "tp-shared" if f["tp"] is None else f"tp{f['tp'][0]}of{f['tp'][1]}"
+    parts = [
+        "pool-" + _part(f["pool"], 48),
+        ranks,
+        f"{f['page_bytes']}B",
+        "h" + blake(json.dumps(f, sort_keys=True), 6).hex(),
+    ]
+    return "__".join(parts)
+
+
 def page_relpath(key: str, suffix: str) -> str:
     """``<shard>/<file>`` of a key inside its namespace: 256 shards by the key's hash."""
     name = key if _SAFE_KEY.match(key) else "h-" + blake(key, 20).hex()

@@ -1,0 +1,305 @@
+"""JuiceFSStorage's v2 interface (hybrid models' pools) against SGLang 0.5.23's own
+``HiCacheFile``, on a real JuiceFS mount with SGLang's own host pools on CPU (an MHA KV pool
+plus ``MambaPoolHost``): the same calls give the same ``PoolTransferResult`` and the same bytes.
+
+Run:
+    $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs tests/python/test_juicefs_v2.py
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+hs = pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
+if not hasattr(hs, "PoolTransfer"):
+    pytest.skip("SGLang before 0.5.10 has no v2 storage interface", allow_module_level=True)
+pytest.importorskip("sglang.srt.mem_cache.pool_host.mamba")
+
+from juicefs_fixture import make_mamba_host_pool, make_mha_host_pool, storage_config
+from kvtuner_hicache.juicefs import JuiceFSStorage
+
+PoolName, PoolTransfer, Policy = hs.PoolName, hs.PoolTransfer, hs.PoolHitPolicy
+KV, MAMBA = PoolName.KV, PoolName.MAMBA
+PAGES = 8
+KV_PAGE = 4  # tokens per KV page
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def mnt(juicefs_volume, request):
+    """A fresh directory on the shared volume per test."""
+    path = os.path.join(juicefs_volume.mnt, f"v2-{request.node.name}"[:120])
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+class Side:
+    """One backend with its own host pools (KV and Mamba), filled with the same bytes."""
+
+    def __init__(self, backend, seed=0):
+        self.kv = make_mha_host_pool("page_first", page_size=KV_PAGE, tokens=64)
+        self.mamba = make_mamba_host_pool()
+        g = torch.Generator().manual_seed(seed)
+        for name, buffers in (
+            ("kv", [self.kv.kv_buffer]),
+            ("mamba", [self.mamba.temporal_buffer, *self.mamba.conv_buffer]),
+        ):
+            for t in buffers:
+                raw = t.view(torch.uint8)
+                raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+        self.snapshot = {"kv": self.kv_pages(), "mamba": self.mamba_pages()}
+        self.b = backend
+        self.b.register_mem_pool_host(self.kv)
+        self.b.register_mem_host_pool_v2(self.kv, KV)
+        self.b.register_mem_host_pool_v2(self.mamba, MAMBA)
+
+    def kv_pages(self):
+        return [
+            self.kv.get_data_page(p * KV_PAGE, flat=True).view(torch.uint8).clone()
+            for p in range(PAGES)
+        ]
+
+    def mamba_pages(self):
+        return [self.mamba.get_data_page(p, flat=True).clone() for p in range(PAGES)]
+
+    def wipe(self):
+        self.kv.kv_buffer.view(torch.uint8).zero_()
+        for t in (self.mamba.temporal_buffer, *self.mamba.conv_buffer):
+            t.view(torch.uint8).zero_()
+
+
+def keys_for(prefix, n=PAGES):
+    return [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(n)]
+
+
+def kv_indices(pages):
+    return torch.cat([torch.arange(p * KV_PAGE, (p + 1) * KV_PAGE) for p in pages])
+
+
+def transfer(name, keys, pages, policy=Policy.ALL_PAGES):
+    idx = kv_indices(pages) if name == KV else torch.tensor(pages, dtype=torch.int64)
+    return PoolTransfer(
+        name=name, host_indices=idx, keys=[keys[p] for p in pages], hit_policy=policy
+    )
+
+
+@pytest.fixture
+def pair(mnt, tmp_path):
+    """Our backend on the mount and SGLang's HiCacheFile (on the same mount), with equal pools."""
+    ours = Side(JuiceFSStorage(storage_config(mnt), {}))
+    ref_dir = os.path.join(mnt, "hicache-file")
+    ref = Side(hs.HiCacheFile(storage_config(None, file_storage_path=ref_dir)))
+    yield ours, ref
+    ours.b.close()
+
+
+def both(pair, method, *args):
+    """Call ``method`` on both backends; the results must be equal."""
+    ours, ref = pair
+    got = getattr(ours.b, method)(*args)
+    want = getattr(ref.b, method)(*args)
+    if isinstance(want, hs.PoolTransferResult):
+        assert (got.kv_hit_pages, dict(got.extra_pool_hit_pages)) == (
+            want.kv_hit_pages,
+            dict(want.extra_pool_hit_pages),
+        ), method
+        assert got.restorable_prefix_pages == want.restorable_prefix_pages, method
+    else:
+        assert got == want, method
+    return got
+
+
+# --------------------------------------------------------------------------- differential
+
+
+def test_same_results_and_bytes_as_hicache_file(pair):
+    keys = keys_for("diff")
+    kv_written = [0, 1, 2, 3, 4, 5, 6]  # page 7's KV missing
+    mamba_written = [0, 1, 2, 4, 5, 7]  # pages 3 and 6 missing: holes in the state
+    res = both(
+        pair,
+        "batch_set_v2",
+        [transfer(KV, keys, kv_written), transfer(MAMBA, keys, mamba_written)],
+    )
+    assert res[KV] == [True] * 7 and res[MAMBA] == [True] * 6
+
+    # Lookups: every hit policy, window and combination gives HiCacheFile's answer.
+    for n in (1, 2, 3):
+        tail = keys[PAGES - n :]
+        t = PoolTransfer(name=MAMBA, keys=tail, hit_policy=Policy.TRAILING_PAGES)
+        both(pair, "batch_exists_v2", keys, [t])
+        both(pair, "batch_exists_v2", keys[:5], [t])
+    all_pages = PoolTransfer(name=MAMBA, keys=keys, hit_policy=Policy.ALL_PAGES)
+    r = both(pair, "batch_exists_v2", keys, [all_pages])
+    assert r.kv_hit_pages == 3 and r.restorable_prefix_pages == [1, 2, 3]
+    trailing = PoolTransfer(name=MAMBA, keys=keys[-1:], hit_policy=Policy.TRAILING_PAGES)
+    r = both(pair, "batch_exists_v2", keys, [trailing])
+    # KV stops at 7 pages; prefixes of 4 and 7 pages end on a missing state page (3, 6).
+    assert r.kv_hit_pages == 6 and r.restorable_prefix_pages == [1, 2, 3, 5, 6]
+    both(pair, "batch_exists_v2", keys, [trailing, all_pages])
+    both(pair, "batch_exists_v2", keys, [all_pages, trailing])
+    both(pair, "batch_exists_v2", keys, [])
+    both(pair, "batch_exists_v2", keys_for("absent"), [trailing])
+    both(pair, "batch_exists_v2", [], [trailing])
+
+    # Reads into wiped pools: same flags, same bytes, and the bytes that were written.
+    ours, ref = pair
+    ours.wipe(), ref.wipe()
+    everything = list(range(PAGES))
+    res = both(
+        pair, "batch_get_v2", [transfer(KV, keys, everything), transfer(MAMBA, keys, everything)]
+    )
+    assert res[KV] == [p in kv_written for p in everything]
+    assert res[MAMBA] == [p in mamba_written for p in everything]
+    for side in (ours, ref):
+        for p in everything:
+            kv_ok = torch.equal(side.kv_pages()[p], side.snapshot["kv"][p])
+            mamba_ok = torch.equal(side.mamba_pages()[p], side.snapshot["mamba"][p])
+            assert kv_ok == (p in kv_written) and mamba_ok == (p in mamba_written), p
+    for a, b in zip(ours.kv_pages() + ours.mamba_pages(), ref.kv_pages() + ref.mamba_pages()):
+        assert torch.equal(a, b)
+
+
+def test_pools_have_their_own_checksummed_namespaces(pair):
+    ours = pair[0].b
+    keys = keys_for("ns")
+    ours.batch_set_v2([transfer(KV, keys, [0, 1]), transfer(MAMBA, keys, [0, 1])])
+    (pool_dir,) = ours.pools.dirs()
+    assert os.path.dirname(pool_dir) == ours.ns_dir
+    assert os.path.basename(pool_dir).startswith("pool-mamba__tp0of1__")
+    assert os.path.isfile(os.path.join(pool_dir, "namespace.json"))
+    kv_file, state_file = ours._path(keys[0]), ours.pools.pools["mamba"].space.path(keys[0])
+    assert os.path.isfile(kv_file) and os.path.isfile(state_file) and kv_file != state_file
+    # A state page copied over another key's is a miss (the key tag), never that key's state.
+    os.unlink(ours.pools.pools["mamba"].space.path(keys[1]))
+    shutil.copy(state_file, ours.pools.pools["mamba"].space.path(keys[1]))
+    res = ours.batch_get_v2([transfer(MAMBA, keys, [0, 1])])
+    assert res[MAMBA] == [True, False]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def files_under(path):
+    return sorted(f for f in glob.glob(f"{path}/**/*.kvp", recursive=True))
+
+
+def test_torn_state_page_is_a_miss_and_restorable_shrinks(pair, mnt):
+    ours = pair[0].b
+    keys = keys_for("torn")
+    ours.batch_set_v2([transfer(KV, keys, [0, 1, 2]), transfer(MAMBA, keys, [0, 1, 2])])
+    path = ours.pools.pools["mamba"].space.path(keys[2])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 7)
+    # Another server on the volume (nothing cached): the torn state page is not there.
+    reader = Side(JuiceFSStorage(storage_config(mnt), {})).b
+    t = PoolTransfer(name=MAMBA, keys=keys[2:3], hit_policy=Policy.TRAILING_PAGES)
+    r = reader.batch_exists_v2(keys[:3], [t])
+    assert r.kv_hit_pages == 2 and r.restorable_prefix_pages == [1, 2]
+    reader.close()
+    # The writer's presence cache still vouches for it; its read is the miss.
+    assert ours.batch_get_v2([transfer(MAMBA, keys, [2])])[MAMBA] == [False]
+    assert ours.batch_exists_v2(keys[:3], [t]).kv_hit_pages == 2
+    # A checksum mismatch (same size) is a miss too; the writer drops the file.
+    path = ours.pools.pools["mamba"].space.path(keys[1])
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert ours.batch_get_v2([transfer(MAMBA, keys, [1])])[MAMBA] == [False]
+    assert not os.path.exists(path)
+
+
+def test_unknown_pool_and_mismatched_indices_write_nothing(pair):
+    ours = pair[0].b
+    keys = keys_for("bad")
+    before = files_under(ours.ns_dir)
+    unknown = PoolTransfer(name=PoolName.SWA, host_indices=torch.arange(2), keys=keys[:2])
+    assert ours.batch_set_v2([unknown]) == {PoolName.SWA: [False, False]}
+    assert ours.batch_get_v2([unknown]) == {PoolName.SWA: [False, False]}
+    short = PoolTransfer(name=MAMBA, host_indices=torch.arange(1), keys=keys[:2])
+    short_kv = PoolTransfer(name=KV, host_indices=torch.arange(KV_PAGE), keys=keys[:2])
+    assert ours.batch_set_v2([short, short_kv]) == {MAMBA: [False, False], KV: [False, False]}
+    assert files_under(ours.ns_dir) == before
+    # An unknown pool holds nothing: it restores no prefix (HiCacheFile's answer too).
+    both(pair, "batch_set_v2", [transfer(KV, keys, [0, 1])])
+    r = both(pair, "batch_exists_v2", keys[:2], [PoolTransfer(name=PoolName.SWA, keys=keys[:2])])
+    assert r.kv_hit_pages == 0
+
+
+def test_block_groups_is_refused_never_a_hit(pair):
+    ours = pair[0].b
+    keys = keys_for("blocks")
+    blocks = PoolTransfer(
+        name=MAMBA,
+        host_indices=torch.arange(2),
+        keys=keys[:2],
+        hit_policy=Policy.BLOCK_GROUPS,
+        block_pages=1,
+        group_pages=1,
+    )
+    assert ours.batch_set_v2([blocks]) == {MAMBA: [False, False]}
+    assert files_under(ours.pools.pools["mamba"].space.ns_dir) == []
+    ours.batch_set_v2([transfer(KV, keys, [0, 1]), transfer(MAMBA, keys, [0, 1])])
+    assert ours.batch_get_v2([blocks]) == {MAMBA: [False, False]}
+    r = ours.batch_exists_v2(keys[:2], [blocks])
+    # The pool reports no pages of its own; it does not gate the KV hit (as in 0.5.23).
+    assert r.extra_pool_hit_pages[MAMBA] == 0 and r.kv_hit_pages == 2
+
+
+def test_pool_registered_after_start_up(pair):
+    ours = pair[0].b
+    keys = keys_for("late")
+    ours.batch_set_v2([transfer(KV, keys, [0, 1])])
+    draft = make_mamba_host_pool()
+    draft.temporal_buffer.view(torch.uint8).fill_(7)
+    late = PoolTransfer(name=PoolName.DRAFT, host_indices=torch.arange(2), keys=keys[:2])
+    assert ours.batch_set_v2([late]) == {PoolName.DRAFT: [False, False]}  # not registered yet
+    ours.register_mem_host_pool_v2(draft, PoolName.DRAFT)
+    assert ours.batch_set_v2([late]) == {PoolName.DRAFT: [True, True]}
+    draft.temporal_buffer.view(torch.uint8).zero_()
+    assert ours.batch_get_v2([late]) == {PoolName.DRAFT: [True, True]}
+    assert bool((draft.temporal_buffer[:2].view(torch.uint8) == 7).all())
+    r = ours.batch_exists_v2(keys[:2], [PoolTransfer(name=PoolName.DRAFT, keys=keys[:2])])
+    assert r.kv_hit_pages == 2 and r.extra_pool_hit_pages[PoolName.DRAFT] == 2
+
+
+def test_state_of_another_shape_is_never_read(mnt):
+    keys = keys_for("shape")
+    writer = Side(JuiceFSStorage(storage_config(mnt), {}))
+    writer.b.batch_set_v2([transfer(KV, keys, [0]), transfer(MAMBA, keys, [0])])
+    other = JuiceFSStorage(storage_config(mnt), {})
+    other.register_mem_pool_host(writer.kv)
+    other.register_mem_host_pool_v2(make_mamba_host_pool(conv_dtype=torch.float16), MAMBA)
+    assert other.pools.dirs() != writer.b.pools.dirs()
+    t = PoolTransfer(name=MAMBA, keys=keys[:1], hit_policy=Policy.TRAILING_PAGES)
+    assert other.batch_exists_v2(keys[:1], [t]).kv_hit_pages == 0
+    assert writer.b.batch_exists_v2(keys[:1], [t]).kv_hit_pages == 1
+    writer.b.close(), other.close()
+
+
+def test_pool_without_page_forms_is_refused_at_registration(pair):
+    class Opaque:
+        page_size = 1
+
+    with pytest.raises(ValueError, match="neither get_page_buffer_meta nor flat data pages"):
+        pair[0].b.register_mem_host_pool_v2(Opaque(), PoolName.INDEXER)
+
+
+def test_clear_removes_every_pool_s_pages(pair):
+    ours = pair[0].b
+    keys = keys_for("clear")
+    ours.batch_set_v2([transfer(KV, keys, [0, 1]), transfer(MAMBA, keys, [0, 1])])
+    assert len(files_under(ours.ns_dir)) == 4
+    assert ours.clear()
+    assert files_under(ours.ns_dir) == []
