@@ -323,3 +323,22 @@ def test_clear_removes_every_pool_s_pages(pair):
     assert len(files_under(ours.ns_dir)) == 4
     assert ours.clear()
     assert files_under(ours.ns_dir) == []
+
+
+def test_patched_factory_backend_serves_v2(mnt):
+    """The built-in ``juicefs`` of a patched tree (the injected package) stores a hybrid pool."""
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    if "juicefs" not in StorageBackendFactory._registry:
+        pytest.skip("this SGLang is not patched by kvtuner-patch (no 'juicefs' backend)")
+    kv, state = make_mha_host_pool("page_first", page_size=KV_PAGE, tokens=64), make_state_pool()
+    b = StorageBackendFactory.create_backend("juicefs", storage_config(mnt), kv)
+    assert type(b).__module__.startswith("sglang.srt.mem_cache.kvtuner_hicache.juicefs")
+    b.register_mem_pool_host(kv)
+    b.register_mem_host_pool_v2(state, MAMBA)
+    keys = keys_for("patched", 2)
+    res = b.batch_set_v2([transfer(KV, keys, [0, 1]), transfer(MAMBA, keys, [0, 1])])
+    assert res == {KV: [True, True], MAMBA: [True, True]}
+    t = PoolTransfer(name=MAMBA, keys=keys[1:], hit_policy=Policy.TRAILING_PAGES)
+    assert b.batch_exists_v2(keys, [t]).kv_hit_pages == 2
+    b.close()
