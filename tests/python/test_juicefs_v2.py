@@ -342,3 +342,17 @@ def test_patched_factory_backend_serves_v2(mnt):
     t = PoolTransfer(name=MAMBA, keys=keys[1:], hit_policy=Policy.TRAILING_PAGES)
     assert b.batch_exists_v2(keys, [t]).kv_hit_pages == 2
     b.close()
+
+
+def test_sidecar_registered_while_the_volume_is_away(make_volume):
+    """A dynamic sidecar arriving while the volume is unmounted: no exception into SGLang, its
+    transfers miss, and nothing lands on the local disk under the bare mount point."""
+    vol = make_volume("kvv2away")
+    b = Side(JuiceFSStorage(storage_config(vol.mnt), {})).b
+    vol.umount()
+    b.register_mem_host_pool_v2(make_state_pool(), PoolName.DRAFT)
+    late = PoolTransfer(name=PoolName.DRAFT, host_indices=torch.arange(2), keys=keys_for("a", 2))
+    assert b.batch_set_v2([late]) == {PoolName.DRAFT: [False, False]}
+    assert b.batch_get_v2([late]) == {PoolName.DRAFT: [False, False]}
+    assert os.listdir(vol.mnt) == []
+    b.close()

@@ -156,7 +156,15 @@ class PoolSet:
         fields = pool_namespace_fields(b.storage_config, b.namespace, name, pool, shape, sharded)
         namespace = pool_namespace_name(fields)
         ns_dir = os.path.join(b.ns_dir, namespace)
-        os.makedirs(ns_dir, exist_ok=True)
+        try:
+            # A sidecar can arrive at run time: never create it on the disk under a bare mount
+            # point, and never raise into SGLang for a volume that is away.
+            if not b._volume_ok():
+                raise OSError("volume unavailable")
+            os.makedirs(ns_dir, exist_ok=True)
+        except OSError as e:
+            self._refuse(name, f"its namespace {ns_dir} cannot be opened ({e})")
+            return
         marker = json.dumps(fields, sort_keys=True, indent=1).encode()
         publish_once(b._publisher, os.path.join(ns_dir, NAMESPACE_MARKER), marker)
         sizes = {HEADER_SIZE + shape.page_bytes, HEADER_SIZE + (shape.flat_bytes or 0)}
