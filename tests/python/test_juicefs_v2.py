@@ -387,3 +387,31 @@ def test_sidecar_registered_while_the_volume_is_away(make_volume):
     assert b.batch_get_v2([late]) == {PoolName.DRAFT: [False, False]}
     assert os.listdir(vol.mnt) == []
     b.close()
+
+
+def test_mla_ranks_share_replicated_pools_and_shard_mamba(mnt):
+    """MLA (e.g. Kimi-K3: MLA KV plus Mamba state): KV and the indexer are one copy written by
+    the writer rank and read by every rank; Mamba state is per TP rank, written by each."""
+    keys = keys_for("mla")
+    ranks = []
+    for rank in (0, 1):
+        side = Side(JuiceFSStorage(storage_config(mnt, is_mla=True, tp_rank=rank, tp_size=2), {}))
+        side.b.register_mem_host_pool_v2(side.mamba, PoolName.INDEXER)  # any pool stands in
+        ranks.append(side)
+    r0, r1 = ranks[0].b, ranks[1].b
+    assert r0.ns_dir == r1.ns_dir
+    indexer = [transfer(PoolName.INDEXER, keys, [0, 1])]
+    assert r1.batch_set_v2(indexer) == {PoolName.INDEXER: [True, True]}  # not its copy to write
+    assert files_under(r1.pools.pools["indexer"].space.ns_dir) == []
+    assert r0.batch_set_v2([transfer(KV, keys, [0, 1]), *indexer])[PoolName.INDEXER] == [True] * 2
+    for b in (r0, r1):
+        assert b.batch_set_v2([transfer(MAMBA, keys, [0, 1])]) == {MAMBA: [True, True]}
+    assert os.path.basename(r1.pools.pools["mamba"].space.ns_dir).startswith("pool-mamba__tp1of2")
+    assert r0.pools.pools["indexer"].space.ns_dir == r1.pools.pools["indexer"].space.ns_dir
+    ranks[1].wipe()
+    got = r1.batch_get_v2([transfer(KV, keys, [0, 1]), *indexer, transfer(MAMBA, keys, [0, 1])])
+    assert got == {KV: [True] * 2, PoolName.INDEXER: [True] * 2, MAMBA: [True] * 2}
+    assert all(
+        torch.equal(a, b) for a, b in zip(ranks[1].mamba_pages()[:2], ranks[1].snapshot["mamba"])
+    )
+    r0.close(), r1.close()
