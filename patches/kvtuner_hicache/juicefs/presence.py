@@ -1,5 +1,6 @@
-"""What a ``JuiceFSStorage`` remembers about which pages exist: a cache in front of the file
-system, which stays the truth."""
+"""What a ``JuiceFSStorage`` remembers about which page files exist (keyed by path, so one cache
+serves the KV pool and every v2 pool): a cache in front of the file system, which stays the
+truth."""
 
 from __future__ import annotations
 
