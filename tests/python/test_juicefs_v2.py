@@ -28,6 +28,7 @@ PoolName, PoolTransfer, Policy = hs.PoolName, hs.PoolTransfer, hs.PoolHitPolicy
 KV, MAMBA = PoolName.KV, PoolName.MAMBA
 PAGES = 8
 KV_PAGE = 4  # tokens per KV page
+DSA_PAGE = 64  # tokens per MLA page with a DSA indexer
 
 
 # --------------------------------------------------------------------------- helpers
@@ -415,3 +416,88 @@ def test_mla_ranks_share_replicated_pools_and_shard_mamba(mnt):
         torch.equal(a, b) for a, b in zip(ranks[1].mamba_pages()[:2], ranks[1].snapshot["mamba"])
     )
     r0.close(), r1.close()
+
+
+def make_mla_dsa_pools(seed):
+    """SGLang 0.5.23's MLA host pool and its DSA indexer sidecar (DeepSeek-V3.2, GLM-5) on CPU,
+    built from a CPU DSATokenToKVPool as the hybrid pool assembler builds them; random bytes."""
+    from sglang.srt.mem_cache.memory_pool import DSATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.dsa import DSAIndexerPoolHost, make_dsa_indexer_pool_decl
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(attn_dcp_size=1):
+        dev = DSATokenToKVPool(
+            size=256,
+            page_size=DSA_PAGE,
+            kv_lora_rank=512,
+            dtype=torch.bfloat16,
+            qk_rope_head_dim=64,
+            layer_num=2,
+            device="cpu",
+            index_head_dim=128,
+            enable_memory_saver=False,
+            kv_cache_dim=576,
+        )
+        info = dev.get_device_pool_infos()[0].buffer_info
+        kv = MLATokenToKVPoolHost(
+            info, 2.0, 0, DSA_PAGE, "page_first", pin_memory=False, device="cpu",
+            device_capacity_tokens=256, start_layer=0, end_layer=2, target_layer_num=2,
+        )  # fmt: skip
+        indexer = DSAIndexerPoolHost(make_dsa_indexer_pool_decl(dev), kv, pin_memory=False)
+    g = torch.Generator().manual_seed(seed)
+    for t in (kv.kv_buffer, indexer.index_k_with_scale_buffer):
+        raw = t.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+    kv._device_keepalive = indexer._device_keepalive = dev
+    return kv, indexer
+
+
+def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
+    """DeepSeek-V3.2-style: MLA KV plus the DSA indexer sidecar (ALL_PAGES, indices from KV)."""
+    try:
+        sides = [make_mla_dsa_pools(0), make_mla_dsa_pools(0)]
+    except (ImportError, TypeError, AttributeError) as e:
+        pytest.skip(f"the DSA indexer host pool is not constructible on CPU here: {e}")
+    cfg = storage_config(mnt, is_mla=True)
+    ref_cfg = storage_config(None, is_mla=True, file_storage_path=os.path.join(mnt, "file"))
+    backends = [JuiceFSStorage(cfg, {}), hs.HiCacheFile(ref_cfg)]
+    for b, (kv, indexer) in zip(backends, sides):
+        b.register_mem_pool_host(kv)
+        b.register_mem_host_pool_v2(kv, KV)
+        b.register_mem_host_pool_v2(indexer, PoolName.INDEXER)
+    assert backends[0].pools.pools["indexer"].shape.meta_regions  # zero-copy
+    keys = keys_for("dsa", 4)
+
+    def dsa(name, pages):
+        idx = torch.cat([torch.arange(p * DSA_PAGE, (p + 1) * DSA_PAGE) for p in pages])
+        return PoolTransfer(name=name, host_indices=idx, keys=[keys[p] for p in pages])
+
+    def call(method, *args):
+        got, want = (getattr(b, method)(*args) for b in backends)
+        if isinstance(want, hs.PoolTransferResult):
+            got, want = (
+                (r.kv_hit_pages, dict(r.extra_pool_hit_pages), r.restorable_prefix_pages)
+                for r in (got, want)
+            )
+        assert got == want, method
+        return got
+
+    call("batch_set_v2", [dsa(KV, [0, 1, 2, 3]), dsa(PoolName.INDEXER, [0, 1, 3])])
+    lookup = [PoolTransfer(name=PoolName.INDEXER, keys=keys, hit_policy=Policy.ALL_PAGES)]
+    assert call("batch_exists_v2", keys, lookup)[0] == 2  # the indexer misses page 2
+
+    def page(pool, p):
+        return pool.get_data_page(p * DSA_PAGE, flat=True).view(torch.uint8).clone()
+
+    originals = [[page(pool, p) for p in range(4)] for pool in sides[0]]
+    for kv, indexer in sides:
+        kv.kv_buffer.view(torch.uint8).zero_()
+        indexer.index_k_with_scale_buffer.view(torch.uint8).zero_()
+    res = call("batch_get_v2", [dsa(KV, [0, 1, 2, 3]), dsa(PoolName.INDEXER, [0, 1, 2, 3])])
+    assert res[PoolName.INDEXER] == [True, True, False, True]
+    for kv, indexer in sides:  # both backends restore the same bytes: those written
+        for p in range(4):
+            assert torch.equal(page(kv, p), originals[0][p])
+            assert torch.equal(page(indexer, p), originals[1][p]) == (p != 2)
+    backends[0].close()
