@@ -14,6 +14,7 @@ import glob
 import hashlib
 import os
 import shutil
+import time
 
 import pytest
 
@@ -501,3 +502,169 @@ def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
             assert torch.equal(page(kv, p), originals[0][p])
             assert torch.equal(page(indexer, p), originals[1][p]) == (p != 2)
     backends[0].close()
+
+
+# --------------------------------------------------------------------------- fleet and eviction
+
+# Maintenance only when a test calls it (as in test_juicefs_eviction.py).
+QUIET = dict(evict_interval=3600, access_flush_interval=3600, recency_resolution=0)
+TRAILING = Policy.TRAILING_PAGES
+
+
+def fleet_side(mount, root, seed, **options):
+    """One server of the fleet: a backend on its own mount with its own KV and state pools."""
+    return Side(JuiceFSStorage(storage_config(mount, root_dir=root, **options), {}), seed)
+
+
+def file_bytes(side):
+    """(KV page file, state page file) sizes on the volume."""
+    from kvtuner_hicache.juicefs import HEADER_SIZE
+
+    state = side.b.pools.pools["mamba"].shape.page_bytes
+    return HEADER_SIZE + side.b.page_bytes, HEADER_SIZE + state
+
+
+def bytes_on_volume(ns_dir):
+    """What the namespace holds, measured: every page file of the KV and every pool namespace."""
+    return sum(os.path.getsize(f) for f in files_under(ns_dir))
+
+
+def state_lookup(keys):
+    """The lookup SGLang's Mamba component sends: the state at the prefix's last page."""
+    return [PoolTransfer(name=MAMBA, keys=keys[-1:], hit_policy=TRAILING)]
+
+
+def test_state_written_on_one_server_is_restorable_on_another(fleet, request):
+    root = f"v2-{request.node.name}"[:100]
+    a, b = fleet_side(fleet.mnts[0], root, 1), fleet_side(fleet.mnts[1], root, 2)
+    keys = keys_for("fleet")
+    # One Mamba state per radix node, at its last page: nodes end at pages 3 and 7.
+    written = a.b.batch_set_v2(
+        [transfer(KV, keys, list(range(PAGES))), transfer(MAMBA, keys, [3, 7], TRAILING)]
+    )
+    assert written == {KV: [True] * PAGES, MAMBA: [True, True]}
+    # B: its own mount, backend and pools; nothing but the volume connects it to A.
+    r = b.b.batch_exists_v2(keys, state_lookup(keys))
+    assert r.kv_hit_pages == PAGES and restorable(r) in (None, [4, 8])
+    assert b.b.batch_exists_v2(keys[:6], state_lookup(keys[:6])).kv_hit_pages == 4
+    b.wipe()
+    got = b.b.batch_get_v2(
+        [transfer(KV, keys, list(range(PAGES))), transfer(MAMBA, keys, [3, 7], TRAILING)]
+    )
+    assert got == {KV: [True] * PAGES, MAMBA: [True, True]}
+    assert all(torch.equal(x, y) for x, y in zip(b.kv_pages(), a.snapshot["kv"]))
+    for p in (3, 7):  # the same bytes A wrote
+        assert torch.equal(b.mamba_pages()[p], a.snapshot["mamba"][p])
+    a.b.close(), b.b.close()
+
+
+def test_state_reads_on_another_server_keep_its_pages_and_eviction_takes_both(fleet, request):
+    """Fleet-wide recency covers state pages (a state read on B keeps the page's KV and state
+    on the volume) and an eviction takes a page's state with its KV page."""
+    root = f"v2-{request.node.name}"[:100]
+    probe = fleet_side(fleet.mnts[0], root, 0)
+    kv_file, state_file = file_bytes(probe)
+    probe.b.close()
+    unit = kv_file + state_file  # a one-page sequence with its state
+    cap = int(20.5 * unit)  # high 19.5 units, low 17.4: 20 sequences evict 3
+    a = fleet_side(fleet.mnts[0], root, 3, capacity_bytes=cap, **QUIET)
+    b = fleet_side(fleet.mnts[1], root, 4, capacity_bytes=cap, **QUIET)
+    assert a.b.wait_for_maintenance(60) and b.b.wait_for_maintenance(60)
+
+    def write(side, keys):
+        n = len(keys)
+        got = side.b.batch_set_v2(
+            [transfer(KV, keys, list(range(n))), transfer(MAMBA, keys, list(range(n)), TRAILING)]
+        )
+        assert got == {KV: [True] * n, MAMBA: [True] * n}
+
+    old, new = keys_for("old", 16), keys_for("new", 4)
+    hot = old[:5]
+    write(a, old[:PAGES]), write(a, old[PAGES:])
+    time.sleep(0.05)  # the state reads are strictly later than every old write
+    reads = b.b.batch_get_v2([transfer(MAMBA, hot, list(range(5)), TRAILING)])
+    assert reads == {MAMBA: [True] * 5}
+    time.sleep(0.05)
+    write(a, new)
+    assert a.b.flush_access_log() and b.b.flush_access_log()
+    passes = [r for r in (a.b.maintain(), b.b.maintain()) if r is not None]
+    assert len(passes) == 1, "one server holds the lease"
+    kv_space, state_space = a.b.kv, a.b.pools.pools["mamba"].space
+    kept = {k for k in old + new if os.path.exists(kv_space.path(k))}
+    with_state = {k for k in old + new if os.path.exists(state_space.path(k))}
+    assert kept == with_state, "a page's state goes with its KV page"
+    assert len(kept) == 17 and set(hot) | set(new) <= kept
+    assert passes[0].usage_after == bytes_on_volume(a.b.ns_dir) == 17 * unit
+    for k in hot:  # restorable on both servers
+        for side in (a, b):
+            assert side.b.batch_exists_v2([k], state_lookup([k])).kv_hit_pages == 1
+    a.b.close(), b.b.close()
+
+
+def test_eviction_under_pressure_never_reports_missing_state_restorable(fleet, request):
+    """Small capacity, many sequences of KV pages with their Mamba states, random reads: after
+    every eviction pass the namespace's measured bytes are the accounted ones, and every prefix
+    a lookup reports restorable reads back whole. The checker is a second backend, nothing
+    cached, on the writer's mount (another mount sees a deletion after its entry cache, 1 s)."""
+    import random
+
+    root = f"v2-{request.node.name}"[:100]
+    rng = random.Random(23)
+    probe = fleet_side(fleet.mnts[0], root, 0)
+    kv_file, state_file = file_bytes(probe)
+    probe.b.close()
+    cap = 14 * kv_file + 6 * state_file
+    writer = fleet_side(fleet.mnts[0], root, 5, capacity_bytes=cap, **QUIET)
+    checker = fleet_side(fleet.mnts[0], root, 6, exists_cache_ttl=0)
+    assert writer.b.wait_for_maintenance(60)
+
+    # A sequence whose KV is all there but whose last state page is gone: not restorable.
+    keys = keys_for("kv-only", 3)
+    writer.b.batch_set_v2([transfer(KV, keys, [0, 1, 2]), transfer(MAMBA, keys, [2], TRAILING)])
+    assert checker.b.batch_exists_v2(keys, state_lookup(keys)).kv_hit_pages == 3
+    os.unlink(writer.b.pools.pools["mamba"].space.path(keys[2]))
+    assert checker.b.batch_exists(keys) == 3
+    r = checker.b.batch_exists_v2(keys, state_lookup(keys))
+    assert r.kv_hit_pages == 0 and restorable(r) in (None, [])
+
+    sequences = []
+    for round_ in range(16):
+        n = rng.randint(2, PAGES)
+        keys = keys_for(f"seq-{round_}", n)
+        # States at the sequence's end and, for some, at a node boundary inside it.
+        ends = sorted({n - 1, rng.randrange(n)})
+        writer.b.batch_set_v2(
+            [transfer(KV, keys, list(range(n))), transfer(MAMBA, keys, ends, TRAILING)]
+        )
+        sequences.append(keys)
+        for keys_read in rng.sample(sequences, min(2, len(sequences))):
+            r = writer.b.batch_exists_v2(keys_read, state_lookup(keys_read))
+            if r.kv_hit_pages:
+                writer.b.batch_get_v2(
+                    [
+                        transfer(KV, keys_read, list(range(r.kv_hit_pages))),
+                        transfer(MAMBA, keys_read, [r.kv_hit_pages - 1], TRAILING),
+                    ]
+                )
+        result = writer.b.maintain()
+        assert result is not None
+        measured = bytes_on_volume(writer.b.ns_dir)
+        assert measured == result.usage_after == writer.b.counters["usage_bytes"]
+        assert measured <= 0.95 * cap
+        for keys_seq in sequences:
+            r = checker.b.batch_exists_v2(keys_seq, state_lookup(keys_seq))
+            for p in restorable(r) or ([r.kv_hit_pages] if r.kv_hit_pages else []):
+                # Reported restorable: the KV pages and the state read back as written.
+                checker.wipe()
+                got = checker.b.batch_get_v2(
+                    [
+                        transfer(KV, keys_seq, list(range(p))),
+                        transfer(MAMBA, keys_seq, [p - 1], TRAILING),
+                    ]
+                )
+                assert got == {KV: [True] * p, MAMBA: [True]}, (round_, p)
+                for i in range(p):
+                    assert torch.equal(checker.kv_pages()[i], writer.snapshot["kv"][i])
+                assert torch.equal(checker.mamba_pages()[p - 1], writer.snapshot["mamba"][p - 1])
+    assert writer.b.counters["evicted_pages"] > 0
+    writer.b.close(), checker.b.close()

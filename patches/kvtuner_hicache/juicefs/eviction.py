@@ -3,7 +3,9 @@
 Design (docs/juicefs-fleet.md): every server appends the pages it used to its own access log in the
 namespace, in batches (no metadata write per read); one server at a time, the holder of a lease
 file, lists the namespace, and when usage passes the high watermark deletes the least recently
-used pages (latest logged use, else file mtime) down to the low watermark.
+used pages (latest logged use, else file mtime) down to the low watermark. The namespace's pool
+namespaces (v2: ``pool-*/`` inside it) are part of it: a key's KV page and its pools' pages share
+a page name, so they are counted, aged and evicted as one.
 
 Under ``<ns>/``::
 
@@ -12,7 +14,8 @@ Under ``<ns>/``::
     .evictor.lease              JSON {"owner", "expires"}: who evicts this namespace now
     .usage                      JSON {"bytes", "pages", "time", "owner"}: the last pass's count
 
-Only ``*.kvp`` files in the namespace's two-hex-digit shard directories are ever deleted.
+Only ``*.kvp`` files in the two-hex-digit shard directories of the namespace and of its pool
+namespaces are ever deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .page_file import PAGE_SUFFIX, TMP_PREFIX
+from .page_file import HEADER_SIZE, PAGE_SUFFIX, TMP_PREFIX
+from .volume import NAMESPACE_MARKER, POOL_DIR_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +144,7 @@ class NamespaceEvictor:
         self.last_error: Optional[OSError] = None  # of the last failed flush
         self._pending: List[bytes] = []
         self._logged: Dict[str, float] = {}  # name -> when this server last logged it
+        self._pool_file_bytes: Dict[str, int] = {}  # pool namespace directory name -> bytes
 
     # ---------------------------------------------------------------- access log
 
@@ -284,10 +289,34 @@ class NamespaceEvictor:
 
     # ---------------------------------------------------------------- passes
 
-    def _list_shard(self, shard: str) -> List[str]:
-        """Page names of one shard; sweeps stale temporaries on the way."""
-        directory = os.path.join(self.ns_dir, shard)
-        names, now = [], time.time()
+    def namespaces(self) -> List[Tuple[str, int]]:
+        """(directory, page file bytes) of the KV namespace and of every pool namespace inside
+        it (v2: the pools of every server sharing the namespace, whoever registered them)."""
+        found = [(self.ns_dir, self.page_file_bytes)]
+        try:
+            names = sorted(n for n in os.listdir(self.ns_dir) if n.startswith(POOL_DIR_PREFIX))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            directory = os.path.join(self.ns_dir, name)
+            if name not in self._pool_file_bytes:
+                fields = _read_json(os.path.join(directory, NAMESPACE_MARKER)) or {}
+                if not isinstance(fields.get("page_bytes"), int):
+                    logger.warning(
+                        "juicefs backend: pool namespace %s has no readable %s; its pages are "
+                        "not counted or evicted this pass",
+                        directory,
+                        NAMESPACE_MARKER,
+                    )
+                    continue
+                # Every page file of a pool namespace has its size (the marker's page bytes).
+                self._pool_file_bytes[name] = HEADER_SIZE + fields["page_bytes"]
+            found.append((directory, self._pool_file_bytes[name]))
+        return found
+
+    def _list_shard(self, directory: str) -> List[str]:
+        """Page names of one shard directory; sweeps stale temporaries on the way."""
+        shard, names, now = os.path.basename(directory), [], time.time()
         try:
             with os.scandir(directory) as it:
                 for entry in it:
@@ -306,14 +335,21 @@ class NamespaceEvictor:
             pass
         return names
 
-    def list_pages(self) -> List[str]:
-        try:
-            shards = [s for s in os.listdir(self.ns_dir) if _is_shard(s)]
-        except FileNotFoundError:
-            return []
-        pages: List[str] = []
-        for names in self.executor.map(self._list_shard, shards):
-            pages.extend(names)
+    def list_pages(self, namespaces: List[Tuple[str, int]]) -> Dict[str, List[int]]:
+        """Page names (``<shard>/<file>``) found, each with the indices in ``namespaces`` of
+        the namespaces holding a file of that name (a key's KV page and its pools' pages)."""
+        shards = []
+        for i, (directory, _) in enumerate(namespaces):
+            try:
+                shards += [(i, os.path.join(directory, s)) for s in os.listdir(directory)]
+            except FileNotFoundError:
+                continue
+        shards = [(i, d) for i, d in shards if _is_shard(os.path.basename(d))]
+        pages: Dict[str, List[int]] = {}
+        listed = self.executor.map(self._list_shard, [d for _, d in shards])
+        for (i, _), names in zip(shards, listed):
+            for name in names:
+                pages.setdefault(name, []).append(i)
         return pages
 
     def _epochs(self) -> List[int]:
@@ -350,74 +386,89 @@ class NamespaceEvictor:
             _parse_lines(data, recency)
         return recency
 
-    def _mtime(self, name: str) -> Optional[float]:
+    @staticmethod
+    def _mtime(path: str) -> Optional[float]:
         try:
-            return os.stat(os.path.join(self.ns_dir, name)).st_mtime
+            return os.stat(path).st_mtime
         except OSError:
             return None
 
-    def _unlink(self, name: str) -> str:
+    @staticmethod
+    def _unlink(path: str) -> str:
         """Outcome: evicted; gone (deleted by someone else meanwhile); kept (an error)."""
         try:
-            os.unlink(os.path.join(self.ns_dir, name))
+            os.unlink(path)
             return "evicted"
         except FileNotFoundError:  # a corrupt-page drop, clear(), a second evictor
             return "gone"
         except OSError as e:
-            logger.warning("juicefs backend: evicting %s failed: %s", name, e)
+            logger.warning("juicefs backend: evicting %s failed: %s", path, e)
             return "kept"
 
     def run_pass(self) -> PassResult:
-        """List, and when above the high watermark evict LRU pages down to the low one."""
+        """List, and when above the high watermark evict LRU pages down to the low one. A page
+        name is one unit: a key's KV page and its pools' pages count, age and go together."""
         start = time.monotonic()
-        pages = self.list_pages()
-        usage = len(pages) * self.page_file_bytes
-        result = PassResult(pages=len(pages), usage_before=usage, usage_after=usage)
+        spaces = self.namespaces()
+        pages = self.list_pages(spaces)
+
+        def nbytes(name: str) -> int:
+            return sum(spaces[i][1] for i in pages[name])
+
+        files = sum(len(held) for held in pages.values())
+        usage = sum(nbytes(n) for n in pages)
+        result = PassResult(pages=files, usage_before=usage, usage_after=usage)
         epochs = self._epochs()
         closed = self._closed_epochs(epochs)
         if usage <= self.high_bytes and len(closed) < 2:
-            self._publish_usage(usage, len(pages))
+            self._publish_usage(usage, files)
             result.seconds = time.monotonic() - start
             return result
 
         recency = self.load_recency(epochs)
         unknown = [n for n in pages if n not in recency]
-        for name, mtime in zip(unknown, self.executor.map(self._mtime, unknown)):
+        first_files = [os.path.join(spaces[pages[n][0]][0], n) for n in unknown]
+        for name, mtime in zip(unknown, self.executor.map(self._mtime, first_files)):
             if mtime is not None:
                 recency[name] = mtime
         live = [n for n in pages if n in recency]
         live.sort(key=lambda n: recency[n])
-        usage = len(live) * self.page_file_bytes
+        usage = sum(nbytes(n) for n in live)
 
-        evicted, gone = 0, set()
         if usage > self.high_bytes:
-            need = -(-(usage - self.low_bytes) // self.page_file_bytes)  # ceil
-            victims = live[:need]
-            for i in range(0, len(victims), _EVICT_CHUNK):
-                if i and not self.still_holds_lease():
+            victims, freed = [], 0
+            for name in live:
+                if usage - freed <= self.low_bytes:
+                    break
+                victims.append(name)
+                freed += nbytes(name)
+            for c in range(0, len(victims), _EVICT_CHUNK):
+                if c and not self.still_holds_lease():
                     logger.warning(
                         "juicefs backend: lost the evictor lease mid-pass in %s", self.ns_dir
                     )
                     break
-                chunk = victims[i : i + _EVICT_CHUNK]
-                for name, outcome in zip(chunk, self.executor.map(self._unlink, chunk)):
-                    evicted += outcome == "evicted"
+                doomed = [(n, i) for n in victims[c : c + _EVICT_CHUNK] for i in pages[n]]
+                paths = [os.path.join(spaces[i][0], n) for n, i in doomed]
+                for (name, i), outcome in zip(doomed, self.executor.map(self._unlink, paths)):
+                    if outcome == "evicted":
+                        result.evicted_pages += 1
+                        result.evicted_bytes += spaces[i][1]
                     if outcome != "kept":
-                        gone.add(name)
-            live = [n for n in live if n not in gone]
-            usage = len(live) * self.page_file_bytes
-        result.evicted_pages = evicted
-        result.evicted_bytes = evicted * self.page_file_bytes
+                        pages[name] = [j for j in pages[name] if j != i]
+            live = [n for n in live if pages[n]]
+            files = sum(len(pages[n]) for n in live)
+            usage = sum(nbytes(n) for n in live)
         result.usage_after = usage
-        self._publish_usage(usage, len(live))
+        self._publish_usage(usage, files)
         if closed:
             result.folded_epochs = self._fold(live, recency, closed)
         result.seconds = time.monotonic() - start
-        if evicted:
+        if result.evicted_pages:
             logger.info(
                 "juicefs backend: evicted %d pages (%d bytes) from %s: usage %d -> %d "
                 "of %d bytes in %.2f s",
-                evicted,
+                result.evicted_pages,
                 result.evicted_bytes,
                 self.ns_dir,
                 result.usage_before,

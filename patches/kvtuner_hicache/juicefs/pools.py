@@ -61,7 +61,7 @@ def indices_match(op: str, keys: Sequence[str], host_indices, page_size: int) ->
 class PageSpace:
     """One namespace's page files: where a key's file is, the tag it carries, the file sizes
     that can verify, whether this rank writes them, and the maintenance (capacity and LRU) they
-    count in, if any (the KV namespace's do)."""
+    count in, if any (the KV namespace's, shared by its pools' namespaces)."""
 
     def __init__(self, ns_dir: str, namespace: str, sizes, writer: bool, maintenance=None):
         self.ns_dir = ns_dir
@@ -169,8 +169,11 @@ class PoolSet:
         publish_once(b._publisher, os.path.join(ns_dir, NAMESPACE_MARKER), marker)
         sizes = {HEADER_SIZE + shape.page_bytes, HEADER_SIZE + (shape.flat_bytes or 0)}
         # MLA's replicated pools are written by the KV writer rank; sharded ones by every rank.
-        # Not counted yet: capacity and eviction cover the KV namespace (issue 23, item 2).
-        space = PageSpace(ns_dir, namespace, sizes, b.is_writer or sharded)
+        # The writer rank keeps the KV namespace's capacity and its evictor lists every pool
+        # namespace inside it, so pool pages count there; an MLA reader rank's own Mamba shard
+        # is counted by those passes, not at its admission (it keeps no usage count).
+        maintenance = b.maintenance if b.is_writer else None
+        space = PageSpace(ns_dir, namespace, sizes, b.is_writer or sharded, maintenance)
         with self._lock:
             self.pools[name] = HostPoolPages(name, pool, shape, space)
         logger.info(

@@ -155,12 +155,16 @@ def pool_namespace_fields(cfg, kv_namespace: str, name: str, pool, shape, sharde
     }
 
 
+# How a pool namespace's directory name (inside the KV namespace) begins.
+POOL_DIR_PREFIX = "pool-"
+
+
 def pool_namespace_name(f: dict) -> str:
     """Directory name (inside the KV namespace) spelling a pool's namespace fields, ending in a
     hash of all of them."""
     ranks = "tp-shared" if f["tp"] is None else f"tp{f['tp'][0]}of{f['tp'][1]}"
     parts = [
-        "pool-" + _part(f["pool"], 48),
+        POOL_DIR_PREFIX + _part(f["pool"], 48),
         ranks,
         f"{f['page_bytes']}B",
         "h" + blake(json.dumps(f, sort_keys=True), 6).hex(),
