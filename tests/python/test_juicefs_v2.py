@@ -171,6 +171,7 @@ def test_same_results_and_bytes_as_hicache_file(pair):
     # KV stops at 7 pages; prefixes of 4 and 7 pages end on a missing state page (3, 6).
     assert r.kv_hit_pages == 6 and restorable(r) in (None, [1, 2, 3, 5, 6])
     both(pair, "batch_exists_v2", keys, [trailing, all_pages])
+    both(pair, "batch_exists_v2", keys, [PoolTransfer(name=KV, keys=keys), trailing])
     both(pair, "batch_exists_v2", keys, [all_pages, trailing])
     both(pair, "batch_exists_v2", keys, [])
     both(pair, "batch_exists_v2", keys_for("absent"), [trailing])
@@ -417,6 +418,33 @@ def test_mla_ranks_share_replicated_pools_and_shard_mamba(mnt):
         torch.equal(a, b) for a, b in zip(ranks[1].mamba_pages()[:2], ranks[1].snapshot["mamba"])
     )
     r0.close(), r1.close()
+
+
+def test_pool_names_spelled_by_value_as_0_5_10_passes_them(mnt):
+    """0.5.10 - 0.5.11's ``PoolName`` has no ``__str__`` (``str()`` gives "PoolName.MAMBA"):
+    the backend spells a pool by its value, so the KV pool is recognised and an MLA model's
+    Mamba state stays per TP rank there as on later releases."""
+    from enum import Enum
+
+    class EarlyPoolName(str, Enum):  # the shape of 0.5.10's enum: string values, no __str__
+        KV = "kv"
+        MAMBA = "mamba"
+
+    assert str(EarlyPoolName.MAMBA) != "mamba"
+    keys = keys_for("early-enum", 2)
+    dirs = []
+    for rank in (0, 1):
+        b = JuiceFSStorage(storage_config(mnt, is_mla=True, tp_rank=rank, tp_size=2), {})
+        kv = make_mha_host_pool("page_first", page_size=KV_PAGE, tokens=64)
+        b.register_mem_pool_host(kv)
+        b.register_mem_host_pool_v2(kv, EarlyPoolName.KV)
+        b.register_mem_host_pool_v2(make_state_pool(), EarlyPoolName.MAMBA)
+        assert list(b.pools.pools) == ["mamba"]
+        dirs.append(os.path.basename(b.pools.pools["mamba"].space.ns_dir))
+        state = PoolTransfer(name=EarlyPoolName.MAMBA, host_indices=torch.arange(2), keys=keys)
+        assert b.batch_set_v2([state]) == {EarlyPoolName.MAMBA: [True, True]}
+        b.close()
+    assert [d.split("__")[:2] for d in dirs] == [["pool-mamba", "tp0of2"], ["pool-mamba", "tp1of2"]]
 
 
 def make_mla_dsa_pools(seed):

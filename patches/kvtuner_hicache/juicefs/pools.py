@@ -44,6 +44,12 @@ KV = "kv"
 RANK_SHARDED = frozenset({"mamba"})
 
 
+def pool_name(name) -> str:
+    """A pool's name as this backend spells it: a ``PoolName``'s value (0.5.10 - 0.5.11's enum has
+    no ``__str__``, so ``str(PoolName.MAMBA)`` is ``"PoolName.MAMBA"`` there), else the string."""
+    return str(getattr(name, "value", name))
+
+
 def indices_match(op: str, keys: Sequence[str], host_indices, page_size: int) -> bool:
     """Whether ``host_indices`` hold exactly one page of tokens per key (logged if not)."""
     if host_indices is None or host_indices.numel() != len(keys) * page_size:
@@ -139,7 +145,7 @@ class PoolSet:
 
     def register(self, pool, name) -> None:
         """Open (or create) the namespace of pool ``name``; the KV pool already has one."""
-        name, b = str(name), self.backend
+        name, b = pool_name(name), self.backend
         if name == KV:
             if pool is not b.mem_pool_host:
                 logger.info(
@@ -195,12 +201,15 @@ class PoolSet:
 
     def _present(self, name: str, keys: Sequence[str]) -> List[bool]:
         """Which of ``keys`` pool ``name`` holds a page of (none for an unknown pool)."""
-        entry = self.pools.get(name)
-        if entry is None:
+        b = self.backend
+        if name == KV:  # a lookup naming the KV pool itself: its own pages
+            space = b.kv
+        elif name in self.pools:
+            space = self.pools[name].space
+        else:
             self._refuse(name, "not registered")
             return [False] * len(keys)
-        b = self.backend
-        return list(b._executor.map(lambda k: b._exists_one(k, entry.space), keys))
+        return list(b._executor.map(lambda k: b._exists_one(k, space), keys))
 
     def exists(self, keys: List[str], transfers: Sequence[Any]):
         """``batch_exists_v2``: the longest KV prefix, then per pool the prefix lengths it can
@@ -215,7 +224,7 @@ class PoolSet:
             for t in transfers:
                 if not restorable:
                     break
-                name = str(t.name)
+                name = pool_name(t.name)
                 trailing = max(1, len(t.keys) if t.keys else 1)
                 present = self._present(name, keys[:kv_pages])
                 lengths = restorable_lengths(present, t.hit_policy, trailing)
@@ -249,7 +258,7 @@ class PoolSet:
 
     def _transfer_one(self, op: str, t, keys: List[str]) -> List[bool]:
         """One pool's pages between its host memory and its namespace."""
-        b, name, reading = self.backend, str(t.name), op == "batch_get_v2"
+        b, name, reading = self.backend, pool_name(t.name), op == "batch_get_v2"
         if t.hit_policy not in (PoolHitPolicy.ALL_PAGES, PoolHitPolicy.TRAILING_PAGES):
             self._refuse(name, f"hit policy {t.hit_policy} is not supported")
             return [False] * len(keys)
