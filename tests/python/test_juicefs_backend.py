@@ -136,6 +136,21 @@ def test_legacy_roundtrip(mnt, layout):
     assert fresh.batch_get(["absent"], [pool.get_dummy_flat_data_page()]) == [None]
 
 
+def test_legacy_pages_of_another_size_are_refused_once_logged(mnt, caplog):
+    """0.5.13 - 0.5.18 send an MTP draft pool's pages through the legacy interface as
+    ``<key>.draft`` (another page size): refused, nothing written, one warning per size."""
+    pool = make_mha_host_pool()
+    b = backend(mnt, pool)
+    keys = [f"{k}.draft" for k in keys_for("draft", 3)]
+    draft = torch.zeros(b.flat_bytes // 4, dtype=torch.uint8)
+    caplog.set_level(logging.WARNING)
+    assert b.batch_set(keys, [draft] * 3) is False
+    assert b.set(keys[0], draft) is False
+    assert not any(os.path.exists(b._path(k)) for k in keys)
+    assert b.batch_get(keys, [draft.clone() for _ in keys]) == [None] * 3
+    assert caplog.text.count("not this namespace's") == 1
+
+
 def test_v1_and_legacy_share_pages_only_when_bytes_agree(mnt):
     """page_first: flat pages equal the zero-copy regions, so both paths hit each other's
     pages. layer_first: the orders differ, so a cross read must miss, never scramble."""

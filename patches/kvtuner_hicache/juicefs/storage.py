@@ -99,6 +99,7 @@ class JuiceFSStorage(HiCacheStorage):
         self._publisher = Publisher(fsync=self.options.fsync)
         self.mount = MountWatch(self.mount_point, self.fstype, on_remount=self.presence.reset)
         self._unregistered_logged = False
+        self._foreign_sizes = set()  # legacy page sizes refused so far (logged once each)
         self._closed = False
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.capacity = Capacity(self.options.capacity_bytes)
@@ -390,6 +391,25 @@ class JuiceFSStorage(HiCacheStorage):
 
     # ---------------------------------------------------------------- legacy interface
 
+    def _legacy_page_fits(self, key: str, nbytes: int) -> bool:
+        """Whether a legacy-interface page of ``nbytes`` is this namespace's flat page; other
+        sizes are refused, logged once per size (0.5.13 - 0.5.18 send an MTP draft pool's pages
+        this way, as ``<key>.draft``: docs/juicefs-backend.md)."""
+        if nbytes == self.flat_bytes:
+            return True
+        with self._lock:
+            first = nbytes not in self._foreign_sizes
+            self._foreign_sizes.add(nbytes)
+        if first:
+            logger.warning(
+                "juicefs backend: legacy page %s has %d bytes, not this namespace's %s; pages "
+                "of that size are refused and read as misses",
+                key,
+                nbytes,
+                self.flat_bytes,
+            )
+        return False
+
     def get(
         self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
     ) -> torch.Tensor | None:
@@ -402,13 +422,7 @@ class JuiceFSStorage(HiCacheStorage):
             out = target_location
             direct = out.device.type == "cpu" and out.is_contiguous()
             buf = out if direct else torch.empty(out.numel(), dtype=out.dtype)
-            if buf.numel() * buf.element_size() != self.flat_bytes:
-                logger.error(
-                    "juicefs backend: get(%s) target holds %d bytes, expected %d",
-                    key,
-                    buf.numel() * buf.element_size(),
-                    self.flat_bytes,
-                )
+            if not self._legacy_page_fits(key, buf.numel() * buf.element_size()):
                 return None
             if not self._read_page(key, [tensor_bytes(buf.reshape(-1))], self.flat_order):
                 return None
@@ -444,6 +458,8 @@ class JuiceFSStorage(HiCacheStorage):
             return True
         if value is None or not self._ready() or self.flat_bytes is None:
             return False
+        if not self._legacy_page_fits(key, getattr(value, "nbytes", -1)):
+            return False
         page = flat_views(key, value, self.flat_bytes)
         return self._write_batch([key], [page], self.flat_order)[0]
 
@@ -463,7 +479,12 @@ class JuiceFSStorage(HiCacheStorage):
         if not self._ready() or self.flat_bytes is None:
             return False
         start = time.perf_counter()
-        pages = [flat_views(k, v, self.flat_bytes) for k, v in zip(keys, values)]
+        pages = [
+            flat_views(k, v, self.flat_bytes)
+            if self._legacy_page_fits(k, getattr(v, "nbytes", -1))
+            else None
+            for k, v in zip(keys, values)
+        ]
         results = self._write_batch(keys, pages, self.flat_order)
         self._record("backup", sum(results), start)
         return all(results)
