@@ -4,6 +4,7 @@
 //! must produce an error, never a panic or an out-of-range slice.
 
 use std::fmt;
+use std::ops::Range;
 
 /// Header magic: the first four bytes of every blob.
 pub const MAGIC: [u8; 4] = *b"KVQT";
@@ -311,6 +312,27 @@ impl Header {
     pub fn layout(&self) -> Layout {
         // Validated when the header was built or parsed.
         Layout::new(&self.cfg, self.dtype, &self.shape).expect("header was validated")
+    }
+
+    /// The 64-byte header as bytes (what `write` puts at the start of the blob).
+    pub fn to_bytes(&self) -> [u8; HEADER_NBYTES] {
+        let mut out = [0u8; HEADER_NBYTES];
+        self.write(&mut out);
+        out
+    }
+
+    /// Byte ranges of the zero padding in front of each 8-aligned section (scales, mins when
+    /// asymmetric, residual); empty ranges are left out. With the header they are every byte of
+    /// a blob that does not depend on the data.
+    pub fn padding(&self) -> Vec<Range<usize>> {
+        let lay = self.layout();
+        let mut ranges =
+            vec![lay.codes_off + lay.codes_len..lay.scales_off, lay.scales_off + lay.meta_len..lay.mins_off];
+        if self.cfg.asym {
+            ranges.push(lay.mins_off + lay.meta_len..lay.residual_off);
+        }
+        ranges.retain(|r| !r.is_empty());
+        ranges
     }
 
     /// Writes the 64-byte header (byte offsets are listed in FORMAT.md).

@@ -179,10 +179,8 @@ pub fn quantize_into<E: Elem>(x: &[E], shape: &Shape, cfg: &Config, out: &mut [u
     h.write(out);
     let lay = h.layout();
     // Padding between sections is zeroed so equal inputs always give equal bytes.
-    out[lay.codes_off + lay.codes_len..lay.scales_off].fill(0);
-    out[lay.scales_off + lay.meta_len..lay.mins_off].fill(0);
-    if cfg.asym {
-        out[lay.mins_off + lay.meta_len..lay.residual_off].fill(0);
+    for range in h.padding() {
+        out[range].fill(0);
     }
     let c = shape.row();
     let (qx, rx) = x.split_at(lay.nq * c);

@@ -321,6 +321,34 @@ fn header_roundtrip_and_mismatch_messages() {
 }
 
 #[test]
+fn header_bytes_and_padding_describe_every_data_independent_byte() {
+    // What the device codec writes from the layout alone: the header and the padding. Junk
+    // in the output buffer before quantizing shows that every such byte is written.
+    for c in all_configs() {
+        for sh in [Shape { tokens: 16, heads: 2, head_dim: 24 }, Shape { tokens: 9, heads: 1, head_dim: 40 }] {
+            if c.validate(&sh).is_err() {
+                continue;
+            }
+            let h = Header::new(c, DType::BF16, sh).unwrap();
+            let x: Vec<bf16> = rand_vals(7, sh.numel().unwrap()).into_iter().map(bf16::from_f32).collect();
+            let mut blob = vec![0xA5u8; h.total];
+            quantize_into(&x, &sh, &c, &mut blob).unwrap();
+            assert_eq!(blob[..HEADER_NBYTES], h.to_bytes(), "{c:?} {sh:?}");
+            let lay = h.layout();
+            let mut covered = lay.codes_off + lay.codes_len;
+            for r in h.padding() {
+                assert!(r.start < r.end && r.end % 8 == 0, "{c:?} {sh:?} {r:?}");
+                assert!(blob[r.clone()].iter().all(|&b| b == 0), "{c:?} {sh:?} {r:?}");
+                covered += r.len();
+            }
+            // header + codes + metadata + padding + residual = the whole blob
+            let meta = if c.asym { 2 * lay.meta_len } else { lay.meta_len };
+            assert_eq!(covered + meta + lay.residual_len, h.total, "{c:?} {sh:?}");
+        }
+    }
+}
+
+#[test]
 fn config_errors_name_the_argument() {
     let sh = Shape { tokens: 4, heads: 1, head_dim: 64 };
     let x = vec![0f32; 256];

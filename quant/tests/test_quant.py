@@ -194,6 +194,105 @@ def test_packed_bytes_and_header():
     assert "bits=4" in repr(q)
 
 
+def _format_md_layout(tokens, heads, head_dim, itemsize, bits, asym, axis, group, residual):
+    """FORMAT.md's section table, read independently of the crate: name -> (offset, length)."""
+
+    def up8(n):
+        return (n + 7) // 8 * 8
+
+    c = heads * head_dim
+    before = tokens - min(residual, tokens)
+    nq = before if axis == 0 else before // group * group
+    codes = (nq * c * bits + 7) // 8
+    meta = nq * c // group * itemsize
+    scales_off = up8(64 + codes)
+    mins_off = up8(scales_off + meta)
+    residual_off = up8(mins_off + meta) if asym else mins_off
+    return dict(
+        nq=nq,
+        codes=(64, codes),
+        scales=(scales_off, meta),
+        mins=(mins_off, meta if asym else 0),
+        residual=(residual_off, (tokens - nq) * c * itemsize),
+    )
+
+
+LAYOUT_GRID = [
+    (tokens, heads, head_dim, dtype, bits, asym, axis, group, residual)
+    for tokens, heads, head_dim in [(16, 2, 16), (64, 8, 128), (24, 1, 40), (0, 2, 16), (1, 1, 8)]
+    for dtype in DTYPES
+    for bits in BITS
+    for asym in (False, True)
+    for axis, group in [(0, 8), (1, 16), (1, 5)]
+    for residual in (0, 5, 64)
+    if axis == 1 or head_dim % group == 0
+]
+
+
+def test_blob_layout_is_format_md_and_the_bytes_written():
+    """blob_layout (the geometry the device codec and the page format read) against an
+    independent reading of FORMAT.md, and against the header and padding quantize writes."""
+    for tokens, heads, head_dim, dtype, bits, asym, axis, group, residual in LAYOUT_GRID:
+        cfg = dict(bits=bits, asym=asym, axis=axis, group_size=group, residual_length=residual)
+        lay = kq.blob_layout(tokens, heads, head_dim, dtype=dtype, **cfg)
+        itemsize = 4 if dtype == "float32" else 2
+        want = _format_md_layout(
+            tokens, heads, head_dim, itemsize, bits, asym, axis, group, residual
+        )
+        where = (tokens, heads, head_dim, dtype, cfg)
+        assert lay.nq == want["nq"], where
+        assert (lay.codes_off, lay.codes_nbytes) == want["codes"], where
+        assert (lay.scales_off, lay.meta_nbytes) == want["scales"], where
+        assert lay.mins_off == want["mins"][0], where
+        assert (lay.residual_off, lay.residual_nbytes) == want["residual"], where
+        assert lay.total_nbytes == sum(want["residual"]), where
+        assert lay.ngroups * itemsize == lay.meta_nbytes, where
+        assert (lay.shape, lay.dtype, lay.itemsize) == ((tokens, heads, head_dim), dtype, itemsize)
+        assert lay.codec_kwargs() == cfg
+        assert lay.total_nbytes == kq.packed_nbytes(tokens, heads, head_dim, dtype=dtype, **cfg)
+        x = make(dtype, (tokens, heads, head_dim), seed=tokens, specials=False)
+        blob = bytes(kq.quantize(as_input(x, dtype), **cfg))
+        assert blob[: kq.HEADER_NBYTES] == lay.header, where
+        magic, version, hn, b, a, ax, dt, g, r = struct.unpack_from("<4sHHBBBBII", lay.header)
+        assert (magic, version, hn, b, a, ax, g, r) == (
+            b"KVQT",
+            1,
+            64,
+            bits,
+            asym,
+            axis,
+            group,
+            residual,
+        )
+        assert struct.unpack_from("<QIIQ", lay.header, 24) == (tokens, heads, head_dim, len(blob))
+        # Padding: exactly the gaps between the sections FORMAT.md lists, and zero in the blob.
+        sections = [want["codes"], want["scales"], want["mins"], want["residual"]]
+        gaps = [(o + n, nxt) for (o, n), (nxt, _) in zip(sections, sections[1:]) if nxt > o + n]
+        assert lay.padding == gaps, where
+        assert all(blob[start:end] == bytes(end - start) for start, end in lay.padding), where
+    lay = kq.blob_layout(16, 2, 16, dtype=np.float16, bits=4, asym=True, axis=0, group_size=8)
+    assert lay == kq.blob_layout(
+        16, 2, 16, dtype="float16", bits=4, asym=True, axis=0, group_size=8
+    )
+    assert (
+        len(
+            {
+                lay,
+                kq.blob_layout(16, 2, 16, dtype="float16", bits=4, asym=True, axis=0, group_size=8),
+            }
+        )
+        == 1
+    )
+    assert lay != kq.blob_layout(
+        16, 2, 16, dtype="float16", bits=2, asym=True, axis=0, group_size=8
+    )
+    assert "total_nbytes=" in repr(lay)
+    with pytest.raises(ValueError, match="group_size must divide head_dim"):
+        kq.blob_layout(16, 2, 16, dtype="float16", bits=4, asym=True, axis=0, group_size=5)
+    with pytest.raises(ValueError, match="bits"):
+        kq.blob_layout(16, 2, 16, dtype="float16", bits=3, asym=True, axis=0, group_size=8)
+
+
 def test_sizes_are_sub_byte():
     # int4 g64 with fp16 scale+min: 4.5 bits per element (+ header, padding)
     n = kq.packed_nbytes(1024, 8, 128, dtype="float16", bits=4, asym=True, axis=0, group_size=64)

@@ -16,6 +16,7 @@ from . import _native
 from ._native import (
     FORMAT_VERSION,
     HEADER_NBYTES,
+    BlobLayout,
     QuantizedTensor,
     __version__,
     get_num_threads,
@@ -27,6 +28,8 @@ __all__ = [
     "HEADER_NBYTES",
     "FORMAT_VERSION",
     "QuantizedTensor",
+    "BlobLayout",
+    "blob_layout",
     "quantize",
     "dequantize",
     "packed_nbytes",
@@ -192,6 +195,32 @@ def packed_nbytes(
 ) -> int:
     """Size in bytes of one packed blob, header included."""
     return _native.packed_nbytes(
+        tokens,
+        heads,
+        head_dim,
+        dtype=dtype_name(dtype),
+        bits=bits,
+        asym=asym,
+        axis=axis,
+        group_size=group_size,
+        residual_length=residual_length,
+    )
+
+
+def blob_layout(
+    tokens: int,
+    heads: int,
+    head_dim: int,
+    *,
+    dtype: Any,
+    bits: int,
+    asym: bool,
+    axis: int,
+    group_size: int,
+    residual_length: int = 0,
+) -> BlobLayout:
+    """Section offsets, header bytes and padding of one blob (FORMAT.md), from the Rust core."""
+    return BlobLayout(
         tokens,
         heads,
         head_dim,

@@ -5,7 +5,7 @@
 
 mod buffer;
 
-use crate::format::{Config, DType, ErrorKind, Header, QuantError, Shape, HEADER_NBYTES};
+use crate::format::{Config, DType, ErrorKind, Header, Layout, QuantError, Shape, HEADER_NBYTES};
 use crate::kernel;
 use crate::threads;
 use buffer::Buffer;
@@ -13,7 +13,9 @@ use half::{bf16, f16};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::os::raw::c_int;
 
 impl From<QuantError> for PyErr {
@@ -235,6 +237,159 @@ fn packed_nbytes(
     Ok(crate::format::packed_nbytes(&cfg, dtype, &shape)?)
 }
 
+/// Where everything of one blob lies (FORMAT.md), for a configuration, dtype and shape: the
+/// section offsets and sizes, the 64-byte header and the zero padding. Readers and writers of
+/// blobs outside this crate (the device codec, the page format) take the geometry from here.
+#[pyclass(frozen, module = "kvtuner_quant")]
+pub struct BlobLayout {
+    header: Header,
+    layout: Layout,
+}
+
+#[pymethods]
+impl BlobLayout {
+    #[new]
+    #[pyo3(signature = (tokens, heads, head_dim, *, dtype, bits, asym, axis, group_size, residual_length=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tokens: i64,
+        heads: i64,
+        head_dim: i64,
+        dtype: &str,
+        bits: i64,
+        asym: bool,
+        axis: i64,
+        group_size: i64,
+        residual_length: i64,
+    ) -> PyResult<BlobLayout> {
+        let dtype = DType::from_name(dtype)?;
+        let cfg = Config::new(bits, asym, axis, group_size, residual_length)?;
+        let header = Header::new(cfg, dtype, Shape::new(tokens, heads, head_dim)?)?;
+        Ok(BlobLayout { header, layout: header.layout() })
+    }
+    #[getter]
+    fn shape(&self) -> (usize, usize, usize) {
+        let s = self.header.shape;
+        (s.tokens, s.heads, s.head_dim)
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.header.dtype.name()
+    }
+    #[getter]
+    fn itemsize(&self) -> usize {
+        self.header.dtype.nbytes()
+    }
+    #[getter]
+    fn bits(&self) -> u8 {
+        self.header.cfg.bits
+    }
+    #[getter]
+    fn asym(&self) -> bool {
+        self.header.cfg.asym
+    }
+    #[getter]
+    fn axis(&self) -> u8 {
+        self.header.cfg.axis
+    }
+    #[getter]
+    fn group_size(&self) -> usize {
+        self.header.cfg.group_size
+    }
+    #[getter]
+    fn residual_length(&self) -> usize {
+        self.header.cfg.residual_length
+    }
+    /// Tokens stored as codes; tokens from here on are stored exactly.
+    #[getter]
+    fn nq(&self) -> usize {
+        self.layout.nq
+    }
+    #[getter]
+    fn ngroups(&self) -> usize {
+        self.layout.ngroups
+    }
+    #[getter]
+    fn codes_off(&self) -> usize {
+        self.layout.codes_off
+    }
+    #[getter]
+    fn codes_nbytes(&self) -> usize {
+        self.layout.codes_len
+    }
+    #[getter]
+    fn scales_off(&self) -> usize {
+        self.layout.scales_off
+    }
+    /// Equals `residual_off` when symmetric (there is no mins section).
+    #[getter]
+    fn mins_off(&self) -> usize {
+        self.layout.mins_off
+    }
+    /// Bytes of the scales (and of the mins), unpadded.
+    #[getter]
+    fn meta_nbytes(&self) -> usize {
+        self.layout.meta_len
+    }
+    #[getter]
+    fn residual_off(&self) -> usize {
+        self.layout.residual_off
+    }
+    #[getter]
+    fn residual_nbytes(&self) -> usize {
+        self.layout.residual_len
+    }
+    #[getter]
+    fn total_nbytes(&self) -> usize {
+        self.layout.total
+    }
+    /// The 64-byte header every blob of this layout starts with.
+    #[getter]
+    fn header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.header.to_bytes())
+    }
+    /// `(start, end)` byte ranges of the zero padding between sections.
+    #[getter]
+    fn padding(&self) -> Vec<(usize, usize)> {
+        self.header.padding().into_iter().map(|r| (r.start, r.end)).collect()
+    }
+    /// The keyword arguments `quantize_pages` / `dequantize_pages` take for blobs of this layout.
+    fn codec_kwargs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.header.cfg;
+        let d = PyDict::new(py);
+        d.set_item("bits", c.bits)?;
+        d.set_item("asym", c.asym)?;
+        d.set_item("axis", c.axis)?;
+        d.set_item("group_size", c.group_size)?;
+        d.set_item("residual_length", c.residual_length)?;
+        Ok(d)
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<BlobLayout>().map(|o| o.get().header == self.header).unwrap_or(false)
+    }
+    fn __hash__(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.header.to_bytes().hash(&mut h);
+        h.finish()
+    }
+    fn __repr__(&self) -> String {
+        let (h, c) = (&self.header, &self.header.cfg);
+        format!(
+            "BlobLayout(shape=({}, {}, {}), dtype='{}', bits={}, asym={}, axis={}, group_size={}, residual_length={}, total_nbytes={})",
+            h.shape.tokens,
+            h.shape.heads,
+            h.shape.head_dim,
+            h.dtype.name(),
+            c.bits,
+            if c.asym { "True" } else { "False" },
+            c.axis,
+            c.group_size,
+            c.residual_length,
+            self.layout.total
+        )
+    }
+}
+
 #[pyfunction]
 #[pyo3(signature = (x, dtype, dst, page_ids, *, page_tokens, bits, asym, axis, group_size, residual_length=0))]
 #[allow(clippy::too_many_arguments)]
@@ -353,6 +508,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HEADER_NBYTES", HEADER_NBYTES)?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_class::<QuantizedTensor>()?;
+    m.add_class::<BlobLayout>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(packed_nbytes, m)?)?;
