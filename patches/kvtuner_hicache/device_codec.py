@@ -34,8 +34,8 @@ hands device tensors of page ids and device rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import struct
 from typing import Optional, Tuple
 
 import torch
@@ -49,9 +49,8 @@ except ImportError:  # the host codec still works; device_codec_unavailable() sa
     triton = None
     tl = None
 
+# kvtuner_quant.HEADER_NBYTES; the kernels take every offset from the blob layout.
 HEADER_NBYTES = 64
-FORMAT_VERSION = 1
-_MAGIC = b"KVQT"
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
 # Integer views of the device buffers: the kernels move bit patterns, never bf16 values.
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -66,13 +65,10 @@ _BLOCK_FIXED = 128
 _BLOCK_SPAN = 4096
 
 
-def _round8(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
 @dataclasses.dataclass(frozen=True)
 class BlobSpec:
-    """Section offsets and configuration of one blob (``quant/FORMAT.md``)."""
+    """One blob configuration; its geometry (section offsets, header bytes, padding) is
+    ``kvtuner_quant``'s (``quant/FORMAT.md``), read through :attr:`layout`."""
 
     tokens: int
     heads: int
@@ -83,6 +79,38 @@ class BlobSpec:
     axis: int
     group_size: int
     residual_length: int = 0
+
+    @classmethod
+    def of(cls, layout) -> "BlobSpec":
+        """The spec of a ``kvtuner_quant.BlobLayout`` (a page format's blob)."""
+        return cls(
+            *layout.shape,
+            layout.dtype,
+            layout.bits,
+            layout.asym,
+            layout.axis,
+            layout.group_size,
+            layout.residual_length,
+        )
+
+    @functools.cached_property
+    def layout(self):
+        """kvtuner_quant's ``BlobLayout`` of this configuration."""
+        # Imported here: the kernels' module imports without the extension, and the pool
+        # checks for it (with an install hint) before it builds a codec.
+        import kvtuner_quant
+
+        return kvtuner_quant.blob_layout(
+            self.tokens,
+            self.heads,
+            self.head_dim,
+            dtype=self.dtype_name,
+            bits=self.bits,
+            asym=self.asym,
+            axis=self.axis,
+            group_size=self.group_size,
+            residual_length=self.residual_length,
+        )
 
     @property
     def levels(self) -> int:
@@ -110,76 +138,57 @@ class BlobSpec:
     @property
     def nq(self) -> int:
         """Tokens quantized; the rest are stored bit for bit."""
-        before = self.tokens - min(self.residual_length, self.tokens)
-        return before if self.axis == 0 else before // self.group_size * self.group_size
+        return self.layout.nq
 
     @property
     def ngroups(self) -> int:
-        return self.nq * self.row_elems // self.group_size
+        return self.layout.ngroups
+
+    @property
+    def codes_off(self) -> int:
+        return self.layout.codes_off
 
     @property
     def codes_nbytes(self) -> int:
-        return (self.nq * self.row_elems * self.bits + 7) // 8
+        return self.layout.codes_nbytes
 
     @property
     def scales_off(self) -> int:
-        return _round8(HEADER_NBYTES + self.codes_nbytes)
+        return self.layout.scales_off
 
     @property
     def meta_nbytes(self) -> int:
-        return self.ngroups * self.itemsize
+        return self.layout.meta_nbytes
 
     @property
     def mins_off(self) -> int:
-        return _round8(self.scales_off + self.meta_nbytes)
+        return self.layout.mins_off
 
     @property
     def residual_off(self) -> int:
-        if not self.asym:
-            return self.mins_off
-        return _round8(self.mins_off + self.meta_nbytes)
+        return self.layout.residual_off
 
     @property
     def residual_nbytes(self) -> int:
-        return (self.tokens - self.nq) * self.row_elems * self.itemsize
+        return self.layout.residual_nbytes
 
     @property
     def total_nbytes(self) -> int:
-        return self.residual_off + self.residual_nbytes
+        return self.layout.total_nbytes
 
     def header(self) -> bytes:
         """The 64-byte blob header."""
-        return struct.pack(
-            "<4sHHBBBBIIIQIIQ16x",
-            _MAGIC,
-            FORMAT_VERSION,
-            HEADER_NBYTES,
-            self.bits,
-            int(self.asym),
-            self.axis,
-            _DTYPE_CODES[self.dtype_name],
-            self.group_size,
-            self.residual_length,
-            0,
-            self.tokens,
-            self.heads,
-            self.head_dim,
-            self.total_nbytes,
-        )
+        return self.layout.header
 
     def fixed_bytes(self) -> Tuple[Tuple[int, ...], bytes]:
         """(offsets, values) of the bytes that do not depend on the data: the
         header and the zero padding in front of each 8-aligned section."""
-        offsets = list(range(HEADER_NBYTES))
-        values = bytearray(self.header())
-        ends = [HEADER_NBYTES + self.codes_nbytes, self.scales_off + self.meta_nbytes]
-        starts = [self.scales_off, self.mins_off]
-        if self.asym:
-            ends.append(self.mins_off + self.meta_nbytes)
-            starts.append(self.residual_off)
-        for end, start in zip(ends, starts):
-            offsets += range(end, start)
-            values += bytes(start - end)
+        header = self.layout.header
+        offsets = list(range(len(header)))
+        values = bytearray(header)
+        for start, end in self.layout.padding:
+            offsets += range(start, end)
+            values += bytes(end - start)
         return tuple(offsets), bytes(values)
 
 
@@ -210,8 +219,6 @@ if triton is not None:
         leaves exactly the integer nearest-even to v (one IEEE rounding)."""
         magic = 12582912.0
         return (v + magic) - magic
-
-    HEADER_NBYTES_C = tl.constexpr(HEADER_NBYTES)
 
     @triton.jit
     def _widen(raw, DTYPE: tl.constexpr):
@@ -407,6 +414,7 @@ if triton is not None:
         G: tl.constexpr,
         NQ: tl.constexpr,
         NGROUPS: tl.constexpr,
+        CODES_OFF: tl.constexpr,
         CODES_NBYTES: tl.constexpr,
         BITS: tl.constexpr,
         LO: tl.constexpr,
@@ -442,7 +450,7 @@ if triton is not None:
         byte = tl.sum(code, axis=1)
         host_page = tl.load(pages + page)
         blob = dst + host_page * dst_row_nbytes + blob_off
-        tl.store(blob + HEADER_NBYTES_C + b, byte.to(tl.uint8), mask=bmask)
+        tl.store(blob + CODES_OFF + b, byte.to(tl.uint8), mask=bmask)
 
     @triton.jit
     def _dequant_kernel(
@@ -458,8 +466,8 @@ if triton is not None:
         rows,  # int64 [n_pages * T]: device row of each token
         slot_of_page,  # int64 [host_pages]: overlay slot of each host page, -1 none
         slot_stamp,  # int64 [slots]: backup stamp of each overlay slot
-        overlay,  # integer view [slots, 2, layers, T, C] of the exact copies
-        ovl_layer_base,  # element offset of (kind, layer) inside one slot
+        overlay,  # integer view [slots, parts, layers, T, C] of the exact copies
+        ovl_layer_base,  # element offset of (part, layer) inside one slot
         ovl_slot_elems,
         T: tl.constexpr,
         C: tl.constexpr,
@@ -471,6 +479,7 @@ if triton is not None:
         AXIS: tl.constexpr,
         DTYPE: tl.constexpr,
         ES: tl.constexpr,
+        CODES_OFF: tl.constexpr,
         SCALES_OFF: tl.constexpr,
         MINS_OFF: tl.constexpr,
         RES_OFF: tl.constexpr,
@@ -486,7 +495,7 @@ if triton is not None:
         quantized = e < NQ * C
         qmask = emask & quantized
         bit = e * BITS
-        byte = tl.load(blob + HEADER_NBYTES_C + bit // 8, mask=qmask, other=0).to(tl.int32)
+        byte = tl.load(blob + CODES_OFF + bit // 8, mask=qmask, other=0).to(tl.int32)
         q = ((byte >> (bit % 8)) & ((1 << BITS) - 1)) - CODE_OFFSET
         grp = _group_of(e, t, c, C, G, AXIS)
         s_bits = _load_meta(blob, SCALES_OFF, grp, qmask, DTYPE, ES)
@@ -714,6 +723,7 @@ def quantize_pages(
         _quant_codes_kernel[(n, triton.cdiv(spec.codes_nbytes, _BLOCK_BYTES))](
             *operands,
             NGROUPS=ngroups,
+            CODES_OFF=spec.codes_off,
             CODES_NBYTES=spec.codes_nbytes,
             BITS=spec.bits,
             LO=0.0 if spec.asym else -float(spec.qmax),
@@ -731,16 +741,16 @@ class OverlayView:
 
     slot_of_page: torch.Tensor  # int64 [host_pages]
     slot_stamp: torch.Tensor  # int64 [slots]
-    exact: torch.Tensor  # [slots, 2, layers, T, heads, head_dim], device dtype
+    exact: torch.Tensor  # [slots, parts, layers, T, heads, head_dim], device dtype
     stamp_offset: int
 
-    def base(self, layer: int, is_value: bool) -> Tuple[torch.Tensor, int, int]:
-        """(integer view, element offset of (kind, layer) in a slot, slot elements)."""
+    def base(self, layer: int, part: int) -> Tuple[torch.Tensor, int, int]:
+        """(integer view, element offset of (part, layer) in a slot, slot elements)."""
         view = int_view(self.exact)
         slot_elems = view[0].numel()
         layers = view.shape[2]
         per = view[0, 0, 0].numel()
-        return view, (int(is_value) * layers + layer) * per, slot_elems
+        return view, (int(part) * layers + layer) * per, slot_elems
 
 
 def gather_spans(
@@ -764,7 +774,7 @@ def dequantize_pages(
     spec: BlobSpec,
     out: torch.Tensor,
     rows: torch.Tensor,
-    overlay: Optional[Tuple[OverlayView, int, bool]] = None,
+    overlay: Optional[Tuple[OverlayView, int, int]] = None,
     staged: Optional[Tuple[torch.Tensor, int]] = None,
 ) -> None:
     """Dequantize the blobs at ``src[pages[i], blob_off:]`` into the device rows
@@ -783,8 +793,8 @@ def dequantize_pages(
         blob_pages = torch.arange(n, dtype=torch.int64, device=blob_src.device)
     view = int_view(out)
     if overlay is not None:
-        ovl, layer, is_value = overlay
-        ovl_view, ovl_base, ovl_slot = ovl.base(layer, is_value)
+        ovl, layer, part = overlay
+        ovl_view, ovl_base, ovl_slot = ovl.base(layer, part)
         slot_of_page, slot_stamp, stamp_off = ovl.slot_of_page, ovl.slot_stamp, ovl.stamp_offset
     else:
         ovl_view, ovl_base, ovl_slot = view, 0, 0
@@ -809,6 +819,7 @@ def dequantize_pages(
         BITS=spec.bits,
         CODE_OFFSET=spec.code_offset,
         ASYM=spec.asym,
+        CODES_OFF=spec.codes_off,
         STAMP_OFF=stamp_off,
         HAS_OVERLAY=overlay is not None,
         BLOCK_E=_BLOCK_ELEMS,
@@ -870,11 +881,11 @@ def copy_exact_pages(
     overlay: OverlayView,
     slots: torch.Tensor,
     layer: int,
-    is_value: bool,
+    part: int,
     spec: BlobSpec,
 ) -> None:
     """The device rows of ``len(slots)`` pages, bit for bit, into overlay slots."""
-    view, base, slot_elems = overlay.base(layer, is_value)
+    view, base, slot_elems = overlay.base(layer, part)
     _copy_tokens(src, rows, view, slots, base, slot_elems, spec.tokens, spec)
 
 
@@ -898,7 +909,7 @@ def store_sink_tokens(
 
 
 def spec_total_matches(spec: BlobSpec, packed_nbytes) -> bool:
-    """Whether this module's layout of ``spec`` has the size kvtuner_quant gives."""
+    """Whether ``spec``'s layout has the size ``packed_nbytes`` (kvtuner_quant's) gives."""
     return spec.total_nbytes == int(
         packed_nbytes(
             spec.tokens,

@@ -1,5 +1,5 @@
-"""Backup and load of the quantizing host pool through the device codec: the pool's
-rows, page header, stamps and residual overlay ring, filled and read by the kernels of
+"""The device implementation of the page codec (:mod:`.codec`): host rows, page headers,
+stamps and the residual overlay ring, filled and read by the kernels of
 :mod:`.device_codec`, enqueued on the current stream (the transfer stream the release
 made current). Nothing here waits for the device or reads device memory on the host;
 page ids are computed from the host indices on the device, and the overlay's maps live
@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import device_codec as dc
+from .codec import CodecParts, PageCodec
 from .page_format import STAMP_OFFSET
 
 CODEC_CHOICES = ("auto", "device", "host")
-_STAMP_MASK = (1 << 63) - 1
 
 
 def choose_codec(requested: str, device: torch.device, host_rows_pinned: bool) -> Tuple[str, str]:
@@ -112,45 +112,33 @@ class DeviceOverlayMaps:
             self._next = 0
 
 
-class DeviceTransfers:
-    """The device-codec data path of one ``KVTunerMHATokenToKVPoolHost``."""
+class DeviceCodec(PageCodec):
+    """The device codec: the kernels of :mod:`.device_codec`, enqueued on the current
+    stream, reading the device rows and writing the pinned host rows directly."""
 
-    def __init__(self, pool) -> None:
-        plan = pool.kvtuner_plan
-        cfg = plan.cfg
-        self.pool = pool
-        self.device = torch.device(pool.device_k_buffers[0].device)
-        self.page_size = plan.page_size
-        self.sink_tokens = pool.kvtuner_layout.sink_tokens
-        self.specs: Dict[Tuple[int, bool], dc.BlobSpec] = {}
-        self.templates: Dict[Tuple[int, bool], dc.BlobTemplate] = {}
+    name = "device"
+
+    def __init__(self, parts: CodecParts) -> None:
+        super().__init__(parts)
+        self.device = parts.device
+        self.page_size = parts.page_size
+        self.sink_tokens = parts.layout.sink_tokens
+        # One template (header and padding bytes on the device) per distinct blob layout.
+        self.specs: Dict[Tuple[int, int], dc.BlobSpec] = {}
+        self.templates: Dict[Tuple[int, int], dc.BlobTemplate] = {}
         templates: Dict[dc.BlobSpec, dc.BlobTemplate] = {}
-        for layer, (k_bits, v_bits) in enumerate(plan.layer_bits):
-            for is_value, bits, axis in (
-                (False, k_bits, cfg.axis_key),
-                (True, v_bits, cfg.axis_value),
-            ):
-                spec = dc.BlobSpec(
-                    plan.page_size,
-                    plan.head_num,
-                    plan.head_dim,
-                    plan.dtype_name,
-                    bits,
-                    cfg.asym,
-                    axis,
-                    cfg.group_size,
-                )
-                if not dc.spec_total_matches(spec, pool._kq.packed_nbytes):
-                    raise RuntimeError(f"device codec layout differs from kvtuner_quant for {spec}")
+        for layer, row_parts in enumerate(parts.layout.parts):
+            for part, row_part in enumerate(row_parts):
+                spec = dc.BlobSpec.of(row_part.blob)
                 if spec not in templates:
                     templates[spec] = dc.BlobTemplate(spec, self.device)
-                self.specs[(layer, is_value)] = spec
-                self.templates[(layer, is_value)] = templates[spec]
+                self.specs[(layer, part)] = spec
+                self.templates[(layer, part)] = templates[spec]
         self.max_groups = max(spec.ngroups for spec in self.specs.values())
-        self.header = pool._kvt_header.to(self.device)
+        self.header = torch.tensor(list(parts.layout.header), dtype=torch.uint8, device=self.device)
         self.overlay: Optional[DeviceOverlayMaps] = None
-        if pool.kvtuner_overlay is not None:
-            self.overlay = DeviceOverlayMaps(pool.kvtuner_overlay, pool.page_num, self.device)
+        if parts.overlay is not None:
+            self.overlay = DeviceOverlayMaps(parts.overlay, parts.rows.shape[0], self.device)
 
     def _pages(self, host_indices: torch.Tensor) -> Tuple[int, torch.Tensor]:
         """(page count, device int64 page ids) of page-aligned host token indices."""
@@ -165,11 +153,10 @@ class DeviceTransfers:
         return n, idx.view(n, ps)[:, 0] // ps
 
     def drop(self, pages: torch.Tensor) -> None:
-        """Forget the overlay entries of host pages (freed or refilled rows)."""
         if self.overlay is not None and pages.numel():
             self.overlay.drop(_on_device(pages, self.device))
 
-    def overlay_pages(self) -> List[int]:
+    def exact_pages(self) -> List[int]:
         return [] if self.overlay is None else self.overlay.pages()
 
     def clear(self) -> None:
@@ -177,91 +164,76 @@ class DeviceTransfers:
             self.overlay.clear()
 
     def backup(self, host_indices: torch.Tensor, device_indices: torch.Tensor) -> None:
-        """Every layer's K and V of the pages into their host rows (and the window
-        into the overlay), then the page headers with fresh stamps."""
-        pool = self.pool
+        """Every layer of the pages into their host rows (and the window into the
+        overlay), then the page headers with fresh stamps."""
+        p = self.parts
         n, pages = self._pages(host_indices)
         if n == 0:
             return
         rows = _on_device(device_indices, self.device)
         scratch = torch.empty(max(n * self.max_groups, 1), dtype=torch.float32, device=self.device)
         scratch = (scratch, torch.empty_like(scratch))
-        with pool._backup_lock:
+        with p.backup_lock:
             window = self.overlay.reserve(pages, n) if self.overlay is not None else None
-            for layer in range(pool.layer_num):
-                for is_value, buffers in (
-                    (False, pool.device_k_buffers),
-                    (True, pool.device_v_buffers),
-                ):
-                    key = (layer, is_value)
-                    off, _ = pool.kvtuner_layout.blob(layer, is_value)
+            for layer, row_parts in enumerate(p.layout.parts):
+                for part, row_part in enumerate(row_parts):
+                    src = p.sources[part][layer]
                     dc.quantize_pages(
-                        buffers[layer],
+                        src,
                         rows,
-                        pool.kv_buffer,
+                        p.rows,
                         pages,
-                        off,
-                        self.templates[key],
+                        row_part.blob_off,
+                        self.templates[(layer, part)],
                         scratch,
                     )
-                    sink_off, _ = pool.kvtuner_layout.sink(layer, is_value)
                     dc.store_sink_tokens(
-                        buffers[layer],
+                        src,
                         rows,
-                        pool.kv_buffer,
+                        p.rows,
                         pages,
-                        sink_off,
+                        row_part.sink_off,
                         self.sink_tokens,
-                        self.specs[key],
+                        self.specs[(layer, part)],
                     )
                     if window is not None:
                         slots, first = window
                         dc.copy_exact_pages(
-                            buffers[layer],
+                            src,
                             rows[first * self.page_size :],
                             self.overlay.view,
                             slots,
                             layer,
-                            is_value,
-                            self.specs[key],
+                            part,
+                            self.specs[(layer, part)],
                         )
-            stamps = self._stamps(n)
-            dc.write_page_headers(pool.kv_buffer, pages, self.header, stamps, STAMP_OFFSET)
+            stamps = p.stamps.take(n, self.device)
+            dc.write_page_headers(p.rows, pages, self.header, stamps, STAMP_OFFSET)
             if window is not None:
                 slots, first = window
                 self.overlay.publish(pages[first:], slots, stamps[first:])
 
-    def _stamps(self, n: int) -> torch.Tensor:
-        """The pool's next ``n`` backup stamps, made on the device."""
-        pool = self.pool
-        with pool._stamp_lock:
-            start = pool._stamp_next
-            pool._stamp_next = (start + n) & _STAMP_MASK
-        return (torch.arange(n, dtype=torch.int64, device=self.device) + start) & _STAMP_MASK
-
     def load(self, host_indices: torch.Tensor, device_indices: torch.Tensor, layer: int) -> None:
-        """One layer's K and V of the pages into the device rows."""
-        pool = self.pool
+        """One layer of the pages into the device rows."""
+        p = self.parts
         n, pages = self._pages(host_indices)
         if n == 0:
             return
         rows = _on_device(device_indices, self.device)
-        # K blob, V blob and sink section of a layer are neighbours in the row: one span
-        # crosses the bus.
-        span_off, span_nbytes = pool.kvtuner_layout.layer_span(layer)
-        span = dc.gather_spans(pool.kv_buffer, pages, span_off, span_nbytes, self.device)
-        for is_value, buffers in ((False, pool.device_k_buffers), (True, pool.device_v_buffers)):
-            off, _ = pool.kvtuner_layout.blob(layer, is_value)
-            overlay = None if self.overlay is None else (self.overlay.view, layer, is_value)
+        # A layer's blobs and sink section are neighbours in the row: one span crosses the bus.
+        span_off, span_nbytes = p.layout.layer_span(layer)
+        span = dc.gather_spans(p.rows, pages, span_off, span_nbytes, self.device)
+        for part, row_part in enumerate(p.layout.parts[layer]):
+            overlay = None if self.overlay is None else (self.overlay.view, layer, part)
             dc.dequantize_pages(
-                pool.kv_buffer,
+                p.rows,
                 pages,
-                off,
-                self.specs[(layer, is_value)],
-                buffers[layer],
+                row_part.blob_off,
+                self.specs[(layer, part)],
+                p.sources[part][layer],
                 rows,
                 overlay,
-                staged=(span, off - span_off),
+                staged=(span, row_part.blob_off - span_off),
             )
         self._load_sink(span, span_off, rows.view(n, self.page_size), layer)
 
@@ -271,11 +243,10 @@ class DeviceTransfers:
         sink = self.sink_tokens
         if not sink:
             return
-        pool = self.pool
         n = rows.shape[0]
         dst_rows = rows[:, :sink].reshape(-1)
-        for is_value, buffers in ((False, pool.device_k_buffers), (True, pool.device_v_buffers)):
-            off, nbytes = pool.kvtuner_layout.sink(layer, is_value)
+        for buffers, row_part in zip(self.parts.sources, self.parts.layout.parts[layer]):
             ints = dc.int_view(buffers[layer])
-            held = span[:, off - span_off : off - span_off + nbytes].view(ints.dtype)
+            off = row_part.sink_off - span_off
+            held = span[:, off : off + row_part.sink_nbytes].view(ints.dtype)
             ints[dst_rows] = held.reshape(n * sink, *ints.shape[1:])

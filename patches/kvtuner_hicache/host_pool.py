@@ -6,13 +6,13 @@ Design (transfers, sizing, layouts, storage, residual window, releases): ``docs/
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .codec import CodecParts, HostCodec, PageCodec, StampCounter, host_pages, import_quant
 from .compat import (
     MHATokenToKVPoolHost,
     alloc_host,
@@ -28,7 +28,7 @@ from .config import (
     current_server_config,
     resolve_layer_plan,
 )
-from .device_transfer import DeviceTransfers, choose_codec
+from .device_transfer import DeviceCodec, choose_codec
 from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
@@ -40,26 +40,8 @@ _DUMMY_CACHE_MAX_PAGES = 128
 _DUMMY_CACHE_MAX_BYTES = 256 << 20
 
 
-def _import_quant():
-    """The kvtuner_quant extension, with an install hint when it is missing."""
-    try:
-        import kvtuner_quant
-    except ImportError as e:
-        raise ImportError(
-            "--enable-kvtuner-hicache needs the kvtuner_quant extension "
-            f"(pip install ./quant from the kvtuner-patch checkout): {e}"
-        ) from None
-    return kvtuner_quant
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _gather_to_cpu(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows of a device KV buffer, copied to host memory for the codec."""
-    x = buffer.index_select(0, rows)
-    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
@@ -102,8 +84,16 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         device = torch.device(self.device_k_buffers[0].device)
         pinned = device.type != "cpu" and self.kv_buffer.is_pinned()
         self.kvtuner_codec, why = choose_codec(self._kvt_cfg.codec, device, pinned)
-        if self.kvtuner_codec == "device":
-            self._kvt_device_io = DeviceTransfers(self)
+        parts = CodecParts(
+            layout=self.kvtuner_layout,
+            rows=self.kv_buffer,
+            sources=(self.device_k_buffers, self.device_v_buffers),
+            stamps=StampCounter(),
+            backup_lock=threading.Lock(),
+            overlay=self.kvtuner_overlay,
+        )
+        codec_cls = DeviceCodec if self.kvtuner_codec == "device" else HostCodec
+        self._kvt_codec = codec_cls(parts)
         return why
 
     def _kvt_init_from_buffer_info(
@@ -250,7 +240,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         fixed_capacity: bool,
     ) -> None:
         """Set what get_size_per_token() and init_kv_buffer() need before the base runs."""
-        self._kq = _import_quant()
+        kq = import_quant()
         cfg = kvtuner_config if kvtuner_config is not None else current_server_config()
         plan = resolve_layer_plan(
             cfg,
@@ -268,7 +258,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             ),
         )
         self.kvtuner_plan = plan
-        self.kvtuner_layout = PageLayout(plan, self._kq.packed_nbytes)
+        self.kvtuner_layout = PageLayout(plan, kq.blob_layout)
         self.storage_format_tag = self.kvtuner_layout.tag
         self._kvt_stock_bytes = _stock_bytes_per_token(
             head_num, head_dim, target_layer_num + draft_layer_num, dtype
@@ -279,14 +269,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             bytearray(self.kvtuner_layout.header), dtype=torch.uint8
         )
         self.kvtuner_overlay: Optional[ResidualOverlay] = None
-        # The device codec's data path, when it runs (see _kvt_select_codec).
-        self._kvt_device_io: Optional[DeviceTransfers] = None
+        # Who packs the pages, built once the rows exist (see _kvt_select_codec).
+        self._kvt_codec: Optional[PageCodec] = None
         self._kvt_carved = False
         self._kvt_overlay_slots = 0
-        # Per-page backup stamps: a random 64-bit base per pool plus a counter.
-        self._stamp_next = int.from_bytes(os.urandom(8), "little") >> 1
-        self._stamp_lock = threading.Lock()
-        self._backup_lock = threading.Lock()
         self._dummy_lock = threading.Lock()
         self._dummy_free: List[torch.Tensor] = []
         self._dummy_issued: "weakref.WeakValueDictionary[int, torch.Tensor]" = (
@@ -429,65 +415,29 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     # ------------------------------------------------------------ overlay ---
 
-    def _row_stamps(self, pages: torch.Tensor) -> torch.Tensor:
-        """The backup stamp each of ``pages`` carries in its header."""
-        cols = self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES]
-        return cols.contiguous().view(torch.int64).reshape(-1)
-
-    def _new_stamps(self, n: int) -> torch.Tensor:
-        """``n`` stamps no earlier backup of this pool used."""
-        with self._stamp_lock:
-            start = self._stamp_next
-            self._stamp_next = (start + n) & ((1 << 63) - 1)
-        return (torch.arange(n, dtype=torch.int64) + start) & ((1 << 63) - 1)
-
-    def _overlay_drop(self, pages: torch.Tensor) -> None:
-        if self._kvt_device_io is not None:
-            self._kvt_device_io.drop(pages)
-        elif self.kvtuner_overlay is not None:
-            self.kvtuner_overlay.drop(pages)
-
     def kvtuner_overlay_pages(self) -> List[int]:
         """Host pages currently served exactly from the overlay (tests, metrics)."""
         if self.kvtuner_overlay is None:
             return []
-        if self._kvt_device_io is not None:
-            return self._kvt_device_io.overlay_pages()
-        return self.kvtuner_overlay.pages()
+        return self._kvt_codec.exact_pages()
 
     def free(self, indices: torch.Tensor) -> int:
         freed = super().free(indices)
         if self.kvtuner_overlay is not None and indices.numel():
-            self._overlay_drop(torch.unique(indices.cpu() // self.page_size))
+            self._kvt_codec.drop(torch.unique(indices.cpu() // self.page_size))
         return freed
 
     def clear(self):
         super().clear()
-        if getattr(self, "kvtuner_overlay", None) is not None:
-            self.kvtuner_overlay.clear()
-        if getattr(self, "_kvt_device_io", None) is not None:
-            self._kvt_device_io.clear()
+        # The base constructor may clear before the codec exists.
+        if getattr(self, "_kvt_codec", None) is not None:
+            self._kvt_codec.clear()
 
     # ----------------------------------------------------------- transfers ---
 
     def _host_pages(self, host_indices: torch.Tensor) -> torch.Tensor:
         """Page-aligned host token indices -> CPU int64 page ids."""
-        idx = host_indices.cpu() if host_indices.device.type != "cpu" else host_indices
-        if idx.numel() % self.page_size:
-            raise ValueError(
-                f"KVTuner host pool moves whole pages: got {idx.numel()} host indices "
-                f"for page_size {self.page_size}"
-            )
-        starts = idx[:: self.page_size].to(torch.int64)
-        if bool((starts % self.page_size != 0).any()):
-            raise ValueError("KVTuner host pool: host indices are not page-aligned")
-        return starts // self.page_size
-
-    def _device_rows(self, device_indices: torch.Tensor) -> torch.Tensor:
-        """Device token indices as int64 on the device the KV buffers live on."""
-        if device_indices.device != self._transfer_device:
-            device_indices = device_indices.to(self._transfer_device)
-        return device_indices.to(torch.int64)
+        return host_pages(host_indices, self.page_size)
 
     @staticmethod
     def _check_io_backend(io_backend: str) -> None:
@@ -498,62 +448,12 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"(supported: {', '.join(SUPPORTED_IO_BACKENDS)})"
             )
 
-    def _quant_kwargs(self, layer: int, is_value: bool) -> dict:
-        """kvtuner_quant's codec arguments for one layer's K or V blob."""
-        cfg = self._kvt_cfg
-        k_bits, v_bits = self.kvtuner_plan.layer_bits[layer]
-        return dict(
-            bits=v_bits if is_value else k_bits,
-            asym=cfg.asym,
-            axis=cfg.axis_value if is_value else cfg.axis_key,
-            group_size=cfg.group_size,
-            residual_length=0,
-        )
-
-    def _blob_columns(self, layer: int, is_value: bool) -> torch.Tensor:
-        """The byte columns of every host row that hold one layer's K or V blob."""
-        off, nbytes = self.kvtuner_layout.blob(layer, is_value)
-        return self.kv_buffer[:, off : off + nbytes]
-
     def backup_from_device_all_layer(
         self, device_pool, host_indices, device_indices, io_backend
     ) -> None:
         """Quantize every layer of the device rows into the host pages."""
         self._check_io_backend(io_backend)
-        if self._kvt_device_io is not None:
-            self._kvt_device_io.backup(host_indices, device_indices)
-            return
-        pages = self._host_pages(host_indices)
-        n = len(pages)
-        if n == 0:
-            return
-        rows = self._device_rows(device_indices)
-        page_ids = pages.numpy()
-        ps = self.page_size
-        with self._backup_lock:
-            overlay = self.kvtuner_overlay
-            window = overlay.reserve(pages) if overlay is not None else None
-            for layer in range(self.layer_num):
-                for is_value, buffers in (
-                    (False, self.device_k_buffers),
-                    (True, self.device_v_buffers),
-                ):
-                    x = _gather_to_cpu(buffers[layer], rows)
-                    self._kq.quantize_pages(
-                        x,
-                        self._blob_columns(layer, is_value),
-                        page_ids,
-                        page_tokens=ps,
-                        **self._quant_kwargs(layer, is_value),
-                    )
-                    self._store_sink(pages, layer, is_value, x)
-                    if window is not None:
-                        slots, first = window
-                        overlay.store(slots, is_value, layer, x[first * ps :])
-            stamps = self._write_headers(pages)
-            if window is not None:
-                slots, first = window
-                overlay.publish(pages[first:], slots, stamps[first:])
+        self._kvt_codec.backup(host_indices, device_indices)
 
     def load_to_device_per_layer(
         self,
@@ -569,84 +469,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
         if not is_draft and not 0 <= layer_id < self.target_layer_num:
             return
         self._check_io_backend(io_backend)
-        if self._kvt_device_io is not None:
-            self._kvt_device_io.load(host_indices, device_indices, layer_id)
-            return
-        pages = self._host_pages(host_indices)
-        n = len(pages)
-        if n == 0:
-            return
-        ps = self.page_size
-        rows = self._device_rows(device_indices).view(n, ps)
-        dev = (self.device_k_buffers[layer_id], self.device_v_buffers[layer_id])
-        quantized = torch.arange(n)
-        if self.kvtuner_overlay is not None:
-
-            def write_exact(positions, k, v):
-                dst_rows = rows[positions.to(rows.device)].reshape(-1)
-                for buf, src in zip(dev, (k, v)):
-                    buf[dst_rows] = src.reshape(-1, self.head_num, self.head_dim).to(
-                        buf.device, non_blocking=False
-                    )
-
-            quantized = self.kvtuner_overlay.load_layer(
-                pages, self._row_stamps, layer_id, write_exact
-            )
-        if quantized.numel():
-            self._dequantize_to_device(pages[quantized], rows[quantized.to(rows.device)], layer_id)
-        self._load_sink(pages, rows, layer_id)
-
-    def _sink_columns(self, layer: int, is_value: bool) -> torch.Tensor:
-        """The byte columns of every host row that hold one layer's exact K or V sink tokens."""
-        off, nbytes = self.kvtuner_layout.sink(layer, is_value)
-        return self.kv_buffer[:, off : off + nbytes]
-
-    def _store_sink(self, pages: torch.Tensor, layer: int, is_value: bool, x: torch.Tensor):
-        """Keep the first sink tokens of each page of ``x`` (gathered device rows) exact."""
-        sink = self.kvtuner_layout.sink_tokens
-        if sink:
-            head = x.view(len(pages), self.page_size, -1)[:, :sink]
-            self._sink_columns(layer, is_value)[pages] = (
-                head.contiguous().view(torch.uint8).view(len(pages), -1)
-            )
-
-    def _load_sink(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
-        """Write each page's exact sink tokens over their decoded values ([pages, page_size])."""
-        sink = self.kvtuner_layout.sink_tokens
-        if not sink:
-            return
-        dst_rows = rows[:, :sink].reshape(-1)
-        device_buffers = (self.device_k_buffers[layer], self.device_v_buffers[layer])
-        for is_value, buffer in enumerate(device_buffers):
-            held = self._sink_columns(layer, bool(is_value))[pages]
-            tokens = held.view(self.dtype).view(-1, self.head_num, self.head_dim)
-            buffer[dst_rows] = tokens.to(buffer.device)
-
-    def _write_headers(self, pages: torch.Tensor) -> torch.Tensor:
-        """Write the page header with a fresh backup stamp into each page; returns the stamps."""
-        n = len(pages)
-        self.kv_buffer[pages, :PAGE_HEADER_NBYTES] = self._kvt_header
-        stamps = self._new_stamps(n)
-        stamp_bytes = stamps.view(torch.uint8).view(n, STAMP_NBYTES)
-        self.kv_buffer[pages, STAMP_OFFSET : STAMP_OFFSET + STAMP_NBYTES] = stamp_bytes
-        return stamps
-
-    def _dequantize_to_device(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
-        """Decode one layer of ``pages`` into the device rows ``rows`` ([pages, page_size])."""
-        dst_rows = rows.reshape(-1)
-        out = torch.empty(
-            (len(pages) * self.page_size, self.head_num, self.head_dim), dtype=self.dtype
-        )
-        page_ids = pages.numpy()
-        device_buffers = (self.device_k_buffers[layer], self.device_v_buffers[layer])
-        for is_value, buffer in enumerate(device_buffers):
-            self._kq.dequantize_pages(
-                self._blob_columns(layer, bool(is_value)),
-                page_ids,
-                out,
-                **self._quant_kwargs(layer, bool(is_value)),
-            )
-            buffer[dst_rows] = out.to(buffer.device)
+        self._kvt_codec.load(host_indices, device_indices, layer_id)
 
     # ------------------------------------------------------------- storage ---
 
@@ -706,7 +529,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
             )
         self.kv_buffer[page].copy_(src)
-        self._overlay_drop(torch.tensor([page], dtype=torch.int64))
+        self._kvt_codec.drop(torch.tensor([page], dtype=torch.int64))
         self._recycle_dummy(data_page)
 
     def kvtuner_check_pages(self, host_indices: torch.Tensor) -> List[bool]:

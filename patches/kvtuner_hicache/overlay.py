@@ -39,7 +39,7 @@ class ResidualOverlay:
     the row it was copied with (a refilled row no longer carries it)."""
 
     def __init__(self, buffer: torch.Tensor, page_num: int, window_pages: int):
-        # buffer: [slots, 2 (K, V), layers, page_size, heads, head_dim] in the KV dtype.
+        # buffer: [slots, parts (MHA: K, V), layers, page_size, heads, head_dim], KV dtype.
         self.buffer = buffer
         self.slots = int(buffer.shape[0])
         self.window_pages = window_pages
@@ -64,10 +64,10 @@ class ResidualOverlay:
             self._page_of_slot[slots] = -1
         return slots, len(pages) - w
 
-    def store(self, slots: torch.Tensor, is_value: bool, layer: int, rows: torch.Tensor) -> None:
-        """Copy one layer's K or V rows of the reserved window into its slots."""
+    def store(self, slots: torch.Tensor, part: int, layer: int, rows: torch.Tensor) -> None:
+        """Copy one layer's rows of a part (MHA: K or V) of the reserved window into its slots."""
         _, _, _, page_size, heads, head_dim = self.buffer.shape
-        self.buffer[slots, int(is_value), layer] = rows.view(-1, page_size, heads, head_dim)
+        self.buffer[slots, int(part), layer] = rows.view(-1, page_size, heads, head_dim)
 
     def publish(self, pages: torch.Tensor, slots: torch.Tensor, stamps: torch.Tensor) -> None:
         """Make the stored window visible to loads, bound to the rows' backup stamps."""
@@ -81,10 +81,11 @@ class ResidualOverlay:
         pages: torch.Tensor,
         row_stamps: Callable[[torch.Tensor], torch.Tensor],
         layer: int,
-        write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+        write: Callable[..., None],
     ) -> torch.Tensor:
         """Copy out the exact ``layer`` of the pages still held; returns the positions to decode."""
-        # write(positions, k, v) runs under the lock, so no backup reuses a slot meanwhile.
+        # write(positions, *parts) (MHA: k, v) runs under the lock, so no backup reuses a slot
+        # meanwhile.
         with self._lock:
             slots = self._slot_of_page[pages]
             mapped = slots >= 0
@@ -96,7 +97,7 @@ class ResidualOverlay:
             if exact.numel() == 0:
                 return torch.arange(len(pages))
             held = slots[exact]
-            write(exact, self.buffer[held, 0, layer], self.buffer[held, 1, layer])
+            write(exact, *(self.buffer[held, p, layer] for p in range(self.buffer.shape[1])))
             return (slots < 0).nonzero().squeeze(1)
 
     def drop(self, pages: torch.Tensor) -> None:

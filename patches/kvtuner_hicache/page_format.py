@@ -1,15 +1,17 @@
 """Byte layout of one quantized host page row, the unit backups, loads and storage backends
-move: a 64-byte page header, then per layer one ``kvtuner_quant`` blob for K, one for V and the
-sink section (the page's first ``sink_tokens`` tokens of K and of V, exact, in the KV dtype).
-Field by field: ``docs/host-pool.md`` ("Page row format").
+move: a 64-byte page header, then per layer one ``kvtuner_quant`` blob per part (the MHA pool's
+parts: K, V) and the sink section (the page's first ``sink_tokens`` tokens of each part, exact,
+in the KV dtype). Blob geometry comes from ``kvtuner_quant.blob_layout``. Field by field:
+``docs/host-pool.md`` ("Page row format").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import struct
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 PAGE_MAGIC = b"KVTPAGE1"
 PAGE_FORMAT_VERSION = 3
@@ -41,48 +43,69 @@ def _round_up(n: int, m: int) -> int:
 KV_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
+@dataclasses.dataclass(frozen=True)
+class RowPart:
+    """Where one layer's share of one device buffer (MHA: its K or its V) lies in a row."""
+
+    blob_off: int
+    # kvtuner_quant.BlobLayout of the part's page: section offsets, header bytes, padding.
+    blob: Any
+    # The part's exact copy of the page's first sink tokens, inside the layer's sink section.
+    sink_off: int
+    sink_nbytes: int
+
+    @property
+    def blob_nbytes(self) -> int:
+        return self.blob.total_nbytes
+
+
+def mha_row_parts(plan) -> List[Tuple[Tuple[int, int], ...]]:
+    """(bits, axis) of each layer's parts for a dense MHA plan: K, then V."""
+    cfg = plan.cfg
+    return [((k, cfg.axis_key), (v, cfg.axis_value)) for k, v in plan.layer_bits]
+
+
 class PageLayout:
     """Offsets of every blob and sink section inside a row, computed once per pool from the
     plan."""
 
-    def __init__(self, plan, packed_nbytes) -> None:
-        """Lay out ``plan``'s blobs; ``packed_nbytes`` is kvtuner_quant's blob size function."""
+    def __init__(self, plan, blob_layout, layer_parts=None) -> None:
+        """Lay out ``plan``'s blobs: ``layer_parts[layer]`` gives (bits, axis) per part
+        (default: K and V, ``mha_row_parts``), ``blob_layout`` is ``kvtuner_quant.blob_layout``."""
         # Passed in rather than imported, so this module does not need the extension.
         self.plan = plan
         cfg = plan.cfg
-        self.k_offsets: List[int] = []
-        self.v_offsets: List[int] = []
-        self.k_nbytes: List[int] = []
-        self.v_nbytes: List[int] = []
-        self.sink_offsets: List[int] = []
-        # One layer's sink section: K of the page's first sink_tokens tokens, then V.
+        if layer_parts is None:
+            layer_parts = mha_row_parts(plan)
+        # One layer's sink section: each part's first sink_tokens tokens, part after part.
         self.sink_tokens = cfg.sink_tokens
         self.sink_token_nbytes = plan.head_num * plan.head_dim * KV_ITEMSIZE[plan.dtype_name]
-        self.sink_nbytes = 2 * self.sink_tokens * self.sink_token_nbytes
+        part_sink_nbytes = self.sink_tokens * self.sink_token_nbytes
+        self.parts: List[Tuple[RowPart, ...]] = []
         off = PAGE_HEADER_NBYTES
-        for k_bits, v_bits in plan.layer_bits:
-            for bits, axis, offs, sizes in (
-                (k_bits, cfg.axis_key, self.k_offsets, self.k_nbytes),
-                (v_bits, cfg.axis_value, self.v_offsets, self.v_nbytes),
-            ):
-                n = int(
-                    packed_nbytes(
-                        plan.page_size,
-                        plan.head_num,
-                        plan.head_dim,
-                        dtype=plan.dtype_name,
-                        bits=bits,
-                        asym=cfg.asym,
-                        axis=axis,
-                        group_size=cfg.group_size,
-                        residual_length=0,
-                    )
+        for parts in layer_parts:
+            blobs = []
+            for bits, axis in parts:
+                blob = blob_layout(
+                    plan.page_size,
+                    plan.head_num,
+                    plan.head_dim,
+                    dtype=plan.dtype_name,
+                    bits=bits,
+                    asym=cfg.asym,
+                    axis=axis,
+                    group_size=cfg.group_size,
+                    residual_length=0,
                 )
-                offs.append(off)
-                sizes.append(n)
-                off = _round_up(off + n, BLOB_ALIGN)
-            self.sink_offsets.append(off)
-            off = _round_up(off + self.sink_nbytes, BLOB_ALIGN)
+                blobs.append((off, blob))
+                off = _round_up(off + blob.total_nbytes, BLOB_ALIGN)
+            self.parts.append(
+                tuple(
+                    RowPart(blob_off, blob, off + i * part_sink_nbytes, part_sink_nbytes)
+                    for i, (blob_off, blob) in enumerate(blobs)
+                )
+            )
+            off = _round_up(off + len(parts) * part_sink_nbytes, BLOB_ALIGN)
         self.payload_nbytes = off
         # Rows of whole tokens and of two 4 KiB-aligned halves: zero-copy backends move a row
         # as two spans (the K and V slots of an MHA key), and O_DIRECT ones (NIXL's file
@@ -94,32 +117,59 @@ class PageLayout:
             PAGE_MAGIC,
             PAGE_FORMAT_VERSION,
             PAGE_HEADER_NBYTES,
-            len(plan.layer_bits),
+            len(self.parts),
             plan.page_size,
             self.row_nbytes,
             self.digest,
         ).ljust(PAGE_HEADER_NBYTES, b"\0")
+
+    # Per-part lists of the MHA row (K = part 0, V = part 1), as tests and benchmarks read them.
+
+    @property
+    def k_offsets(self) -> List[int]:
+        return [parts[0].blob_off for parts in self.parts]
+
+    @property
+    def v_offsets(self) -> List[int]:
+        return [parts[1].blob_off for parts in self.parts]
+
+    @property
+    def k_nbytes(self) -> List[int]:
+        return [parts[0].blob_nbytes for parts in self.parts]
+
+    @property
+    def v_nbytes(self) -> List[int]:
+        return [parts[1].blob_nbytes for parts in self.parts]
+
+    @property
+    def sink_offsets(self) -> List[int]:
+        return [parts[0].sink_off for parts in self.parts]
+
+    @property
+    def sink_nbytes(self) -> int:
+        """Bytes of one layer's sink section (every part's sink tokens)."""
+        return sum(part.sink_nbytes for part in self.parts[0]) if self.parts else 0
 
     @property
     def bytes_per_token(self) -> int:
         """Row bytes per token: what the pool reports as ``get_size_per_token()``."""
         return self.row_nbytes // self.plan.page_size
 
-    def blob(self, layer: int, is_value: bool) -> Tuple[int, int]:
-        """(offset, nbytes) of one layer's K or V blob inside the row."""
-        if is_value:
-            return self.v_offsets[layer], self.v_nbytes[layer]
-        return self.k_offsets[layer], self.k_nbytes[layer]
+    def blob(self, layer: int, part: int) -> Tuple[int, int]:
+        """(offset, nbytes) of one layer's blob of a part (MHA: ``is_value``) inside the row."""
+        p = self.parts[layer][part]
+        return p.blob_off, p.blob_nbytes
 
-    def sink(self, layer: int, is_value: bool) -> Tuple[int, int]:
-        """(offset, nbytes) of one layer's exact K or V sink tokens inside the row."""
-        half = self.sink_nbytes // 2
-        return self.sink_offsets[layer] + (half if is_value else 0), half
+    def sink(self, layer: int, part: int) -> Tuple[int, int]:
+        """(offset, nbytes) of one layer's exact sink tokens of a part inside the row."""
+        p = self.parts[layer][part]
+        return p.sink_off, p.sink_nbytes
 
     def layer_span(self, layer: int) -> Tuple[int, int]:
-        """(offset, nbytes) of everything one layer holds: K blob, V blob and sink section."""
-        start = self.k_offsets[layer]
-        return start, self.sink_offsets[layer] + self.sink_nbytes - start
+        """(offset, nbytes) of everything one layer holds: its blobs and its sink section."""
+        parts = self.parts[layer]
+        start = parts[0].blob_off
+        return start, parts[-1].sink_off + parts[-1].sink_nbytes - start
 
     def header_mismatch(self, got: bytes) -> str | None:
         """None when ``got`` starts with this layout's header, else the first field that differs."""

@@ -163,6 +163,7 @@ pub fn group(era: Era) -> Option<Group> {
         package_module!("package-init", "__init__.py"),
         package_module!("package-config", "config.py"),
         package_module!("package-server-args-fields", "server_args_fields.py"),
+        package_module!("package-codec", "codec.py"),
         package_module!("package-device-codec", "device_codec.py"),
         package_module!("package-device-transfer", "device_transfer.py"),
         package_module!("package-page-format", "page_format.py"),
