@@ -415,6 +415,10 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
 
     # ------------------------------------------------------------ overlay ---
 
+    def _overlay_drop(self, pages: torch.Tensor) -> None:
+        """Forget the exact copies of host pages (freed or refilled rows)."""
+        self._kvt_codec.drop(pages)
+
     def kvtuner_overlay_pages(self) -> List[int]:
         """Host pages currently served exactly from the overlay (tests, metrics)."""
         if self.kvtuner_overlay is None:
@@ -424,7 +428,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
     def free(self, indices: torch.Tensor) -> int:
         freed = super().free(indices)
         if self.kvtuner_overlay is not None and indices.numel():
-            self._kvt_codec.drop(torch.unique(indices.cpu() // self.page_size))
+            self._overlay_drop(torch.unique(indices.cpu() // self.page_size))
         return freed
 
     def clear(self):
@@ -529,7 +533,7 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
                 f"KVTuner host pool: refusing storage page for host page {page}: {problem}"
             )
         self.kv_buffer[page].copy_(src)
-        self._kvt_codec.drop(torch.tensor([page], dtype=torch.int64))
+        self._overlay_drop(torch.tensor([page], dtype=torch.int64))
         self._recycle_dummy(data_page)
 
     def kvtuner_check_pages(self, host_indices: torch.Tensor) -> List[bool]:

@@ -132,7 +132,7 @@ PAGE, HEADS, HEAD_DIM, LAYERS = 16, 2, 32, 2
 # sha256 of every byte a backup defines (stamp left out), written by the pool before the
 # codec interface (host codec; the device codec writes the same bytes, test_device_codec_pool).
 PINNED = {
-    "k4v4-asym": (dict(dtype=torch.float16), "PENDING"),
+    "k4v4-asym": (dict(dtype=torch.float16), "c8c98e5f96024a964fc4186645bcc234290967ff1e5034d9225bfdbffa39ff79"),
     "k8v2-sym-axis00-sink3": (
         dict(
             dtype=torch.bfloat16,
@@ -142,11 +142,11 @@ PINNED = {
             axis_key=0,
             sink_tokens=3,
         ),
-        "PENDING",
+        "e9e5b62884aa3425418d90d6f460aae8ba943d4aa6fd95f978c86a8fa1ea8819",
     ),
     "preset-f32-sink0": (
         dict(dtype=torch.float32, layer_bits=((0, (2, 8)), (1, (4, 2))), sink_tokens=0),
-        "PENDING",
+        "1a59d190329de1a80816655b9319fd41f095abcfd4d4c982917ff0ab3dbeb2b7",
     ),
 }
 
@@ -165,10 +165,15 @@ def _device_pool(dtype, layers=LAYERS, seed=3):
 
 
 def _stored_digest(host, pages) -> str:
+    """sha256 of the bytes a backup defines: the page header without its stamp, the blobs
+    and the sink sections (padding is whatever the allocator left)."""
     lay = host.kvtuner_layout
-    rows = host.kv_buffer[pages].clone()
-    rows[:, 48:56] = 0  # the backup stamp: random per pool
-    return hashlib.sha256(rows[:, : lay.row_nbytes].numpy().tobytes()).hexdigest()
+    rows = host.kv_buffer[pages]
+    spans = [rows[:, :48], rows[:, 56:64]]
+    for offs, sizes in ((lay.k_offsets, lay.k_nbytes), (lay.v_offsets, lay.v_nbytes)):
+        spans += [rows[:, off : off + n] for off, n in zip(offs, sizes)]
+    spans += [rows[:, off : off + lay.sink_nbytes] for off in lay.sink_offsets]
+    return hashlib.sha256(torch.cat(spans, dim=1).numpy().tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
