@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import device_codec as dc
-from .codec import CodecParts, PageCodec
+from .codec import CodecParts, HostCodec, PageCodec
 from .page_format import STAMP_OFFSET
 
 CODEC_CHOICES = ("auto", "device", "host")
@@ -40,6 +40,15 @@ def choose_codec(requested: str, device: torch.device, host_rows_pinned: bool) -
     if device.type == "cpu":
         return "host", "auto: the device KV cache is on the CPU"
     return "device", f"auto: device KV on {device}, Triton {dc.triton.__version__}"
+
+
+def build_codec(requested: str, parts: CodecParts) -> Tuple[PageCodec, str]:
+    """The codec ``--kvtuner-hicache-codec`` picks for ``parts``, built, and why it runs."""
+    device = parts.device
+    pinned = device.type != "cpu" and parts.rows.is_pinned()
+    name, why = choose_codec(requested, device, pinned)
+    codec_cls = DeviceCodec if name == "device" else HostCodec
+    return codec_cls(parts), why
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

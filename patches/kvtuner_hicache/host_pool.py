@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .codec import CodecParts, HostCodec, PageCodec, StampCounter, host_pages, import_quant
+from .codec import CodecParts, PageCodec, StampCounter, host_pages, import_quant
 from .compat import (
     MHATokenToKVPoolHost,
     alloc_host,
@@ -28,7 +28,7 @@ from .config import (
     current_server_config,
     resolve_layer_plan,
 )
-from .device_transfer import DeviceCodec, choose_codec
+from .device_transfer import build_codec
 from .overlay import ResidualOverlay, carve_slots, window_pages
 from .page_format import PAGE_HEADER_NBYTES, STAMP_NBYTES, STAMP_OFFSET, PageLayout
 
@@ -81,9 +81,6 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
     def _kvt_select_codec(self) -> str:
         """Pick who packs the pages (``--kvtuner-hicache-codec``) once the rows exist;
         returns why, for the startup line."""
-        device = torch.device(self.device_k_buffers[0].device)
-        pinned = device.type != "cpu" and self.kv_buffer.is_pinned()
-        self.kvtuner_codec, why = choose_codec(self._kvt_cfg.codec, device, pinned)
         parts = CodecParts(
             layout=self.kvtuner_layout,
             rows=self.kv_buffer,
@@ -92,8 +89,8 @@ class KVTunerMHATokenToKVPoolHost(MHATokenToKVPoolHost):
             backup_lock=threading.Lock(),
             overlay=self.kvtuner_overlay,
         )
-        codec_cls = DeviceCodec if self.kvtuner_codec == "device" else HostCodec
-        self._kvt_codec = codec_cls(parts)
+        self._kvt_codec, why = build_codec(self._kvt_cfg.codec, parts)
+        self.kvtuner_codec = self._kvt_codec.name
         return why
 
     def _kvt_init_from_buffer_info(

@@ -132,7 +132,10 @@ PAGE, HEADS, HEAD_DIM, LAYERS = 16, 2, 32, 2
 # sha256 of every byte a backup defines (stamp left out), written by the pool before the
 # codec interface (host codec; the device codec writes the same bytes, test_device_codec_pool).
 PINNED = {
-    "k4v4-asym": (dict(dtype=torch.float16), "c8c98e5f96024a964fc4186645bcc234290967ff1e5034d9225bfdbffa39ff79"),
+    "k4v4-asym": (
+        dict(dtype=torch.float16),
+        "c8c98e5f96024a964fc4186645bcc234290967ff1e5034d9225bfdbffa39ff79",
+    ),
     "k8v2-sym-axis00-sink3": (
         dict(
             dtype=torch.bfloat16,
