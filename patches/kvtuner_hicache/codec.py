@@ -43,8 +43,7 @@ def import_quant():
 
 
 class StampCounter:
-    """Backup stamps of one pool: a random 63-bit base plus a counter, so a stamp names one
-    page as written by one backup."""
+    """Backup stamps of one pool: a random 63-bit base plus a counter (one per page and backup)."""
 
     def __init__(self, start: Optional[int] = None):
         if start is None:
@@ -60,7 +59,7 @@ class StampCounter:
         return (torch.arange(n, dtype=torch.int64, device=device) + start) & _STAMP_MASK
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CodecParts:
     """What a codec is built from."""
 
