@@ -175,6 +175,9 @@ class HostCodec(PageCodec):
             for layer in range(p.layer_num):
                 for part, row_part in enumerate(p.layout.parts[layer]):
                     x = _gather_to_cpu(p.sources[part][layer], rows)
+                    self._store_exact(pages, row_part, x)
+                    if row_part.blob is None:
+                        continue
                     self._kq.quantize_pages(
                         x.view(-1, *row_part.blob.shape[1:]),
                         self._columns(row_part.blob_off, row_part.blob_nbytes),
@@ -182,7 +185,6 @@ class HostCodec(PageCodec):
                         page_tokens=ps,
                         **row_part.blob.codec_kwargs(),
                     )
-                    self._store_sink(pages, row_part, x)
                     if window is not None:
                         slots, first = window
                         overlay.store(slots, part, layer, x[first * ps :])
@@ -212,25 +214,26 @@ class HostCodec(PageCodec):
             quantized = p.overlay.load_layer(pages, self._row_stamps, layer, write_exact)
         if quantized.numel():
             self._dequantize(pages[quantized], rows[quantized.to(rows.device)], layer)
-        self._load_sink(pages, rows, layer)
+        self._load_exact(pages, rows, layer)
 
-    def _store_sink(self, pages: torch.Tensor, row_part: RowPart, x: torch.Tensor) -> None:
-        """Keep the first sink tokens of each page of ``x`` (gathered device rows) exact."""
-        sink = self.parts.layout.sink_tokens
-        if sink:
-            head = x.view(len(pages), self.parts.page_size, -1)[:, :sink]
+    def _store_exact(self, pages: torch.Tensor, row_part: RowPart, x: torch.Tensor) -> None:
+        """Keep the part's exact tokens of each page of ``x`` (gathered device rows): the
+        first sink tokens of a quantized part, every token of an exact one."""
+        tokens = row_part.exact_tokens
+        if tokens:
+            head = x.view(len(pages), self.parts.page_size, -1)[:, :tokens]
             self._columns(row_part.sink_off, row_part.sink_nbytes)[pages] = (
                 head.contiguous().view(torch.uint8).view(len(pages), -1)
             )
 
-    def _load_sink(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
-        """Write each page's exact sink tokens over their decoded values ([pages, page_size])."""
+    def _load_exact(self, pages: torch.Tensor, rows: torch.Tensor, layer: int) -> None:
+        """Write each page's exact tokens over their decoded values ([pages, page_size])."""
         p = self.parts
-        if not p.layout.sink_tokens:
-            return
-        dst_rows = rows[:, : p.layout.sink_tokens].reshape(-1)
         for buffers, row_part in zip(p.sources, p.layout.parts[layer]):
+            if not row_part.exact_tokens:
+                continue
             buf = buffers[layer]
+            dst_rows = rows[:, : row_part.exact_tokens].reshape(-1)
             held = self._columns(row_part.sink_off, row_part.sink_nbytes)[pages]
             buf[dst_rows] = held.view(buf.dtype).view(-1, *buf.shape[1:]).to(buf.device)
 
@@ -240,6 +243,8 @@ class HostCodec(PageCodec):
         dst_rows = rows.reshape(-1)
         page_ids = pages.numpy()
         for buffers, row_part in zip(p.sources, p.layout.parts[layer]):
+            if row_part.blob is None:
+                continue
             buf = buffers[layer]
             out = torch.empty((len(pages) * p.page_size, *row_part.blob.shape[1:]), dtype=buf.dtype)
             self._kq.dequantize_pages(

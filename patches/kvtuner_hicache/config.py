@@ -409,34 +409,48 @@ class LayerPlan:
     head_dim: int
     page_size: int
     dtype_name: str  # "float16" / "bfloat16" / "float32"
+    # "mha": K and V rows of head_num x head_dim; "mla": a latent of head_dim (kv_lora_rank)
+    # and rope keys of rope_dim per token (page_format.ROW_KINDS).
+    kind: str = "mha"
+    rope_dim: int = 0
 
     def tag(self) -> str:
         """Short stable name of everything that decides the stored page bytes."""
         # Dtype, geometry, per-layer bits, symmetry, axes, group size, sink tokens and the
-        # page format version. The residual window is absent on purpose: storage only ever receives
-        # quantized pages.
-        from .page_format import PAGE_FORMAT_VERSION
+        # page format version. The residual window is absent on purpose: storage only ever
+        # receives quantized pages.
+        from .page_format import ROW_KINDS
 
         c = self.cfg
+        short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype_name]
+        if self.kind == "mha":
+            # The description MHA tags have always had, so stored pages keep their namespace.
+            bits_desc = (self.layer_bits, c.asym, c.axis_key, c.axis_value)
+            extra = ()
+            kinds = sorted(set(self.layer_bits))
+            bits = f"k{kinds[0][0]}v{kinds[0][1]}" if len(kinds) == 1 else "mixed"
+        else:
+            # MLA: only the latent is quantized, with the key bits and axis.
+            latent_bits = tuple(k for k, _ in self.layer_bits)
+            bits_desc = (latent_bits, c.asym, c.axis_key)
+            extra = (self.kind, self.rope_dim)
+            kinds = sorted(set(latent_bits))
+            bits = f"l{kinds[0]}" if len(kinds) == 1 else "mixed"
+            short = f"{self.kind}-{short}"
         desc = repr(
             (
-                PAGE_FORMAT_VERSION,
+                ROW_KINDS[self.kind][0],
                 self.dtype_name,
                 self.page_size,
                 self.head_num,
                 self.head_dim,
-                self.layer_bits,
-                c.asym,
-                c.axis_key,
-                c.axis_value,
+                *bits_desc,
                 c.group_size,
                 c.sink_tokens,
+                *extra,
             )
         )
         digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
-        kinds = sorted(set(self.layer_bits))
-        bits = f"k{kinds[0][0]}v{kinds[0][1]}" if len(kinds) == 1 else "mixed"
-        short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype_name]
         return f"kvt-{short}-{bits}-g{c.group_size}-s{c.sink_tokens}-{digest}"
 
 
@@ -451,14 +465,17 @@ def resolve_layer_plan(
     page_size: int,
     dtype_name: str,
     model_layer_num: Optional[int],
+    kind: str = "mha",
+    rope_dim: int = 0,
 ) -> LayerPlan:
-    """Bind the flags to a host pool's layers, geometry and KV dtype."""
+    """Bind the flags to a host pool's layers, geometry and KV dtype (MLA: head_num 1,
+    head_dim the latent's kv_lora_rank, rope_dim the exact rope keys)."""
     # model_layer_num: the model's layer count where this rank knows it (no pipeline
     # parallelism, or the last stage); with None only this stage's layers are checked.
     check_uniform_config(cfg)
     check_page_config(cfg, page_size)
     _check_kv_dtype(dtype_name)
-    _check_head_dim_groups(cfg, head_dim)
+    _check_head_dim_groups(cfg, head_dim, kind)
     layers = range(start_layer, start_layer + target_layer_num)
     bits = _target_layer_bits(cfg, layers, model_layer_num)
     bits += [(cfg.nbits_key, cfg.nbits_value)] * draft_layer_num
@@ -469,6 +486,8 @@ def resolve_layer_plan(
         head_dim=head_dim,
         page_size=page_size,
         dtype_name=dtype_name,
+        kind=kind,
+        rope_dim=rope_dim,
     )
 
 
@@ -482,13 +501,17 @@ def _check_kv_dtype(dtype_name: str) -> None:
         )
 
 
-def _check_head_dim_groups(cfg: KVTunerHiCacheConfig, head_dim: int) -> None:
-    """Refuse per-token groups that do not divide head_dim."""
-    for axis, name in ((cfg.axis_key, "key"), (cfg.axis_value, "value")):
+def _check_head_dim_groups(cfg: KVTunerHiCacheConfig, head_dim: int, kind: str = "mha") -> None:
+    """Refuse per-token groups that do not divide head_dim (MLA: the latent's width)."""
+    axes = [(cfg.axis_key, "key")]
+    if kind == "mha":
+        axes.append((cfg.axis_value, "value"))
+    what = "head_dim" if kind == "mha" else "MLA latent width (kv_lora_rank)"
+    for axis, name in axes:
         if axis == 0 and head_dim % cfg.group_size:
             raise ValueError(
                 f"{_flag('kvtuner_hicache_q_group_size')}={cfg.group_size} does not divide "
-                f"the model's head_dim {head_dim}, which per-token {name} groups "
+                f"the model's {what} {head_dim}, which per-token {name} groups "
                 f"({_flag('kvtuner_hicache_axis_' + name)} 0) require"
             )
 

@@ -192,6 +192,20 @@ class BlobSpec:
         return tuple(offsets), bytes(values)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowShape:
+    """The device rows of one page of a part stored exact: what the copy kernels need of a
+    ``BlobSpec`` (tokens per page, heads, head_dim)."""
+
+    tokens: int
+    heads: int
+    head_dim: int
+
+    @property
+    def row_elems(self) -> int:
+        return self.heads * self.head_dim
+
+
 def device_codec_unavailable(device: torch.device) -> Optional[str]:
     """None when the device codec can run for device buffers on ``device``, else
     the reason it cannot."""
@@ -656,7 +670,7 @@ class BlobTemplate:
         self.fixed_val = torch.tensor(list(values), dtype=torch.uint8, device=device)
 
 
-def _check_rows_buffer(buf: torch.Tensor, spec: BlobSpec, what: str) -> int:
+def _check_rows_buffer(buf: torch.Tensor, spec, what: str) -> int:
     """Row stride (elements) of a device buffer [size, heads, head_dim] whose rows
     are contiguous."""
     if buf.dim() == 2:
@@ -851,10 +865,11 @@ def _copy_tokens(
     dst_base: int,
     dst_row_stride: int,
     tokens: int,
-    spec: BlobSpec,
+    spec,
 ) -> None:
-    """The first ``tokens`` device rows of each page, bit for bit, into row
-    ``dst_index[i]`` of the integer view ``dst`` from element ``dst_base`` on."""
+    """The first ``tokens`` device rows of each page (``spec``: a ``BlobSpec`` or
+    ``RowShape``), bit for bit, into row ``dst_index[i]`` of the integer view ``dst`` from
+    element ``dst_base`` on."""
     n = dst_index.shape[0]
     if n == 0 or tokens == 0:
         return
@@ -896,10 +911,11 @@ def store_sink_tokens(
     pages: torch.Tensor,
     sink_off: int,
     sink_tokens: int,
-    spec: BlobSpec,
+    spec,
 ) -> None:
-    """The first ``sink_tokens`` device rows of each page, bit for bit, into the sink
-    section at ``dst[pages[i], sink_off:]`` (uint8 host rows). Enqueue-only."""
+    """The first ``sink_tokens`` device rows of each page (``spec``: a ``BlobSpec`` or
+    ``RowShape``), bit for bit, into the exact section at ``dst[pages[i], sink_off:]``
+    (uint8 host rows; an exact part's section holds every token). Enqueue-only."""
     es = src.element_size()
     # The kernel moves whole elements: the host rows seen as the device buffer's integers.
     if sink_off % es or dst.stride(0) % es:
@@ -929,6 +945,7 @@ __all__ = [
     "BlobTemplate",
     "BlobSpec",
     "OverlayView",
+    "RowShape",
     "copy_exact_pages",
     "device_codec_unavailable",
     "dequantize_pages",

@@ -131,19 +131,27 @@ class DeviceCodec(PageCodec):
         super().__init__(parts)
         self.device = parts.device
         self.page_size = parts.page_size
-        self.sink_tokens = parts.layout.sink_tokens
-        # One template (header and padding bytes on the device) per distinct blob layout.
+        # Per (layer, part): the rows' shape, and for a quantized part its blob spec and
+        # template (header and padding bytes on the device), one per distinct blob layout.
+        self.shapes: Dict[Tuple[int, int], object] = {}
         self.specs: Dict[Tuple[int, int], dc.BlobSpec] = {}
         self.templates: Dict[Tuple[int, int], dc.BlobTemplate] = {}
         templates: Dict[dc.BlobSpec, dc.BlobTemplate] = {}
         for layer, row_parts in enumerate(parts.layout.parts):
             for part, row_part in enumerate(row_parts):
+                if row_part.blob is None:
+                    spec = row_part.spec
+                    self.shapes[(layer, part)] = dc.RowShape(
+                        self.page_size, spec.heads, spec.head_dim
+                    )
+                    continue
                 spec = dc.BlobSpec.of(row_part.blob)
                 if spec not in templates:
                     templates[spec] = dc.BlobTemplate(spec, self.device)
                 self.specs[(layer, part)] = spec
+                self.shapes[(layer, part)] = spec
                 self.templates[(layer, part)] = templates[spec]
-        self.max_groups = max(spec.ngroups for spec in self.specs.values())
+        self.max_groups = max((spec.ngroups for spec in self.specs.values()), default=1)
         self.header = torch.tensor(list(parts.layout.header), dtype=torch.uint8, device=self.device)
         self.overlay: Optional[DeviceOverlayMaps] = None
         if parts.overlay is not None:
@@ -187,6 +195,17 @@ class DeviceCodec(PageCodec):
             for layer, row_parts in enumerate(p.layout.parts):
                 for part, row_part in enumerate(row_parts):
                     src = p.sources[part][layer]
+                    dc.store_sink_tokens(
+                        src,
+                        rows,
+                        p.rows,
+                        pages,
+                        row_part.sink_off,
+                        row_part.exact_tokens,
+                        self.shapes[(layer, part)],
+                    )
+                    if row_part.blob is None:
+                        continue
                     dc.quantize_pages(
                         src,
                         rows,
@@ -195,15 +214,6 @@ class DeviceCodec(PageCodec):
                         row_part.blob_off,
                         self.templates[(layer, part)],
                         scratch,
-                    )
-                    dc.store_sink_tokens(
-                        src,
-                        rows,
-                        p.rows,
-                        pages,
-                        row_part.sink_off,
-                        self.sink_tokens,
-                        self.specs[(layer, part)],
                     )
                     if window is not None:
                         slots, first = window
@@ -233,6 +243,8 @@ class DeviceCodec(PageCodec):
         span_off, span_nbytes = p.layout.layer_span(layer)
         span = dc.gather_spans(p.rows, pages, span_off, span_nbytes, self.device)
         for part, row_part in enumerate(p.layout.parts[layer]):
+            if row_part.blob is None:
+                continue
             overlay = None if self.overlay is None else (self.overlay.view, layer, part)
             dc.dequantize_pages(
                 p.rows,
@@ -247,15 +259,15 @@ class DeviceCodec(PageCodec):
         self._load_sink(span, span_off, rows.view(n, self.page_size), layer)
 
     def _load_sink(self, span: torch.Tensor, span_off: int, rows: torch.Tensor, layer: int) -> None:
-        """Each page's exact sink tokens from the staged span over its decoded device rows."""
+        """Each page's exact tokens from the staged span over its decoded device rows."""
         # Same stream as the dequantize kernels, so these writes land after theirs.
-        sink = self.sink_tokens
-        if not sink:
-            return
         n = rows.shape[0]
-        dst_rows = rows[:, :sink].reshape(-1)
         for buffers, row_part in zip(self.parts.sources, self.parts.layout.parts[layer]):
+            tokens = row_part.exact_tokens
+            if not tokens:
+                continue
+            dst_rows = rows[:, :tokens].reshape(-1)
             ints = dc.int_view(buffers[layer])
             off = row_part.sink_off - span_off
             held = span[:, off : off + row_part.sink_nbytes].view(ints.dtype)
-            ints[dst_rows] = held.reshape(n * sink, *ints.shape[1:])
+            ints[dst_rows] = held.reshape(n * tokens, *ints.shape[1:])

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import math
 import struct
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 PAGE_MAGIC = b"KVTPAGE1"
 PAGE_FORMAT_VERSION = 3
@@ -44,25 +44,71 @@ KV_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
+class PartSpec:
+    """One part of a layer's page (MHA: K or V; MLA: the latent or the rope keys): the shape
+    of its device rows and how the row stores it."""
+
+    heads: int
+    head_dim: int
+    # None: stored exact (every token, bit for bit, in the KV dtype).
+    bits: Optional[int]
+    axis: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class RowPart:
     """Where one layer's share of one device buffer (MHA: its K or its V) lies in a row."""
 
+    spec: PartSpec
     blob_off: int
-    # kvtuner_quant.BlobLayout of the part's page: section offsets, header bytes, padding.
+    # kvtuner_quant.BlobLayout of the part's page (section offsets, header bytes, padding);
+    # None for an exact part.
     blob: Any
-    # The part's exact copy of the page's first sink tokens, inside the layer's sink section.
+    # The part's exact tokens (the page's first sink tokens; every token of an exact part),
+    # inside the layer's exact section.
     sink_off: int
     sink_nbytes: int
+    exact_tokens: int
 
     @property
     def blob_nbytes(self) -> int:
-        return self.blob.total_nbytes
+        return 0 if self.blob is None else self.blob.total_nbytes
 
 
-def mha_row_parts(plan) -> List[Tuple[Tuple[int, int], ...]]:
-    """(bits, axis) of each layer's parts for a dense MHA plan: K, then V."""
+def mha_row_parts(plan) -> List[Tuple[PartSpec, ...]]:
+    """Each layer's parts for a dense MHA plan: K, then V, both quantized."""
     cfg = plan.cfg
-    return [((k, cfg.axis_key), (v, cfg.axis_value)) for k, v in plan.layer_bits]
+    return [
+        (
+            PartSpec(plan.head_num, plan.head_dim, k, cfg.axis_key),
+            PartSpec(plan.head_num, plan.head_dim, v, cfg.axis_value),
+        )
+        for k, v in plan.layer_bits
+    ]
+
+
+def mla_row_parts(plan) -> List[Tuple[PartSpec, ...]]:
+    """Each layer's parts for an MLA plan: the latent, quantized with the key flags (it is
+    both keys and values), then the rope keys, exact."""
+    cfg = plan.cfg
+    return [
+        (
+            PartSpec(1, plan.head_dim, k, cfg.axis_key),
+            PartSpec(1, plan.rope_dim, None),
+        )
+        for k, _ in plan.layer_bits
+    ]
+
+
+# Row kind -> (page format version, parts of each layer). Format 4 is format 3 plus exact parts.
+ROW_KINDS = {
+    "mha": (PAGE_FORMAT_VERSION, mha_row_parts),
+    "mla": (4, mla_row_parts),
+}
 
 
 class PageLayout:
@@ -70,58 +116,72 @@ class PageLayout:
     plan."""
 
     def __init__(self, plan, blob_layout, layer_parts=None) -> None:
-        """Lay out ``plan``'s blobs: ``layer_parts[layer]`` gives (bits, axis) per part
-        (default: K and V, ``mha_row_parts``), ``blob_layout`` is ``kvtuner_quant.blob_layout``."""
+        """Lay out ``plan``'s parts: ``layer_parts[layer]`` gives each part's ``PartSpec``
+        (default: the plan's row kind's, ``ROW_KINDS``), ``blob_layout`` is
+        ``kvtuner_quant.blob_layout``."""
         # Passed in rather than imported, so this module does not need the extension.
         self.plan = plan
         cfg = plan.cfg
+        format_version, kind_parts = ROW_KINDS[plan.kind]
         if layer_parts is None:
-            layer_parts = mha_row_parts(plan)
-        # One layer's sink section: each part's first sink_tokens tokens, part after part.
+            layer_parts = kind_parts(plan)
+        itemsize = KV_ITEMSIZE[plan.dtype_name]
+        # A layer's quantized parts keep their first sink_tokens tokens exact too.
         self.sink_tokens = cfg.sink_tokens
-        self.sink_token_nbytes = plan.head_num * plan.head_dim * KV_ITEMSIZE[plan.dtype_name]
-        part_sink_nbytes = self.sink_tokens * self.sink_token_nbytes
+        self.sink_token_nbytes = plan.head_num * plan.head_dim * itemsize
         self.parts: List[Tuple[RowPart, ...]] = []
         off = PAGE_HEADER_NBYTES
-        for parts in layer_parts:
+        for specs in layer_parts:
             blobs = []
-            for bits, axis in parts:
+            for spec in specs:
+                if not spec.quantized:
+                    blobs.append((off, None))
+                    continue
                 blob = blob_layout(
                     plan.page_size,
-                    plan.head_num,
-                    plan.head_dim,
+                    spec.heads,
+                    spec.head_dim,
                     dtype=plan.dtype_name,
-                    bits=bits,
+                    bits=spec.bits,
                     asym=cfg.asym,
-                    axis=axis,
+                    axis=spec.axis,
                     group_size=cfg.group_size,
                     residual_length=0,
                 )
                 blobs.append((off, blob))
                 off = _round_up(off + blob.total_nbytes, BLOB_ALIGN)
-            self.parts.append(
-                tuple(
-                    RowPart(blob_off, blob, off + i * part_sink_nbytes, part_sink_nbytes)
-                    for i, (blob_off, blob) in enumerate(blobs)
-                )
-            )
-            off = _round_up(off + len(parts) * part_sink_nbytes, BLOB_ALIGN)
+            # The layer's exact section: each part's exact tokens, part after part.
+            row_parts = []
+            for spec, (blob_off, blob) in zip(specs, blobs):
+                tokens = self.sink_tokens if spec.quantized else plan.page_size
+                nbytes = tokens * spec.heads * spec.head_dim * itemsize
+                row_parts.append(RowPart(spec, blob_off, blob, off, nbytes, tokens))
+                off += nbytes
+            self.parts.append(tuple(row_parts))
+            off = _round_up(off, BLOB_ALIGN)
         self.payload_nbytes = off
         # Rows of whole tokens and of two 4 KiB-aligned halves: zero-copy backends move a row
         # as two spans (the K and V slots of an MHA key), and O_DIRECT ones (NIXL's file
         # plugins, by default) refuse a span whose address or length is not whole 4 KiB pages.
         self.row_nbytes = _round_up(off, math.lcm(2 * DIRECT_IO_ALIGN, plan.page_size))
+        self.format_version = format_version
         self.tag = plan.tag()
         self.digest = hashlib.sha256(self.tag.encode()).digest()[:16]
         self.header = _HEADER_STRUCT.pack(
             PAGE_MAGIC,
-            PAGE_FORMAT_VERSION,
+            format_version,
             PAGE_HEADER_NBYTES,
             len(self.parts),
             plan.page_size,
             self.row_nbytes,
             self.digest,
         ).ljust(PAGE_HEADER_NBYTES, b"\0")
+
+    @property
+    def quantized_parts(self) -> int:
+        """Parts per layer that are quantized (they come first; the residual overlay holds
+        exact copies of these only)."""
+        return sum(part.spec.quantized for part in self.parts[0]) if self.parts else 0
 
     # Per-part lists of the MHA row (K = part 0, V = part 1), as tests and benchmarks read them.
 

@@ -238,7 +238,10 @@ def test_a_codec_is_built_from_parts_not_a_pool(kvh, kq):
         dtype_name="bfloat16",
         model_layer_num=layers,
     )
-    layout = kvh.page_format.PageLayout(plan, kq.blob_layout, layer_parts=[((4, 0),), ((2, 0),)])
+    part = kvh.page_format.PartSpec
+    layout = kvh.page_format.PageLayout(
+        plan, kq.blob_layout, layer_parts=[(part(1, latent, 4, 0),), (part(1, latent, 2, 0),)]
+    )
     g = torch.Generator().manual_seed(11)
     buffers = [(torch.randn((8 * page, width), generator=g) * 3).to(dtype) for _ in range(layers)]
     # The device buffers both codecs read and write: a latent-like column slice of each.
