@@ -24,6 +24,10 @@ try:  # 0.5.16+
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 except ImportError:  # up to 0.5.15: in memory_pool_host.py
     from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
+try:  # 0.5.16+
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+except ImportError:  # up to 0.5.15: in memory_pool_host.py
+    from sglang.srt.mem_cache.memory_pool_host import MLATokenToKVPoolHost
 try:  # 0.5.19+ (takes the requested bytes from 0.5.21)
     from sglang.srt.mem_cache.pool_host.base import host_memory_budget_bytes
 except ImportError:
@@ -32,6 +36,7 @@ except ImportError:
 __all__ = [
     "HostKVCache",
     "MHATokenToKVPoolHost",
+    "MLATokenToKVPoolHost",
     "alloc_host",
     "host_budget_bytes",
     "init_host_kv_cache",

@@ -17,6 +17,12 @@
 //!     selection and returns an instance of the quantizing subclass, whose `__init__` Python
 //!     then runs with the same arguments. One anchor serves every call site, and the class is
 //!     chosen before any buffer is allocated;
+//! - the MLA host pool class chooses itself in every era: a `__new__` in
+//!   `MLATokenToKVPoolHost` (the class has none in any release) asks `select_mla_host_pool_cls`
+//!   with the constructor's arguments and returns the quantizing subclass, or the stock class
+//!   for configurations it cannot mirror (one startup line says why). The call sites name the
+//!   class themselves in every release (`build_kv_host_pool` hard-codes it in 0.5.23), so the
+//!   class is the one anchor they all share;
 //! - where the scheduler process finds the server arguments: 0.5.3 and 0.5.3.post1 have no
 //!   process-wide slot for them (`get_global_server_args` appears in 0.5.3.post2), so the
 //!   oldest era's form also hands `run_scheduler_process`'s `server_args` to the package
@@ -86,6 +92,25 @@ def __new__(cls, *args, **kwargs):
 
         device_pool = args[0] if args else kwargs.get(\"device_pool\")
         chosen = select_mha_host_pool_cls(device_pool, None) or cls
+    return super().__new__(chosen)
+"
+);
+
+/// Every era: the MLA host pool class chooses itself, as the oldest era's MHA class does (MLA
+/// call sites name the class in every release, and `build_kv_host_pool` hard-codes it in
+/// 0.5.23). The selection reads the stock `__init__`'s arguments, whatever their form.
+const NEW_MLA: &str = concat!(
+    "
+def __new__(cls, *args, **kwargs):
+    chosen = cls
+    if cls is MLATokenToKVPoolHost:
+        from ",
+    kvtuner_package!(module),
+    ".selection import (
+            select_mla_host_pool_cls,
+        )
+
+        chosen = select_mla_host_pool_cls(args, kwargs) or cls
     return super().__new__(chosen)
 "
 );
@@ -169,13 +194,28 @@ pub fn group(era: Era) -> Option<Group> {
         package_module!("package-page-format", "page_format.py"),
         package_module!("package-compat", "compat.py"),
         package_module!("package-overlay", "overlay.py"),
+        package_module!("package-quantized-rows", "quantized_rows.py"),
         package_module!("package-host-pool", "host_pool.py"),
+        package_module!("package-mla-pool", "mla_pool.py"),
         package_module!("package-selection", "selection.py"),
         package_module!("package-kv-model", "kv_model.py"),
         package_module!("package-evaluate", "evaluate.py"),
         package_module!("package-roundtrip", "roundtrip.py"),
         package_module!("package-calibrate", "calibrate.py"),
         select,
+        Patch {
+            id: "select-mla-host-pool",
+            what: "MLATokenToKVPoolHost(...) builds the quantizing MLA pool with --enable-kvtuner-hicache",
+            kind: PatchKind::ClassBody {
+                class: ClassRef {
+                    name: "MLATokenToKVPoolHost",
+                    under: "sglang/srt/mem_cache",
+                },
+                at: BodyAt::AfterMethod("__init__"),
+                block: Snippet::Text(NEW_MLA),
+                needs: &[],
+            },
+        },
         check,
     ];
     // Only the oldest era needs the server args handed over (see the module docs).

@@ -16,6 +16,7 @@ otherwise. Without it the installed (stock) SGLang is imported and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -132,6 +133,53 @@ def build_host_pool(mha, dev, *args, **kwargs):
     pick = getattr(mha, "get_mha_host_pool_cls", None)
     cls = pick(source) if pick is not None else mha.MHATokenToKVPoolHost
     return cls(source, *args, **geometry, **kwargs)
+
+
+@contextlib.contextmanager
+def published_server_args(**fields):
+    """Publish server args where the scheduler process finds them at startup, restored
+    afterwards: the context's override (0.5.16+), else a ServerArgs-shaped object through
+    the release's slot (0.5.15: the runtime context's ``set_server_args``, 0.5.3.post2 -
+    0.5.14: ``set_global_server_args_for_scheduler``), else (0.5.3, 0.5.3.post1) the slot
+    the patched ``run_scheduler_process`` fills (``publish_server_args``)."""
+    import types
+
+    from sglang.srt import server_args as sa_mod
+
+    try:
+        import sglang.srt.runtime_context as rc
+    except ImportError:  # before 0.5.15
+        rc = None
+    published = types.SimpleNamespace(**fields)
+    ctx = rc.get_context() if rc is not None else None
+    if hasattr(ctx, "override_server_args"):
+        with ctx.override_server_args(**fields):
+            yield
+        return
+    if hasattr(ctx, "set_server_args"):  # 0.5.15
+        old = ctx._server_args
+        ctx.set_server_args(published)
+        try:
+            yield
+        finally:
+            ctx._server_args = old
+        return
+    if hasattr(sa_mod, "set_global_server_args_for_scheduler"):
+        old = sa_mod._global_server_args
+        sa_mod.set_global_server_args_for_scheduler(published)
+        try:
+            yield
+        finally:
+            sa_mod._global_server_args = old
+        return
+    from sglang.srt.mem_cache.kvtuner_hicache import config
+
+    old = config._scheduler_server_args
+    config.publish_server_args(published)
+    try:
+        yield
+    finally:
+        config._scheduler_server_args = old
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import build_host_pool, requires_patched
+from conftest import build_host_pool, published_server_args, requires_patched
 
 pytestmark = requires_patched
 
@@ -101,53 +101,6 @@ def test_cross_field_errors(parser, kvh):
     )
     with pytest.raises(ValueError, match="longer than a page"):
         kvh.config.validate_server_args(ns)
-
-
-@contextlib.contextmanager
-def published_server_args(**fields):
-    """Publish server args where the scheduler process finds them at startup, restored
-    afterwards: the context's override (0.5.16+), else a ServerArgs-shaped object through
-    the release's slot (0.5.15: the runtime context's ``set_server_args``, 0.5.3.post2 -
-    0.5.14: ``set_global_server_args_for_scheduler``), else (0.5.3, 0.5.3.post1) the slot
-    the patched ``run_scheduler_process`` fills (``publish_server_args``)."""
-    import types
-
-    from sglang.srt import server_args as sa_mod
-
-    try:
-        import sglang.srt.runtime_context as rc
-    except ImportError:  # before 0.5.15
-        rc = None
-    published = types.SimpleNamespace(**fields)
-    ctx = rc.get_context() if rc is not None else None
-    if hasattr(ctx, "override_server_args"):
-        with ctx.override_server_args(**fields):
-            yield
-        return
-    if hasattr(ctx, "set_server_args"):  # 0.5.15
-        old = ctx._server_args
-        ctx.set_server_args(published)
-        try:
-            yield
-        finally:
-            ctx._server_args = old
-        return
-    if hasattr(sa_mod, "set_global_server_args_for_scheduler"):
-        old = sa_mod._global_server_args
-        sa_mod.set_global_server_args_for_scheduler(published)
-        try:
-            yield
-        finally:
-            sa_mod._global_server_args = old
-        return
-    from sglang.srt.mem_cache.kvtuner_hicache import config
-
-    old = config._scheduler_server_args
-    config.publish_server_args(published)
-    try:
-        yield
-    finally:
-        config._scheduler_server_args = old
 
 
 def _device_pool(sgl, size=128):
