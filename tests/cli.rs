@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use std::fs;
 
-const EDITED: [&str; 5] = [MEMORY, HOOK, CONTROLLER, MHA, FACTORY];
+const EDITED: [&str; 6] = [MEMORY, HOOK, CONTROLLER, MHA, MLA, FACTORY];
 
 #[test]
 fn status_of_a_fresh_tree() {

@@ -12,6 +12,7 @@ pub const MEMORY: &str = "sglang/srt/arg_groups/fields/memory.py";
 pub const HOOK: &str = "sglang/srt/arg_groups/hicache_hook.py";
 pub const CONTROLLER: &str = "sglang/srt/managers/cache_controller.py";
 pub const MHA: &str = "sglang/srt/mem_cache/pool_host/mha.py";
+pub const MLA: &str = "sglang/srt/mem_cache/pool_host/mla.py";
 pub const FACTORY: &str = "sglang/srt/mem_cache/storage/backend_factory.py";
 pub const SERVER_ARGS: &str = "sglang/srt/server_args.py";
 pub const PACKAGE: &str = kvtuner_patch::groups::PACKAGE_DIR;
