@@ -24,7 +24,6 @@ from .config import (
 from .quantized_rows import QuantizedRowsMixin, dtype_name, pin_for
 
 
-
 def _stock_bytes_per_token(head_num: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
     """What the stock pool stores per token: K and V (same head_dim, checked), fp16/bf16/fp32."""
     return 2 * head_dim * head_num * layers * dtype.itemsize

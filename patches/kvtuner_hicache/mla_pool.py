@@ -47,9 +47,7 @@ def mla_refusal(args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
     None when it can."""
     arguments = stock_init_arguments(args, kwargs)
     source = _source(arguments)
-    if arguments.get("is_dummy") or not (
-        is_buffer_info(source) or hasattr(source, "kv_buffer")
-    ):
+    if arguments.get("is_dummy") or not (is_buffer_info(source) or hasattr(source, "kv_buffer")):
         return "an allocator-only host pool (no device buffers to mirror)"
     if is_buffer_info(source):
         if source.scales is not None:

@@ -42,6 +42,8 @@ class KvtunerHicacheFields(msgspec.Struct):
         Arg(
             help=(
                 "Bits per quantized key element in the KVTuner HiCache host pool. "
+                "MLA models (DeepSeek, Kimi, GLM): the bits of the compressed latent, "
+                "which serves as keys and values (the rope keys stay exact). "
                 "Overridden per layer by --kvtuner-hicache-layer-config."
             ),
             choices=[2, 4, 8],
@@ -51,7 +53,8 @@ class KvtunerHicacheFields(msgspec.Struct):
         int,
         Arg(
             help=(
-                "Bits per quantized value element in the KVTuner HiCache host pool. "
+                "Bits per quantized value element in the KVTuner HiCache host pool "
+                "(unused by MLA models, whose latent takes the key bits). "
                 "Overridden per layer by --kvtuner-hicache-layer-config."
             ),
             choices=[2, 4, 8],
@@ -71,9 +74,10 @@ class KvtunerHicacheFields(msgspec.Struct):
         int,
         Arg(
             help=(
-                "Quantization axis for keys: 1 groups along the token axis within "
-                "each channel (per-channel, as KIVI does for keys), 0 groups along "
-                "the channel axis within each token (per-token)."
+                "Quantization axis for keys (MLA models: for the latent): 1 groups "
+                "along the token axis within each channel (per-channel, as KIVI does "
+                "for keys), 0 groups along the channel axis within each token "
+                "(per-token)."
             ),
             choices=[0, 1],
         ),

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import published_server_args, quantizing_config, requires_patched
+from juicefs_fixture import storage_config
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -238,8 +239,6 @@ def test_rows_are_page_format_4_and_load_back(sgl, kvh, kq, flags):
 def test_l3_pages_through_hicache_file_into_a_fresh_pool(sgl, kvh, tmp_path):
     from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
-    from juicefs_fixture import storage_config
-
     dev = mla_device_pool(seed=5)
     a = build(dev, kvtuner_hicache_nbits_key=4)
     ha = a.alloc(2 * PAGE)
@@ -268,8 +267,6 @@ def test_l3_pages_through_hicache_file_into_a_fresh_pool(sgl, kvh, tmp_path):
 
 def test_l3_pages_through_juicefs_into_a_fresh_pool(sgl, kvh, juicefs_volume):
     from sglang.srt.mem_cache.kvtuner_hicache.juicefs import JuiceFSStorage
-
-    from juicefs_fixture import storage_config
 
     mnt = os.path.join(juicefs_volume.mnt, "mla-pool")
     os.makedirs(mnt, exist_ok=True)
@@ -353,7 +350,10 @@ def test_both_codecs_write_the_same_rows(sgl, kvh):
 @pytest.mark.parametrize(
     "make,why",
     [
-        (lambda: mla_device_pool(dtype=torch.float8_e4m3fn), "device KV (needs fp16, bf16 or fp32)"),
+        (
+            lambda: mla_device_pool(dtype=torch.float8_e4m3fn),
+            "device KV (needs fp16, bf16 or fp32)",
+        ),
         (
             lambda: mla_device_pool(
                 dtype=torch.float8_e4m3fn, use_dsa=True, override_kv_cache_dim=656
