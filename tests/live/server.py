@@ -17,7 +17,10 @@ What the CPU engine needs (SGLang 0.5.23, facts found by running it):
   request's storage hit is lost;
 - ``sgl_kernel``: the stand-in in ``tests/live/sgl_kernel_standin`` (see its docstring);
 - the stock host pool also needs ``tests/live/stock_pool_cpu`` (``stock_pool=True``); the
-  quantizing pool runs without it.
+  quantizing pool runs without it;
+- a DeepSeek (MLA) model needs ``tests/live/mla_cpu_attention`` (``mla_attention=True``):
+  with ``torch_native`` SGLang's DeepSeek attention otherwise sends prefills down an MHA path
+  that backend cannot serve (see its docstring).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ ROOT = LIVE.parents[1]
 TEXTS = ROOT / "benches" / "texts"
 SGL_KERNEL_STANDIN = LIVE / "sgl_kernel_standin"
 STOCK_POOL_CPU = LIVE / "stock_pool_cpu"
+MLA_CPU_ATTENTION = LIVE / "mla_cpu_attention"
 
 # The CPU engine and a HiCache geometry it can run (see the module docstring).
 CPU_ENGINE_ARGS = (
@@ -124,6 +128,7 @@ class LiveServer:
         log_path: Path,
         *,
         stock_pool: bool = False,
+        mla_attention: bool = False,
         env: Optional[Dict[str, str]] = None,
         port: Optional[int] = None,
         page_size: int = PAGE_SIZE,
@@ -147,7 +152,9 @@ class LiveServer:
             str(page_size),
             *args,
         ]
-        self.env = server_env(python, sglang_tree, stock_pool=stock_pool, extra=env)
+        self.env = server_env(
+            python, sglang_tree, stock_pool=stock_pool, mla_attention=mla_attention, extra=env
+        )
         self.proc: Optional[subprocess.Popen] = None
         self.prompt_tokens_sent = 0  # every answered request's prompt tokens
 
@@ -287,9 +294,12 @@ def server_env(
     sglang_tree: Optional[str],
     *,
     stock_pool: bool = False,
+    mla_attention: bool = False,
     extra: Optional[Dict[str, str]] = None,
 ) -> Dict[str, str]:
     """The environment a CPU-engine server needs (module docstring)."""
+    if stock_pool and mla_attention:  # each is a sitecustomize: only the first would load
+        raise ValueError("stock_pool and mla_attention cannot be combined")
     env = dict(os.environ)
     venv_bin = str(Path(python).parent)
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
@@ -298,6 +308,8 @@ def server_env(
     paths = [str(SGL_KERNEL_STANDIN)]
     if stock_pool:
         paths.append(str(STOCK_POOL_CPU))
+    if mla_attention:
+        paths.append(str(MLA_CPU_ATTENTION))
     if sglang_tree:
         paths.append(str(sglang_tree))
     if env.get("PYTHONPATH"):
@@ -357,8 +369,8 @@ def model_dir() -> str:
 
 
 def pool_startup_line(log: str) -> Optional[str]:
-    """The quantizing pool's start-up line, if the log has one."""
-    m = re.search(r"KVTuner HiCache host pool: .*", log)
+    """The quantizing pool's start-up line (the MHA or the MLA pool's), if the log has one."""
+    m = re.search(r"KVTuner HiCache (MLA )?host pool: .*", log)
     return m.group(0) if m else None
 
 
