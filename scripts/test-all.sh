@@ -9,7 +9,8 @@
 #      the patched argument parser and backend factory, and the JuiceFS backend on a real FUSE mount,
 #      and starts real `sglang.launch_server` processes of the patched tree on SGLang's CPU engine
 #      (tests/python/test_live_server.py: host and storage hits over HTTP; L3 through file,
-#      JuiceFS, NIXL and Mooncake; ~13 min; older releases serve one-token pages only).
+#      JuiceFS, NIXL and Mooncake; ~13 min; older releases serve one-token pages only;
+#      tests/python/test_live_mla.py: a tiny DeepSeek-V2-shaped model through the MLA pool, ~3 min).
 #      With KVTUNER_FULL_MATRIX=1 also on one release of each older era (0.5.22: device-pool
 #      constructor with the keyword-only base; 0.5.19; 0.5.16; 0.5.15: chooser in
 #      memory_pool_host.py; 0.5.13.post1).
