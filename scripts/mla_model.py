@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_model import cache_dir, converted_model_dir  # noqa: E402
 
 SEED = 0
+# Part of the cache key: bump it whenever _build makes different weights from the same CONFIG.
+RECIPE_VERSION = 1
 # Linear weights keep activations at unit size (std 1/sqrt(fan_in)); the output head is
 # LOGIT_GAIN times that, so next-token distributions are peaked (few near ties) and a greedy
 # token does not flip on bf16 rounding noise.
@@ -82,8 +84,9 @@ TOKENIZER_FILES = (
 
 
 def model_key(tokenizer_dir: Path) -> str:
-    """What names the cached model: the config, the seed and the tokenizer's source."""
+    """The cache key: a digest of the recipe version, config, seed and tokenizer source."""
     recipe = {
+        "version": RECIPE_VERSION,
         "config": CONFIG,
         "seed": SEED,
         "logit_gain": LOGIT_GAIN,

@@ -2,7 +2,7 @@
 DeepSeek-V2-shaped model with random weights (``scripts/mla_model.py``) with
 ``--enable-kvtuner-hicache``: SGLang builds the quantizing MLA host pool, a prompt pushed out of
 the device pool comes back from it, and after a restart from L3 (``file``), with the cold
-run's greedy tokens. Each server is stopped by the test, also on failure
+run's greedy tokens, which are Transformers' own DeepSeek-V2's. Each server is stopped by the test, also on failure
 (``tests/live/server.py``)."""
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ def mla_model():
     return str(tiny_mla_model_dir())
 
 
+def transformers_greedy(model, prompt, max_new_tokens=8):
+    """The greedy continuation Transformers' DeepseekV2ForCausalLM gives (the reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
 def mla_server(model, log_path, *args, env=None):
     return LiveServer(
         sys.executable,
@@ -95,6 +108,8 @@ def test_mla_host_hit_then_storage_hit(mla_model, tmp_path):
         assert stock == 2 * 576 * 2 and stock >= 2.5 * ours, (ours, stock)
         cold = first.generate(prompt)
         assert cold.cached_tokens == 0, cold
+        # The CPU engine computes the model (MLA attention through the scaffolding) right.
+        assert cold.text == transformers_greedy(mla_model, prompt), cold
         for doc in others:
             first.generate(doc, max_new_tokens=1)
         again = first.generate(prompt)
