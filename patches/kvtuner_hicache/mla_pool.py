@@ -74,8 +74,7 @@ def mla_refusal(args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
         return "layer-sharded device pool"
     if arguments["layout"] not in SUPPORTED_LAYOUTS:
         return f"--hicache-mem-layout {arguments['layout']} (supported: {', '.join(SUPPORTED_LAYOUTS)})"
-    device = source.device if is_buffer_info(source) else source.device
-    if torch.device(device).type == "npu":
+    if torch.device(source.device).type == "npu":
         return "an NPU device pool"
     return None
 
@@ -138,11 +137,20 @@ class KVTunerMLATokenToKVPoolHost(QuantizedRowsMixin, MLATokenToKVPoolHost):
             arguments["host_size"] = self._kvt_memory_ratio_as_size(
                 arguments["host_size"], arguments["host_to_device_ratio"], device_tokens
             )
-        device = source.device if from_info else source.device
-        arguments["pin_memory"] = pin_for(device, arguments["pin_memory"])
+        # Where the rows are allocated for, and the target layers (the stock pool sets them
+        # itself only in newer releases).
+        self._transfer_device = torch.device(source.device)
+        self.target_layer_num = target_layers
+        arguments["pin_memory"] = pin_for(source.device, arguments["pin_memory"])
         super().__init__(**arguments)
         why = self._kvt_select_codec(self._kvt_device_parts(source, arguments))
         self._kvt_log_startup("MLA", why)
+
+    def get_size_per_token(self):
+        # Up to 0.5.21 the stock method also sets the pool's geometry (layer_num,
+        # kv_cache_dim, ...) as the base's sizing calls it: keep that, report quantized bytes.
+        MLATokenToKVPoolHost.get_size_per_token(self)
+        return self.kvtuner_layout.bytes_per_token
 
     def _kvt_device_parts(self, source, arguments):
         """The device buffers of each part, per host layer: the latent columns and the rope

@@ -25,8 +25,13 @@ def parser(sgl):
     return p
 
 
+# The layout the quantizing pool needs (0.5.3 - 0.5.13.post1 default to layer_first, which
+# the startup check refuses; test_layer_first_is_refused_by_name checks that).
+LAYOUT = ("--hicache-mem-layout", "page_first")
+
+
 def parse(parser, *flags):
-    return parser.parse_args(["--model-path", "dummy", *flags])
+    return parser.parse_args(["--model-path", "dummy", *LAYOUT, *flags])
 
 
 def parse_error(parser, *flags) -> str:
@@ -189,16 +194,27 @@ def test_resolution_rejects_bad_combinations(sgl, kw, msg):
     ends start-up with the message as one line (SystemExit, no traceback)."""
     from sglang.srt.server_args import ServerArgs
 
+    layout = dict(hicache_mem_layout="page_first")
     with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
-        startup_checks(ServerArgs(model_path="dummy", **kw))
+        startup_checks(ServerArgs(model_path="dummy", **layout, **kw))
     startup_checks(
         ServerArgs(
             model_path="dummy",
             enable_kvtuner_hicache=True,
             enable_hierarchical_cache=True,
             page_size=64,
+            **layout,
         )
     )
+
+
+def test_layer_first_is_refused_by_name(sgl):
+    """The layout the oldest releases default to ends start-up naming the flag to set."""
+    from sglang.srt.server_args import ServerArgs
+
+    args = dict(enable_kvtuner_hicache=True, enable_hierarchical_cache=True, page_size=64)
+    with pytest.raises(SystemExit, match="--hicache-mem-layout 'layer_first' cannot be used"):
+        startup_checks(ServerArgs(model_path="dummy", hicache_mem_layout="layer_first", **args))
 
 
 def startup_checks(server_args):
