@@ -72,6 +72,7 @@ def mla_refusal(args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
         return "decode context parallelism (DCP)"
     if arguments.get("layer_shard_enabled"):
         return "layer-sharded device pool"
+    # HiSparse (0.5.23) builds its host pool with layer_first and reads the rows itself.
     if arguments["layout"] not in SUPPORTED_LAYOUTS:
         return f"--hicache-mem-layout {arguments['layout']} (supported: {', '.join(SUPPORTED_LAYOUTS)})"
     if torch.device(source.device).type == "npu":

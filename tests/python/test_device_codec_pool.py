@@ -10,6 +10,7 @@ synchronize with the host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -220,12 +221,10 @@ def _from_package(depth: int = 2) -> bool:
     return name.startswith(("kvtuner_hicache", "sglang.srt.mem_cache.kvtuner_hicache"))
 
 
-def test_device_codec_never_syncs(kvh, kq, monkeypatch):
-    """Backup and load with every host-synchronizing call raising when the pool's
-    own code makes it (Triton's interpreter itself runs on the host and may)."""
-    dev = make_device_pool(torch.bfloat16)
-    host = make_host_pool(kvh, dev, pool_cfg(kvh, "device", residual_length=2 * POOL_PAGE))
-    hidx = host_indices(host)
+@contextlib.contextmanager
+def host_syncs_raise(monkeypatch):
+    """Inside: every host-synchronizing call the package's own code makes raises (Triton's
+    interpreter itself runs on the host and may); yields the names of those seen."""
     seen = []
 
     def guard(name, original):
@@ -255,12 +254,20 @@ def test_device_codec_never_syncs(kvh, kq, monkeypatch):
             m.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
         m.setattr(torch.Tensor, "to", guarded_to(torch.Tensor.to))
         m.setattr(torch.cuda, "synchronize", no_sync)
+        yield seen
+
+
+def test_device_codec_never_syncs(kvh, kq, monkeypatch):
+    """Backup and load with every host-synchronizing call raising when the pool's
+    own code makes it."""
+    dev = make_device_pool(torch.bfloat16)
+    host = make_host_pool(kvh, dev, pool_cfg(kvh, "device", residual_length=2 * POOL_PAGE))
+    hidx = host_indices(host)
+    with host_syncs_raise(monkeypatch) as seen:
         host.backup_from_device_all_layer(dev, hidx, BACKUP_ROWS, "kernel")
         for layer in range(POOL_LAYERS):
             host.load_to_device_per_layer(dev, hidx, LOAD_ROWS, layer, "kernel")
     assert seen == []
     # The guard is live: the same calls from the package raise.
-    with monkeypatch.context() as m:
-        m.setattr(torch.Tensor, "tolist", guard("tolist", torch.Tensor.tolist))
-        with pytest.raises(AssertionError, match="tolist"):
-            host.kvtuner_overlay_pages()
+    with host_syncs_raise(monkeypatch), pytest.raises(AssertionError, match="tolist"):
+        host.kvtuner_overlay_pages()

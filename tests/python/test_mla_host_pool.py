@@ -351,6 +351,22 @@ def test_both_codecs_write_the_same_rows(sgl, kvh):
     assert all(torch.equal(x, y) for x, y in zip(*outs))
 
 
+def test_device_codec_never_syncs(sgl, kvh, monkeypatch):
+    pytest.importorskip("triton")
+    from test_device_codec_pool import host_syncs_raise
+
+    page = 16
+    cfg = quantizing_config(kvh.config, group_size=16, codec="device", residual_length=page)
+    dev = mla_device_pool(page=page, lora=128, rope=32)
+    host = direct(kvh, dev, cfg, page=page)
+    hidx, didx = torch.arange(2 * page, 4 * page), torch.arange(page, 3 * page)
+    with host_syncs_raise(monkeypatch) as seen:
+        backup(host, dev, hidx, didx)
+        for layer in range(LAYERS):
+            load(host, dev, hidx, didx, layer)
+    assert seen == []
+
+
 @pytest.mark.parametrize(
     "make,why",
     [
