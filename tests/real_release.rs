@@ -60,7 +60,7 @@ fn real_0_5_23_apply_verify_revert() {
     assert_eq!(
         out.trim(),
         format!(
-            "applied [kvtuner, hostpool, juicefs]: {MEMORY}, {HOOK}, {CONTROLLER}, {injected}, {MHA}, {FACTORY}"
+            "applied [kvtuner, hostpool, juicefs]: {MEMORY}, {HOOK}, {CONTROLLER}, {injected}, {MHA}, {MLA}, {FACTORY}"
         )
     );
     let text = fs::read_to_string(root.join(MEMORY)).unwrap();
@@ -96,8 +96,8 @@ fn real_0_5_23_apply_verify_revert() {
     eprintln!("verify on the real tree: {:?}", start.elapsed());
     assert_eq!(code, 0, "{v}");
     let files = v["report"]["files"].as_array().unwrap();
-    // The five SGLang files the groups edit, and every injected module.
-    assert_eq!(files.len(), 5 + injected.split(", ").count(), "{v}");
+    // The six SGLang files the groups edit, and every injected module.
+    assert_eq!(files.len(), 6 + injected.split(", ").count(), "{v}");
     for f in files {
         assert!(f["parses"] == true && f["compiles"] == true, "{f}");
     }
@@ -137,7 +137,7 @@ fn real_0_5_19_apply_verify_revert() {
     let injected = injected_package_files();
     assert_eq!(
         out.trim(),
-        format!("applied [kvtuner, hostpool, juicefs]: {CONTROLLER}, {injected}, {MHA}, {FACTORY}, {SERVER_ARGS}")
+        format!("applied [kvtuner, hostpool, juicefs]: {CONTROLLER}, {injected}, {MHA}, {MLA}, {FACTORY}, {SERVER_ARGS}")
     );
     let text = fs::read_to_string(root.join(SERVER_ARGS)).unwrap();
     assert!(text.contains(
