@@ -111,6 +111,18 @@ ROW_KINDS = {
 }
 
 
+def _gaps(spans: List[Tuple[int, int]], total: int) -> List[Tuple[int, int]]:
+    """(offset, nbytes) of the bytes of ``[0, total)`` no span covers."""
+    gaps, at = [], 0
+    for off, nbytes in sorted(spans):
+        if off > at:
+            gaps.append((at, off - at))
+        at = max(at, off + nbytes)
+    if total > at:
+        gaps.append((at, total - at))
+    return gaps
+
+
 class PageLayout:
     """Offsets of every blob and sink section inside a row, computed once per pool from the
     plan."""
@@ -165,6 +177,12 @@ class PageLayout:
         # plugins, by default) refuse a span whose address or length is not whole 4 KiB pages.
         self.row_nbytes = _round_up(off, math.lcm(2 * DIRECT_IO_ALIGN, plan.page_size))
         self.format_version = format_version
+        self.gaps = _gaps(
+            [(0, PAGE_HEADER_NBYTES)]
+            + [(p.blob_off, p.blob_nbytes) for parts in self.parts for p in parts]
+            + [(p.sink_off, p.sink_nbytes) for parts in self.parts for p in parts],
+            self.row_nbytes,
+        )
         self.tag = plan.tag()
         self.digest = hashlib.sha256(self.tag.encode()).digest()[:16]
         self.header = _HEADER_STRUCT.pack(

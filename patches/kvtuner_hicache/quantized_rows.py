@@ -198,6 +198,10 @@ class QuantizedRowsMixin:
         self._kvt_carve_overlay()
         row = self.kvtuner_layout.row_nbytes
         rows = alloc_host(self, (self.page_num, row), torch.uint8, row)
+        # No codec writes the alignment gaps and the tail pad of a row, and the allocator may
+        # hand back used memory: zero them once, so stored pages never carry stale bytes.
+        for off, nbytes in self.kvtuner_layout.gaps:
+            rows[:, off : off + nbytes].zero_()
         self._kvt_alloc_overlay()
         return rows
 

@@ -333,17 +333,19 @@ def storage_config(
     metrics: bool = True,
     **extra,
 ):
+    import inspect
+
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
     extra_config = dict(extra)
     if mount_point is not None:
         extra_config["mount_point"] = mount_point
-    return HiCacheStorageConfig(
+    fields = dict(
         tp_rank=tp_rank,
         tp_size=tp_size,
         pp_rank=0,
         pp_size=1,
-        attn_cp_rank=0,
+        attn_cp_rank=0,  # 0.5.11+
         attn_cp_size=1,
         is_mla_model=is_mla,
         enable_storage_metrics=metrics,
@@ -351,3 +353,5 @@ def storage_config(
         model_name=model,
         extra_config=extra_config,
     )
+    known = inspect.signature(HiCacheStorageConfig).parameters
+    return HiCacheStorageConfig(**{k: v for k, v in fields.items() if k in known})

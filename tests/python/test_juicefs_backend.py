@@ -185,6 +185,34 @@ def test_batch_exists_counts_leading_hits(mnt):
     assert fresh.batch_get_v1(keys[:3], indices(pool, [4, 5, 6])) == [True, True, False]
 
 
+def test_storage_config_of_the_oldest_releases(mnt):
+    """0.5.3 - 0.5.7's HiCacheStorageConfig has no pp_*, attn_cp_* or enable_storage_metrics
+    (pp_* come in 0.5.8, attn_cp_* in 0.5.11): the backend serves it as one stage, one CP
+    rank, no metrics."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class OldestStorageConfig:  # the fields 0.5.3 - 0.5.7 have, nothing more
+        tp_rank: int
+        tp_size: int
+        is_mla_model: bool
+        is_page_first_layout: bool
+        model_name: str
+        extra_config: dict
+
+    pool = make_mha_host_pool()
+    fill_random(pool, seed=7)
+    cfg = OldestStorageConfig(0, 1, False, True, "org/test-model", {"mount_point": mnt})
+    b = JuiceFSStorage(cfg, {})
+    b.register_mem_pool_host(pool)
+    assert b.namespace_fields["pp"] == [0, 1] and b.namespace_fields["cp"] == [0, 1]
+    keys = keys_for("oldest", 2)
+    assert b.batch_set_v1(keys, indices(pool, [0, 1])) == [True, True]
+    assert backend(mnt, pool).batch_exists(keys) == 2  # the same namespace as today's config
+    assert b.batch_get_v1(keys, indices(pool, [2, 3])) == [True, True]
+    assert page_bytes(pool, 2) == page_bytes(pool, 0)
+
+
 def test_rewrite_is_write_once(mnt):
     pool = make_mha_host_pool()
     fill_random(pool, seed=4)

@@ -237,6 +237,30 @@ def test_rows_are_page_format_4_and_load_back(sgl, kvh, kq, flags):
             assert torch.equal(pages[i, sink:, :LORA], decoded[sink:])
 
 
+def test_rows_never_carry_stale_bytes(sgl, kvh, monkeypatch):
+    """The allocator may hand back used memory: bytes no codec writes (alignment gaps, the
+    tail pad) are zero in every stored page all the same."""
+    import importlib
+
+    rows_module = importlib.import_module("sglang.srt.mem_cache.kvtuner_hicache.quantized_rows")
+    alloc = rows_module.alloc_host
+
+    def used_memory(*args, **kwargs):
+        return alloc(*args, **kwargs).fill_(0xA5)
+
+    monkeypatch.setattr(rows_module, "alloc_host", used_memory)
+    dev = mla_device_pool(seed=2)
+    host = build(dev, kvtuner_hicache_nbits_key=2, kvtuner_hicache_sink_tokens=3)
+    layout = host.kvtuner_layout
+    assert layout.gaps and layout.gaps[-1][0] + layout.gaps[-1][1] == layout.row_nbytes
+    hidx = host.alloc(2 * PAGE)
+    backup(host, dev, hidx, torch.arange(2 * PAGE))
+    for i in range(2):
+        row = host.get_data_page(int(hidx[i * PAGE]))
+        for off, nbytes in layout.gaps:
+            assert not row[off : off + nbytes].any(), (off, nbytes)
+
+
 def test_l3_pages_through_hicache_file_into_a_fresh_pool(sgl, kvh, tmp_path):
     from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 

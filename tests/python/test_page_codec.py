@@ -115,6 +115,12 @@ def test_page_layout_is_page_format_3(kvh, kq):
         assert lay.sink_nbytes == 2 * sink * heads * head_dim * ITEMSIZE[dtype], where
         assert lay.row_nbytes == row, where
         assert lay.header == header, where
+        # Written sections and gaps tile the row: every byte is one or the other.
+        written = [(0, 64), *k, *v, *((s, lay.sink_nbytes // 2) for s in sinks)]
+        written += [(s + lay.sink_nbytes // 2, lay.sink_nbytes // 2) for s in sinks]
+        tiles = sorted([*(w for w in written if w[1]), *lay.gaps])
+        assert all(a + n == b for (a, n), (b, _) in zip(tiles, tiles[1:])), where
+        assert tiles[0][0] == 0 and sum(n for _, n in tiles) == row, where
         for layer in range(len(plan.layer_bits)):
             span_off, span_nbytes = lay.layer_span(layer)
             assert span_off == k[layer][0], where

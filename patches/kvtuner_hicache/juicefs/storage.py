@@ -595,7 +595,7 @@ class JuiceFSStorage(HiCacheStorage):
     def _record(self, kind: str, n: int, start: float) -> None:
         """Add a batch to SGLang's storage metrics (when it collects them)."""
         # Only when SGLang collects them: nobody would drain the lists otherwise.
-        if not self.storage_config.enable_storage_metrics or n == 0:
+        if not getattr(self.storage_config, "enable_storage_metrics", False) or n == 0:
             return
         elapsed = max(time.perf_counter() - start, 1e-9)
         with self._lock:

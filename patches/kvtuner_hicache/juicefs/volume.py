@@ -83,8 +83,10 @@ def namespace_fields(cfg, pool, is_mla: bool, page_size: int, page_bytes: int) -
         "model": cfg.model_name or "",
         # MLA KV is replicated over TP ranks: one copy serves all of them.
         "tp": None if is_mla else [cfg.tp_rank, cfg.tp_size],
-        "pp": [cfg.pp_rank, cfg.pp_size],
-        "cp": [cfg.attn_cp_rank, cfg.attn_cp_size],
+        # Fields older releases' configs lack (pp_* before 0.5.8, attn_cp_* before 0.5.11)
+        # read as one stage and one rank.
+        "pp": [getattr(cfg, "pp_rank", 0), getattr(cfg, "pp_size", 1)],
+        "cp": [getattr(cfg, "attn_cp_rank", 0), getattr(cfg, "attn_cp_size", 1)],
         "dp": getattr(cfg, "dp_rank", 0),
         "dcp": [
             getattr(cfg, "dcp_rank", 0),
