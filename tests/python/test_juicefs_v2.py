@@ -283,16 +283,16 @@ def test_unknown_pool_and_mismatched_indices_write_nothing(pair):
     ours = pair[0].b
     keys = keys_for("bad")
     before = files_under(ours.ns_dir)
-    unknown = PoolTransfer(name=PoolName.SWA, host_indices=torch.arange(2), keys=keys[:2])
-    assert ours.batch_set_v2([unknown]) == {PoolName.SWA: [False, False]}
-    assert ours.batch_get_v2([unknown]) == {PoolName.SWA: [False, False]}
+    unknown = PoolTransfer(name="swa", host_indices=torch.arange(2), keys=keys[:2])
+    assert ours.batch_set_v2([unknown]) == {"swa": [False, False]}
+    assert ours.batch_get_v2([unknown]) == {"swa": [False, False]}
     short = PoolTransfer(name=MAMBA, host_indices=torch.arange(1), keys=keys[:2])
     short_kv = PoolTransfer(name=KV, host_indices=torch.arange(KV_PAGE), keys=keys[:2])
     assert ours.batch_set_v2([short, short_kv]) == {MAMBA: [False, False], KV: [False, False]}
     assert files_under(ours.ns_dir) == before
     # An unknown pool holds nothing: it restores no prefix (HiCacheFile's answer too).
     both(pair, "batch_set_v2", [transfer(KV, keys, [0, 1])])
-    r = both(pair, "batch_exists_v2", keys[:2], [PoolTransfer(name=PoolName.SWA, keys=keys[:2])])
+    r = both(pair, "batch_exists_v2", keys[:2], [PoolTransfer(name="swa", keys=keys[:2])])
     assert r.kv_hit_pages == 0
 
 
@@ -323,16 +323,16 @@ def test_pool_registered_after_start_up(pair):
     ours.batch_set_v2([transfer(KV, keys, [0, 1])])
     draft = make_state_pool()
     buffers(draft)[0].view(torch.uint8).fill_(7)
-    late = PoolTransfer(name=PoolName.DRAFT, host_indices=torch.arange(2), keys=keys[:2])
-    assert ours.batch_set_v2([late]) == {PoolName.DRAFT: [False, False]}  # not registered yet
-    ours.register_mem_host_pool_v2(draft, PoolName.DRAFT)
-    assert ours.batch_set_v2([late]) == {PoolName.DRAFT: [True, True]}
+    late = PoolTransfer(name="draft", host_indices=torch.arange(2), keys=keys[:2])
+    assert ours.batch_set_v2([late]) == {"draft": [False, False]}  # not registered yet
+    ours.register_mem_host_pool_v2(draft, "draft")
+    assert ours.batch_set_v2([late]) == {"draft": [True, True]}
     late_page = draft.get_data_page(1, flat=True).clone()
     buffers(draft)[0].view(torch.uint8).zero_()
-    assert ours.batch_get_v2([late]) == {PoolName.DRAFT: [True, True]}
+    assert ours.batch_get_v2([late]) == {"draft": [True, True]}
     assert torch.equal(draft.get_data_page(1, flat=True), late_page)
-    r = ours.batch_exists_v2(keys[:2], [PoolTransfer(name=PoolName.DRAFT, keys=keys[:2])])
-    assert r.kv_hit_pages == 2 and r.extra_pool_hit_pages[PoolName.DRAFT] == 2
+    r = ours.batch_exists_v2(keys[:2], [PoolTransfer(name="draft", keys=keys[:2])])
+    assert r.kv_hit_pages == 2 and r.extra_pool_hit_pages["draft"] == 2
 
 
 def test_state_of_another_shape_is_never_read(mnt):
@@ -354,7 +354,7 @@ def test_pool_without_page_forms_is_refused_at_registration(pair):
         page_size = 1
 
     with pytest.raises(ValueError, match="neither get_page_buffer_meta nor flat data pages"):
-        pair[0].b.register_mem_host_pool_v2(Opaque(), PoolName.INDEXER)
+        pair[0].b.register_mem_host_pool_v2(Opaque(), "indexer")
 
 
 def test_clear_removes_every_pool_s_pages(pair):
@@ -391,10 +391,10 @@ def test_sidecar_registered_while_the_volume_is_away(make_volume):
     vol = make_volume("kvv2away")
     b = Side(JuiceFSStorage(storage_config(vol.mnt), {})).b
     vol.umount()
-    b.register_mem_host_pool_v2(make_state_pool(), PoolName.DRAFT)
-    late = PoolTransfer(name=PoolName.DRAFT, host_indices=torch.arange(2), keys=keys_for("a", 2))
-    assert b.batch_set_v2([late]) == {PoolName.DRAFT: [False, False]}
-    assert b.batch_get_v2([late]) == {PoolName.DRAFT: [False, False]}
+    b.register_mem_host_pool_v2(make_state_pool(), "draft")
+    late = PoolTransfer(name="draft", host_indices=torch.arange(2), keys=keys_for("a", 2))
+    assert b.batch_set_v2([late]) == {"draft": [False, False]}
+    assert b.batch_get_v2([late]) == {"draft": [False, False]}
     assert os.listdir(vol.mnt) == []
     b.close()
 
@@ -406,21 +406,21 @@ def test_mla_ranks_share_replicated_pools_and_shard_mamba(mnt):
     ranks = []
     for rank in (0, 1):
         side = Side(JuiceFSStorage(storage_config(mnt, is_mla=True, tp_rank=rank, tp_size=2), {}))
-        side.b.register_mem_host_pool_v2(side.mamba, PoolName.INDEXER)  # any pool stands in
+        side.b.register_mem_host_pool_v2(side.mamba, "indexer")  # any pool stands in
         ranks.append(side)
     r0, r1 = ranks[0].b, ranks[1].b
     assert r0.ns_dir == r1.ns_dir
-    indexer = [transfer(PoolName.INDEXER, keys, [0, 1])]
-    assert r1.batch_set_v2(indexer) == {PoolName.INDEXER: [True, True]}  # not its copy to write
+    indexer = [transfer("indexer", keys, [0, 1])]
+    assert r1.batch_set_v2(indexer) == {"indexer": [True, True]}  # not its copy to write
     assert files_under(r1.pools.pools["indexer"].space.ns_dir) == []
-    assert r0.batch_set_v2([transfer(KV, keys, [0, 1]), *indexer])[PoolName.INDEXER] == [True] * 2
+    assert r0.batch_set_v2([transfer(KV, keys, [0, 1]), *indexer])["indexer"] == [True] * 2
     for b in (r0, r1):
         assert b.batch_set_v2([transfer(MAMBA, keys, [0, 1])]) == {MAMBA: [True, True]}
     assert os.path.basename(r1.pools.pools["mamba"].space.ns_dir).startswith("pool-mamba__tp1of2")
     assert r0.pools.pools["indexer"].space.ns_dir == r1.pools.pools["indexer"].space.ns_dir
     ranks[1].wipe()
     got = r1.batch_get_v2([transfer(KV, keys, [0, 1]), *indexer, transfer(MAMBA, keys, [0, 1])])
-    assert got == {KV: [True] * 2, PoolName.INDEXER: [True] * 2, MAMBA: [True] * 2}
+    assert got == {KV: [True] * 2, "indexer": [True] * 2, MAMBA: [True] * 2}
     assert all(
         torch.equal(a, b) for a, b in zip(ranks[1].mamba_pages()[:2], ranks[1].snapshot["mamba"])
     )
@@ -521,7 +521,7 @@ def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
     for b, (kv, indexer) in zip(backends, sides):
         b.register_mem_pool_host(kv)
         b.register_mem_host_pool_v2(kv, KV)
-        b.register_mem_host_pool_v2(indexer, PoolName.INDEXER)
+        b.register_mem_host_pool_v2(indexer, "indexer")
     assert backends[0].pools.pools["indexer"].shape.meta_regions  # zero-copy
     keys = keys_for("dsa", 4)
 
@@ -538,8 +538,8 @@ def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
         assert got == want, method
         return got
 
-    call("batch_set_v2", [dsa(KV, [0, 1, 2, 3]), dsa(PoolName.INDEXER, [0, 1, 3])])
-    lookup = [PoolTransfer(name=PoolName.INDEXER, keys=keys, hit_policy=Policy.ALL_PAGES)]
+    call("batch_set_v2", [dsa(KV, [0, 1, 2, 3]), dsa("indexer", [0, 1, 3])])
+    lookup = [PoolTransfer(name="indexer", keys=keys, hit_policy=Policy.ALL_PAGES)]
     assert call("batch_exists_v2", keys, lookup)[0] == 2  # the indexer misses page 2
 
     def page(pool, p):
@@ -549,8 +549,8 @@ def test_mla_with_dsa_indexer_matches_hicache_file(mnt):
     for kv, indexer in sides:
         kv.kv_buffer.view(torch.uint8).zero_()
         indexer.index_k_with_scale_buffer.view(torch.uint8).zero_()
-    res = call("batch_get_v2", [dsa(KV, [0, 1, 2, 3]), dsa(PoolName.INDEXER, [0, 1, 2, 3])])
-    assert res[PoolName.INDEXER] == [True, True, False, True]
+    res = call("batch_get_v2", [dsa(KV, [0, 1, 2, 3]), dsa("indexer", [0, 1, 2, 3])])
+    assert res["indexer"] == [True, True, False, True]
     for kv, indexer in sides:  # both backends restore the same bytes: those written
         for p in range(4):
             assert torch.equal(page(kv, p), originals[0][p])

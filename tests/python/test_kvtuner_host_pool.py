@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import build_host_pool, cpu_device_pool, host_pool_args, quantizing_config
+from juicefs_fixture import storage_config
 
 PAGE = 32
 HEADS = 2
@@ -458,19 +459,9 @@ def storage(sgl, host, path, model="org/model"):
         name = sgl["cache_controller"].storage_model_name(model, host)
     else:
         name = model
-    cfg = hs.HiCacheStorageConfig(
-        tp_rank=0,
-        tp_size=1,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=False,
-        enable_storage_metrics=False,
-        is_page_first_layout=True,
-        model_name=name,
-        extra_config={"file_storage_path": str(path)},
-    )
+    cfg = storage_config(
+        None, model=name, metrics=False, file_storage_path=str(path)
+    )  # the fields this release's HiCacheStorageConfig has
     if "file_path" in inspect.signature(hs.HiCacheFile.__init__).parameters:
         return hs.HiCacheFile(cfg, file_path=str(path))  # releases taking it as an argument
     return hs.HiCacheFile(cfg)
