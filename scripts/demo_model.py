@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "patches"))
 
@@ -30,23 +31,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVTUNER_CACHE", Path.home() / ".cache" / "kvtuner-patch"))
 
 
-def converted_model_dir() -> Path:
-    """The cached Hugging Face directory, converted first if it is not there yet."""
-    gguf = smollm2_gguf_path()
-    out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}-hf"
+def cached_model_dir(out: Path, build: Callable[[Path], None]) -> Path:
+    """``out``, made first by ``build(tmp)`` into a temp directory renamed into place, so an
+    interrupted build is redone rather than trusted."""
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        _convert(gguf, tmp)
+        build(tmp)
         os.rename(tmp, out)
     except OSError:
-        if not (out / "config.json").is_file():  # not a concurrent conversion that won
+        if not (out / "config.json").is_file():  # not a concurrent build that won
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def converted_model_dir() -> Path:
+    """The cached Hugging Face directory, converted first if it is not there yet."""
+    gguf = smollm2_gguf_path()
+    out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}-hf"
+    return cached_model_dir(out, lambda tmp: _convert(gguf, tmp))
 
 
 def _convert(gguf: Path, out: Path) -> None:

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_model import cache_dir, converted_model_dir  # noqa: E402
+from demo_model import cache_dir, cached_model_dir, converted_model_dir  # noqa: E402
 
 SEED = 0
 # Part of the cache key: bump it whenever _build makes different weights from the same CONFIG.
@@ -99,19 +97,7 @@ def tiny_mla_model_dir() -> Path:
     """The cached model directory, built first if it is not there yet."""
     tokenizer_dir = converted_model_dir()
     out = cache_dir() / "models" / f"tiny-deepseek-v2-{model_key(tokenizer_dir)}"
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-    try:
-        _build(tokenizer_dir, tmp)
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "config.json").is_file():  # not a concurrent build that won
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_model_dir(out, lambda tmp: _build(tokenizer_dir, tmp))
 
 
 def _weight_shapes(vocab: int) -> dict:
