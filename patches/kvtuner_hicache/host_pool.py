@@ -39,7 +39,7 @@ class KVTunerMHATokenToKVPoolHost(QuantizedRowsMixin, MHATokenToKVPoolHost):
         else:
             self._kvt_init_from_device_pool(source, *args, **kwargs)
         why = self._kvt_select_codec((self.device_k_buffers, self.device_v_buffers))
-        self._kvt_log_startup("MHA", why)
+        self._kvt_log_startup(why)
 
     def _kvt_init_from_buffer_info(
         self,

@@ -145,7 +145,7 @@ class KVTunerMLATokenToKVPoolHost(QuantizedRowsMixin, MLATokenToKVPoolHost):
         arguments["pin_memory"] = pin_for(source.device, arguments["pin_memory"])
         super().__init__(**arguments)
         why = self._kvt_select_codec(self._kvt_device_parts(source, arguments))
-        self._kvt_log_startup("MLA", why)
+        self._kvt_log_startup(why, kind="MLA ")
 
     def get_size_per_token(self):
         # Up to 0.5.21 the stock method also sets the pool's geometry (layer_num,

@@ -91,12 +91,13 @@ class QuantizedRowsMixin:
         self.kvtuner_codec = self._kvt_codec.name
         return why
 
-    def _kvt_log_startup(self, pool_kind: str, why: str) -> None:
-        """The one startup line of the pool: format, bytes per token, pages, overlay, codec."""
+    def _kvt_log_startup(self, why: str, kind: str = "") -> None:
+        """The one startup line of the pool: format, bytes per token, pages, overlay, codec
+        (``kind``: "" for dense MHA, whose line operators already know, "MLA ")."""
         logger.info(
-            "KVTuner HiCache %s host pool: %s, %d B/token (stock %d B/token), %d pages, "
+            "KVTuner HiCache %shost pool: %s, %d B/token (stock %d B/token), %d pages, "
             "residual overlay %d pages, %s codec (%s)",
-            pool_kind,
+            kind,
             self.storage_format_tag,
             self.size_per_token,
             self.stock_size_per_token(),
