@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -71,18 +72,20 @@ def cache_dir() -> Path:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now, below 50000: SGLang derives more ports
-    from it (up to 0.5.13 start-up fails when port + 10000, its gRPC port, passes 65535), and
-    the kernel's ephemeral range starts above 32768."""
+    """A loopback port nobody listens on right now, in 20000 - 32000: below the kernel's
+    ephemeral range (32768 - 60999 here), so no client connection can take it as its source
+    port while the server starts (a connect to a port nobody listens on yet may then connect
+    to itself and read its own request back), and low enough for the ports SGLang derives from
+    it (up to 0.5.13 start-up fails when port + 10000, its gRPC port, passes 65535)."""
     for _ in range(200):
-        port = random.randrange(20000, 50000)
+        port = random.randrange(20000, 32000)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port between 20000 and 50000")
+    raise RuntimeError("no free loopback port between 20000 and 32000")
 
 
 class ServerFailed(RuntimeError):
@@ -192,7 +195,9 @@ class LiveServer:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                 return r.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
+        # HTTPException: the answer was not HTTP, e.g. a TCP self-connect before the server
+        # listens ("GET /health HTTP/1.1" read back as the status line): not up yet.
+        except (urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException):
             return False
 
     @property
