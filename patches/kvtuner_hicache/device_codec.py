@@ -49,8 +49,6 @@ except ImportError:  # the host codec still works; device_codec_unavailable() sa
     triton = None
     tl = None
 
-# kvtuner_quant.HEADER_NBYTES; the kernels take every offset from the blob layout.
-HEADER_NBYTES = 64
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
 # Integer views of the device buffers: the kernels move bit patterns, never bf16 values.
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -924,23 +922,6 @@ def store_sink_tokens(
     _copy_tokens(src, rows, view, pages, sink_off // es, view.stride(0), sink_tokens, spec)
 
 
-def spec_total_matches(spec: BlobSpec, packed_nbytes) -> bool:
-    """Whether ``spec``'s layout has the size ``packed_nbytes`` (kvtuner_quant's) gives."""
-    return spec.total_nbytes == int(
-        packed_nbytes(
-            spec.tokens,
-            spec.heads,
-            spec.head_dim,
-            dtype=spec.dtype_name,
-            bits=spec.bits,
-            asym=spec.asym,
-            axis=spec.axis,
-            group_size=spec.group_size,
-            residual_length=spec.residual_length,
-        )
-    )
-
-
 __all__ = [
     "BlobTemplate",
     "BlobSpec",
@@ -953,7 +934,6 @@ __all__ = [
     "int_view",
     "interpreted",
     "quantize_pages",
-    "spec_total_matches",
     "store_sink_tokens",
     "write_page_headers",
 ]

@@ -21,6 +21,7 @@ from .config import (
     current_server_config,
     resolve_layer_plan,
 )
+from .page_format import KV_ITEMSIZE
 from .quantized_rows import QuantizedRowsMixin, dtype_name, pin_for
 
 
@@ -289,7 +290,7 @@ def check_device_pool(device_pool) -> None:
     head_dim = getattr(device_pool, "head_dim", None)
     _check_same_head_dim(head_dim, getattr(device_pool, "v_head_dim", None) or head_dim)
     dtype = getattr(device_pool, "store_dtype", None)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype is None or dtype_name(dtype) not in KV_ITEMSIZE:
         raise ValueError(
             "--enable-kvtuner-hicache needs a plain fp16/bf16/fp32 device KV cache; "
             f"this one stores {dtype}"

@@ -20,9 +20,8 @@ from .config import (
     current_server_config,
     resolve_layer_plan,
 )
+from .page_format import KV_ITEMSIZE
 from .quantized_rows import QuantizedRowsMixin, dtype_name, pin_for
-
-_PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def stock_init_arguments(args: Tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -62,7 +61,7 @@ def mla_refusal(args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
     dtype = source.dtype if is_buffer_info(source) else source.store_dtype
     if packed:
         return "FP8 DSA packed rows (latent, rope and scales in one row)"
-    if dtype not in _PLAIN_DTYPES:
+    if dtype_name(dtype) not in KV_ITEMSIZE:
         return f"{dtype} device KV (needs fp16, bf16 or fp32)"
     row = int(source.kv_lora_rank) + int(source.qk_rope_head_dim)
     override = arguments.get("override_kv_cache_dim")

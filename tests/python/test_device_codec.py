@@ -97,10 +97,12 @@ def test_layout_matches_kvtuner_quant(kq):
     for shape, dtype, bits, asym, axis in CASES:
         for residual in (0, 5, 64):
             spec = blob_spec(shape, dtype, bits, asym, axis, residual)
-            assert dc.spec_total_matches(spec, kq.packed_nbytes), spec
-            x = torch.zeros((spec.tokens, spec.heads, spec.head_dim), dtype=DTYPES[dtype])
+            dims = (spec.tokens, spec.heads, spec.head_dim)
+            packed = kq.packed_nbytes(*dims, dtype=dtype, **kq_kwargs(spec))
+            assert spec.total_nbytes == packed, spec
+            x = torch.zeros(dims, dtype=DTYPES[dtype])
             blob = bytes(kq.quantize(x, **kq_kwargs(spec)))
-            assert blob[: dc.HEADER_NBYTES] == spec.header(), spec
+            assert blob[: kq.HEADER_NBYTES] == spec.header(), spec
 
 
 @pytest.mark.parametrize("shape,dtype,bits,asym,axis", CASES)
